@@ -1,0 +1,1 @@
+"""Numba ``njit`` kernels for the CPU: one module per cell, same names as ``fastcells.cuda``."""

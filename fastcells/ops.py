@@ -1,0 +1,516 @@
+"""Array-level API: forward and backward passes of LSTM, GRU and SimpleRNN on arrays.
+
+Weights are in the Keras layout (LSTM gates i, f, c, o; GRU z, r, h). Every function
+validates what it is given and raises ``ValueError``/``TypeError`` naming the argument and the
+shapes seen, picks the engine, and calls the kernels of ``fastcells.cpu`` (or
+``fastcells.cuda``). The parts of the work that are parallel in time run as large GEMMs:
+the input projection ``x @ W`` before the recurrence, and the weight gradients
+``x^T dz``, ``h^T dz`` after it.
+
+Example::
+
+    import numpy as np
+    from fastcells import ops
+    B, T, D, H = 4, 10, 3, 5
+    x = np.random.rand(B, T, D).astype("float32")
+    W = np.random.rand(D, 4 * H).astype("float32")
+    U = np.random.rand(H, 4 * H).astype("float32")
+    fwd = ops.lstm_forward(x, W, U, None)
+    outputs, (h, c) = fwd.outputs, fwd.states          # [B, T, H], [B, H], [B, H]
+    grads = ops.lstm_backward(fwd.cache, np.ones_like(outputs))
+    grads.kernel.shape                                  # (3, 20)
+"""
+from collections import namedtuple
+
+import numpy as np
+
+from . import _math, config
+from .cpu import gru as _cpu_gru
+from .cpu import lstm as _cpu_lstm
+from .cpu import simple_rnn as _cpu_rnn
+
+__all__ = ["lstm_forward", "lstm_backward", "gru_forward", "gru_backward",
+           "simple_rnn_forward", "simple_rnn_backward", "Forward", "Gradients",
+           "ENGINES", "cuda_available"]
+
+ENGINES = ("auto", "cpu", "cuda")
+
+Forward = namedtuple("Forward", ["outputs", "states", "cache"])
+Forward.__doc__ = """Result of a forward pass.
+
+outputs: [B, T, H] (or [B, H] with return_sequences=False), in processing order.
+states:  tuple of final states, each [B, H] (h, c for the LSTM; h otherwise).
+cache:   what the matching backward needs (None when training=False).
+"""
+Gradients = namedtuple("Gradients", ["x", "kernel", "recurrent_kernel", "bias", "states"])
+Gradients.__doc__ = """Gradients of a backward pass: x [B, T, D], kernel, recurrent_kernel,
+bias (None when there is no bias) and states, a tuple of [B, H] for the initial states."""
+
+
+class _Cache:
+    """Everything a backward pass needs; opaque to users."""
+
+    __slots__ = ("cell", "x", "W", "U", "bias_shape", "dmask", "rmask", "mask", "opts",
+                 "kcache", "B", "T", "H", "return_sequences", "dtype")
+
+    def __init__(self, **kw):
+        for k, v in kw.items():
+            setattr(self, k, v)
+
+
+# --------------------------------------------------------------------------- validation
+def cuda_available():
+    """True when numba.cuda finds a GPU (or the CUDA simulator is enabled)."""
+    try:
+        from numba import cuda
+        return bool(cuda.is_available())
+    except Exception:  # numba-cuda missing or broken driver: no GPU for us
+        return False
+
+
+def _resolve_engine(engine):
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got engine={engine!r}")
+    if engine == "cuda":
+        raise NotImplementedError(
+            "engine='cuda': the CUDA kernels are not part of this build of fastcells yet; "
+            "use engine='cpu' (or 'auto')")
+    return "cpu"
+
+
+def _as_float_array(name, a):
+    if a is None:
+        raise TypeError(f"{name} must be an array, got None")
+    arr = np.asarray(a)
+    if arr.dtype.kind != "f" or arr.dtype not in (np.float32, np.float64):
+        raise TypeError(f"{name} must be a float32 or float64 array, got dtype {arr.dtype} "
+                        f"with shape {arr.shape}")
+    return arr
+
+
+def _check_x(x):
+    x = _as_float_array("x", x)
+    if x.ndim != 3:
+        raise ValueError(f"x must be 3-D [batch, time, features], got shape {x.shape}")
+    if x.shape[1] == 0:
+        raise ValueError(f"x has no time steps (shape {x.shape}); a recurrence needs T >= 1")
+    return x
+
+
+def _check_weight(name, a, shape, dtype):
+    a = _as_float_array(name, a)
+    if a.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {a.shape}")
+    return np.ascontiguousarray(a, dtype)
+
+
+def _check_state(name, a, B, H, dtype):
+    if a is None:
+        return np.zeros((B, H), dtype)
+    a = _as_float_array(name, a)
+    if a.shape != (B, H):
+        raise ValueError(f"{name} must have shape (batch, units) = {(B, H)}, got {a.shape}")
+    return np.ascontiguousarray(a, dtype)
+
+
+def _check_mask(mask, B, T):
+    if mask is None:
+        return None
+    m = np.asarray(mask)
+    if m.shape != (B, T):
+        raise ValueError(f"mask must have shape (batch, time) = {(B, T)}, got {m.shape}")
+    if m.dtype != np.bool_:
+        if m.dtype.kind not in "biuf":
+            raise TypeError(f"mask must be boolean (or 0/1), got dtype {m.dtype}")
+        m = m != 0
+    return np.ascontiguousarray(m)
+
+
+def _check_dropout(name, m, G, B, n, dtype, per_gate_only=False):
+    """Normalise a dropout mask to None, [B, n] (shared) or [G, B, n] (per gate)."""
+    if m is None:
+        return None
+    m = _as_float_array(name, m)
+    if m.shape == (B, n) and not per_gate_only:
+        return np.ascontiguousarray(m, dtype)
+    if m.shape == (G, B, n):
+        return np.ascontiguousarray(m, dtype)
+    if m.shape == (B, n):
+        return np.ascontiguousarray(np.broadcast_to(m, (G, B, n)), dtype)
+    raise ValueError(f"{name} must have shape (batch, {n}) = {(B, n)} or, one per gate, "
+                     f"{(G, B, n)}; got {m.shape}")
+
+
+def _check_activation(name, activation):
+    code = activation if isinstance(activation, int) else _math.activation_code(activation)
+    if code not in _math.ACTIVATIONS.values():
+        raise ValueError(f"{name}={activation!r} is not covered by the fastcells kernels; "
+                         f"supported: {sorted(_math.ACTIVATIONS)}")
+    return code
+
+
+def _common(x, W, U, G, dropout_mask, recurrent_dropout_mask, mask, training,
+            rmask_per_gate):
+    x = _check_x(x)
+    B, T, D = x.shape
+    dtype = x.dtype
+    U = _as_float_array("recurrent_kernel", U)
+    if U.ndim != 2 or U.shape[1] % G or U.shape[0] * G != U.shape[1]:
+        raise ValueError(f"recurrent_kernel must have shape (units, {G} * units), "
+                         f"got {U.shape}")
+    H = U.shape[0]
+    U = np.ascontiguousarray(U, dtype)
+    W = _check_weight("kernel", W, (D, G * H), dtype)
+    mask = _check_mask(mask, B, T)
+    dmask = _check_dropout("dropout_mask", dropout_mask, G, B, D, dtype) if training else None
+    rmask = (_check_dropout("recurrent_dropout_mask", recurrent_dropout_mask, G, B, H, dtype,
+                            per_gate_only=rmask_per_gate) if training else None)
+    return x, W, U, B, T, D, H, dtype, mask, dmask, rmask
+
+
+def _project(x, W, b_in, dmask, G):
+    """xw = (x * dropout) @ W + b_in as [B, T, G*H], C-contiguous."""
+    B, T, D = x.shape
+    GH = W.shape[1]
+    H = GH // G
+    if dmask is None or dmask.ndim == 2:
+        xd = x if dmask is None else x * dmask[:, None, :]
+        xw = (xd.reshape(B * T, D) @ W).reshape(B, T, GH)
+    else:
+        xw = np.empty((B, T, GH), x.dtype)
+        for k in range(G):
+            xk = (x * dmask[k][:, None, :]).reshape(B * T, D)
+            xw[:, :, k * H:(k + 1) * H] = (xk @ W[:, k * H:(k + 1) * H]).reshape(B, T, H)
+    if b_in is not None:
+        xw += b_in
+    return xw
+
+
+def _input_grads(c, dz):
+    """dx and dW from dz [B, T, G*H] (gradient of the input-side pre-activations)."""
+    x, W, dmask = c.x, c.W, c.dmask
+    B, T, D = x.shape
+    GH = W.shape[1]
+    G = GH // c.H
+    dz2 = dz.reshape(B * T, GH)
+    if dmask is None or dmask.ndim == 2:
+        xd = x if dmask is None else x * dmask[:, None, :]
+        dW = xd.reshape(B * T, D).T @ dz2
+        dx = (dz2 @ W.T).reshape(B, T, D)
+        if dmask is not None:
+            dx *= dmask[:, None, :]
+        return dx, dW
+    dW = np.empty_like(W)
+    dx = np.zeros_like(x)
+    H = c.H
+    for k in range(G):
+        sl = slice(k * H, (k + 1) * H)
+        xk = (x * dmask[k][:, None, :]).reshape(B * T, D)
+        dW[:, sl] = xk.T @ dz2[:, sl]
+        dx += (dz2[:, sl] @ W[:, sl].T).reshape(B, T, D) * dmask[k][:, None, :]
+    return dx, dW
+
+
+def _recurrent_grad(src, dz, rmask, gates):
+    """dU[:, k] = (src * r_k)^T dz_k, src [B, T, H] the recurrent input of each step."""
+    B, T, H = src.shape
+    if rmask is None:
+        return src.reshape(B * T, H).T @ dz.reshape(B * T, -1)
+    dU = np.empty((H, gates * H), src.dtype)
+    for k in range(gates):
+        sk = (src * rmask[k][:, None, :]).reshape(B * T, H)
+        dU[:, k * H:(k + 1) * H] = sk.T @ dz[:, :, k * H:(k + 1) * H].reshape(B * T, H)
+    return dU
+
+
+def _check_dout(c, d_outputs, d_states):
+    B, T, H, dt = c.B, c.T, c.H, c.dtype
+    if d_outputs is None:
+        dy = np.zeros((B, 1, H), dt)
+    else:
+        d = _as_float_array("d_outputs", d_outputs)
+        if d.shape == (B, T, H) and c.return_sequences:
+            dy = np.ascontiguousarray(d, dt)
+        elif d.shape == (B, H):
+            dy = np.ascontiguousarray(d.reshape(B, 1, H), dt)
+        else:
+            want = f"{(B, T, H)} or {(B, H)}" if c.return_sequences else f"{(B, H)}"
+            raise ValueError(f"d_outputs must have shape {want}, got {d.shape}")
+    ds = [_check_state(name, d, B, H, dt) for name, d in d_states]
+    return dy, ds
+
+
+def _empty_forward(x, W, U, H, nstates, return_sequences, training, cell, bias_shape):
+    B, T, D = x.shape
+    y = np.zeros((B, T, H) if return_sequences else (B, H), x.dtype)
+    states = tuple(np.zeros((B, H), x.dtype) for _ in range(nstates))
+    cache = _Cache(cell=cell, x=x, W=W, U=U, bias_shape=bias_shape, B=B, T=T, H=H,
+                   kcache=None, dtype=x.dtype, return_sequences=return_sequences,
+                   dmask=None, rmask=None, mask=None, opts={}) if training else None
+    return Forward(y, states, cache)
+
+
+def _empty_grads(c, nstates):
+    zeros = np.zeros
+    return Gradients(zeros(c.x.shape, c.dtype), zeros(c.W.shape, c.dtype),
+                     zeros(c.U.shape, c.dtype),
+                     None if c.bias_shape is None else zeros(c.bias_shape, c.dtype),
+                     tuple(zeros((0, c.H), c.dtype) for _ in range(nstates)))
+
+
+def _finish_outputs(y, return_sequences):
+    return y if return_sequences else y[:, 0]
+
+
+def _check_cache(cache, cell):
+    if not isinstance(cache, _Cache) or cache.cell != cell:
+        raise TypeError(f"cache must be the cache returned by {cell}_forward(..., training=True)"
+                        f", got {type(cache).__name__}")
+
+
+# --------------------------------------------------------------------------- LSTM
+def lstm_forward(x, kernel, recurrent_kernel, bias=None, h0=None, c0=None, *, mask=None,
+                 go_backwards=False, zero_output_for_mask=False, dropout_mask=None,
+                 recurrent_dropout_mask=None, activation="tanh",
+                 recurrent_activation="sigmoid", training=True, return_sequences=True,
+                 engine="auto"):
+    """LSTM forward pass over a whole sequence (Keras semantics).
+
+    Args:
+        x: [B, T, D] float32 or float64 inputs.
+        kernel: [D, 4H] input kernel, gates i, f, c, o.
+        recurrent_kernel: [H, 4H].
+        bias: [4H] or None.
+        h0, c0: [B, H] initial states (zeros when None).
+        mask: [B, T] bool, True where a step is processed; any pattern.
+        go_backwards: consume the sequence from the end; outputs come in processing order.
+        zero_output_for_mask: masked steps output zeros instead of the previous output.
+        dropout_mask: [B, D] (shared by the gates) or [4, B, D] (one per gate).
+        recurrent_dropout_mask: [B, H] or [4, B, H] (one per gate).
+        activation, recurrent_activation: "tanh", "sigmoid", "relu", "hard_sigmoid",
+            "linear" (or a Keras activation function of that name).
+        training: apply the dropout masks and keep the cache for ``lstm_backward``.
+        return_sequences: outputs [B, T, H] (True) or the last output [B, H].
+        engine: "auto", "cpu" or "cuda".
+
+    Returns:
+        ``Forward(outputs, (h, c), cache)``.
+
+    Example::
+
+        fwd = lstm_forward(x, W, U, b, mask=x.any(-1))
+        grads = lstm_backward(fwd.cache, d_outputs)
+    """
+    _resolve_engine(engine)
+    x, W, U, B, T, D, H, dt, mask, dmask, rmask = _common(
+        x, kernel, recurrent_kernel, 4, dropout_mask, recurrent_dropout_mask, mask, training,
+        rmask_per_gate=True)
+    b = None if bias is None else _check_weight("bias", bias, (4 * H,), dt)
+    h0 = _check_state("h0", h0, B, H, dt)
+    c0 = _check_state("c0", c0, B, H, dt)
+    act = _check_activation("activation", activation)
+    ract = _check_activation("recurrent_activation", recurrent_activation)
+    if B == 0:
+        return _empty_forward(x, W, U, H, 2, return_sequences, training, "lstm",
+                              None if b is None else b.shape)
+    x = np.ascontiguousarray(x)
+    xw = _project(x, W, b, dmask, 4)
+    fast = dt == np.float32 and config.FAST_FLOAT32_ACTIVATIONS
+    y, h, c, kc = _cpu_lstm.forward(xw, U, rmask, mask, h0, c0, act, ract, bool(go_backwards),
+                                    bool(zero_output_for_mask), bool(return_sequences),
+                                    bool(training), fast)
+    cache = None
+    if training:
+        cache = _Cache(cell="lstm", x=x, W=W, U=U, bias_shape=None if b is None else b.shape,
+                       dmask=dmask, rmask=rmask, mask=mask, kcache=kc, B=B, T=T, H=H,
+                       dtype=dt, return_sequences=bool(return_sequences),
+                       opts=dict(act=act, ract=ract, go_backwards=bool(go_backwards),
+                                 zero_output=bool(zero_output_for_mask)))
+    return Forward(_finish_outputs(y, return_sequences), (h, c), cache)
+
+
+def lstm_backward(cache, d_outputs=None, d_h=None, d_c=None):
+    """Gradients of an LSTM forward pass.
+
+    Args:
+        cache: ``lstm_forward(..., training=True).cache``.
+        d_outputs: gradient of the outputs, [B, T, H] (return_sequences) or [B, H] (the last
+            output only); None for zeros.
+        d_h, d_c: gradients of the final states [B, H]; None for zeros.
+
+    Returns:
+        ``Gradients(x, kernel, recurrent_kernel, bias, (dh0, dc0))``.
+    """
+    _check_cache(cache, "lstm")
+    c = cache
+    dy, (dh, dc) = _check_dout(c, d_outputs, [("d_h", d_h), ("d_c", d_c)])
+    if c.B == 0:
+        return _empty_grads(c, 2)
+    o = c.opts
+    dz, dh0, dc0 = _cpu_lstm.backward(c.kcache, c.U, c.rmask, c.mask, dy, dh, dc, o["act"],
+                                      o["ract"], o["go_backwards"], o["zero_output"])
+    dx, dW = _input_grads(c, dz)
+    dU = _recurrent_grad(c.kcache[1], dz, c.rmask, 4)
+    db = None if c.bias_shape is None else dz.sum(axis=(0, 1))
+    return Gradients(dx, dW, dU, db, (dh0, dc0))
+
+
+# --------------------------------------------------------------------------- GRU
+def gru_forward(x, kernel, recurrent_kernel, bias=None, h0=None, *, mask=None,
+                go_backwards=False, zero_output_for_mask=False, dropout_mask=None,
+                recurrent_dropout_mask=None, activation="tanh",
+                recurrent_activation="sigmoid", reset_after=True, training=True,
+                return_sequences=True, engine="auto"):
+    """GRU forward pass over a whole sequence (Keras semantics, gates z, r, h).
+
+    Args are those of :func:`lstm_forward` with 3 gates, one state ``h0`` and:
+        bias: [2, 3H] (input and recurrent bias) when ``reset_after``, else [3H]; or None.
+        reset_after: apply the reset gate after the recurrent matmul (Keras default, cuDNN
+            compatible) or before it.
+
+    Returns:
+        ``Forward(outputs, (h,), cache)``.
+
+    Example::
+
+        fwd = gru_forward(x, W, U, b, reset_after=True)
+        grads = gru_backward(fwd.cache, d_outputs)
+    """
+    _resolve_engine(engine)
+    x, W, U, B, T, D, H, dt, mask, dmask, rmask = _common(
+        x, kernel, recurrent_kernel, 3, dropout_mask, recurrent_dropout_mask, mask, training,
+        rmask_per_gate=True)
+    bshape = (2, 3 * H) if reset_after else (3 * H,)
+    b = None if bias is None else _check_weight("bias", bias, bshape, dt)
+    h0 = _check_state("h0", h0, B, H, dt)
+    act = _check_activation("activation", activation)
+    ract = _check_activation("recurrent_activation", recurrent_activation)
+    if B == 0:
+        return _empty_forward(x, W, U, H, 1, return_sequences, training, "gru",
+                              None if b is None else b.shape)
+    x = np.ascontiguousarray(x)
+    b_in = None if b is None else (b[0] if reset_after else b)
+    brec = (np.ascontiguousarray(b[1]) if (b is not None and reset_after)
+            else np.zeros(3 * H, dt))
+    xw = _project(x, W, b_in, dmask, 3)
+    fast = dt == np.float32 and config.FAST_FLOAT32_ACTIVATIONS
+    y, h, kc = _cpu_gru.forward(xw, U, brec, rmask, mask, h0, act, ract, bool(reset_after),
+                                bool(go_backwards), bool(zero_output_for_mask),
+                                bool(return_sequences), bool(training), fast)
+    cache = None
+    if training:
+        cache = _Cache(cell="gru", x=x, W=W, U=U, bias_shape=None if b is None else b.shape,
+                       dmask=dmask, rmask=rmask, mask=mask, kcache=kc, B=B, T=T, H=H,
+                       dtype=dt, return_sequences=bool(return_sequences),
+                       opts=dict(act=act, ract=ract, reset_after=bool(reset_after),
+                                 go_backwards=bool(go_backwards),
+                                 zero_output=bool(zero_output_for_mask)))
+    return Forward(_finish_outputs(y, return_sequences), (h,), cache)
+
+
+def gru_backward(cache, d_outputs=None, d_h=None):
+    """Gradients of a GRU forward pass; see :func:`lstm_backward`.
+
+    Returns:
+        ``Gradients(x, kernel, recurrent_kernel, bias, (dh0,))``.
+    """
+    _check_cache(cache, "gru")
+    c = cache
+    dy, (dh,) = _check_dout(c, d_outputs, [("d_h", d_h)])
+    if c.B == 0:
+        return _empty_grads(c, 1)
+    o = c.opts
+    reset_after = o["reset_after"]
+    dz, dah_rec, dh0 = _cpu_gru.backward(c.kcache, c.U, c.rmask, c.mask, dy, dh, o["act"],
+                                         o["ract"], reset_after, o["go_backwards"],
+                                         o["zero_output"])
+    dx, dW = _input_grads(c, dz)
+    gates, hprev, aux = c.kcache
+    H = c.H
+    B, T = c.B, c.T
+    if reset_after:
+        drec = dz.copy()
+        drec[:, :, 2 * H:] = dah_rec
+        dU = _recurrent_grad(hprev, drec, c.rmask, 3)
+    else:
+        dU = np.empty_like(c.U)
+        dU[:, :2 * H] = _recurrent_grad(hprev, dz[:, :, :2 * H],
+                                        None if c.rmask is None else c.rmask[:2], 2)
+        # the h gate's recurrent input is q = r * (h * r_h), kept in the cache
+        dU[:, 2 * H:] = aux.reshape(B * T, H).T @ dz[:, :, 2 * H:].reshape(B * T, H)
+    db = None
+    if c.bias_shape is not None:
+        db_in = dz.sum(axis=(0, 1))
+        db = np.stack([db_in, drec.sum(axis=(0, 1))]) if reset_after else db_in
+    return Gradients(dx, dW, dU, db, (dh0,))
+
+
+# --------------------------------------------------------------------------- SimpleRNN
+def simple_rnn_forward(x, kernel, recurrent_kernel, bias=None, h0=None, *, mask=None,
+                       go_backwards=False, zero_output_for_mask=False, dropout_mask=None,
+                       recurrent_dropout_mask=None, activation="tanh", training=True,
+                       return_sequences=True, engine="auto"):
+    """SimpleRNN forward pass: h_t = act((x_t * m) @ W + b + (h_{t-1} * r) @ U).
+
+    Args are those of :func:`lstm_forward` with one gate and one state ``h0``; the dropout
+    masks are [B, D] and [B, H] (one per sample, as Keras draws them).
+
+    Returns:
+        ``Forward(outputs, (h,), cache)``.
+
+    Example::
+
+        fwd = simple_rnn_forward(x, W, U, b, activation="relu")
+        grads = simple_rnn_backward(fwd.cache, d_outputs)
+    """
+    _resolve_engine(engine)
+    x, W, U, B, T, D, H, dt, mask, dmask, rmask = _common(
+        x, kernel, recurrent_kernel, 1, dropout_mask, recurrent_dropout_mask, mask, training,
+        rmask_per_gate=False)
+    if dmask is not None and dmask.ndim == 3:
+        dmask = dmask[0]
+    if rmask is not None and rmask.ndim == 3:
+        rmask = rmask[0]
+    b = None if bias is None else _check_weight("bias", bias, (H,), dt)
+    h0 = _check_state("h0", h0, B, H, dt)
+    act = _check_activation("activation", activation)
+    if B == 0:
+        return _empty_forward(x, W, U, H, 1, return_sequences, training, "simple_rnn",
+                              None if b is None else b.shape)
+    x = np.ascontiguousarray(x)
+    xw = _project(x, W, b, dmask, 1)
+    fast = dt == np.float32 and config.FAST_FLOAT32_ACTIVATIONS
+    y, h, kc = _cpu_rnn.forward(xw, U, rmask, mask, h0, act, bool(go_backwards),
+                                bool(zero_output_for_mask), bool(return_sequences),
+                                bool(training), fast)
+    cache = None
+    if training:
+        cache = _Cache(cell="simple_rnn", x=x, W=W, U=U,
+                       bias_shape=None if b is None else b.shape, dmask=dmask, rmask=rmask,
+                       mask=mask, kcache=kc, B=B, T=T, H=H, dtype=dt,
+                       return_sequences=bool(return_sequences),
+                       opts=dict(act=act, go_backwards=bool(go_backwards),
+                                 zero_output=bool(zero_output_for_mask)))
+    return Forward(_finish_outputs(y, return_sequences), (h,), cache)
+
+
+def simple_rnn_backward(cache, d_outputs=None, d_h=None):
+    """Gradients of a SimpleRNN forward pass; see :func:`lstm_backward`.
+
+    Returns:
+        ``Gradients(x, kernel, recurrent_kernel, bias, (dh0,))``.
+    """
+    _check_cache(cache, "simple_rnn")
+    c = cache
+    dy, (dh,) = _check_dout(c, d_outputs, [("d_h", d_h)])
+    if c.B == 0:
+        return _empty_grads(c, 1)
+    o = c.opts
+    dz, dh0 = _cpu_rnn.backward(c.kcache, c.U, c.rmask, c.mask, dy, dh, o["act"],
+                                o["go_backwards"], o["zero_output"])
+    dx, dW = _input_grads(c, dz)
+    hprev = c.kcache[1]
+    src = hprev if c.rmask is None else hprev * c.rmask[:, None, :]
+    dU = _recurrent_grad(src, dz, None, 1)
+    db = None if c.bias_shape is None else dz.sum(axis=(0, 1))
+    return Gradients(dx, dW, dU, db, (dh0,))
