@@ -33,7 +33,11 @@ _jit = njit(inline="always", **config.NJIT_OPTIONS)
 @_jit
 def _tanh_rational(x):
     """tanh(x) in plain arithmetic; accurate to float32 rounding."""
-    x = min(max(x, -_CLAMP), _CLAMP)
+    # comparisons, not min/max, so that NaN propagates
+    if x > _CLAMP:
+        x = _CLAMP
+    elif x < -_CLAMP:
+        x = -_CLAMP
     s = x * x
     p = ((((((_P6 * s + _P5) * s + _P4) * s + _P3) * s + _P2) * s + _P1) * s + _P0)
     q = (((_Q3 * s + _Q2) * s + _Q1) * s + _Q0)
@@ -59,11 +63,13 @@ def activate(code, fast, a, lo, hi):
                 a[j] = 1.0 / (1.0 + np.exp(-a[j]))
     elif code == RELU:
         for j in range(lo, hi):
-            a[j] = max(a[j], 0.0)
+            a[j] = 0.0 if a[j] < 0.0 else a[j]          # NaN stays NaN
     elif code == HARD_SIGMOID:
         # Keras 3: relu6(x + 3) / 6
         for j in range(lo, hi):
-            a[j] = min(max(a[j] + 3.0, 0.0), 6.0) / 6.0
+            v = a[j] + 3.0
+            v = 0.0 if v < 0.0 else (6.0 if v > 6.0 else v)   # NaN stays NaN
+            a[j] = v / 6.0
 
 
 @_jit

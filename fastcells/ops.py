@@ -50,8 +50,8 @@ bias (None when there is no bias) and states, a tuple of [B, H] for the initial 
 class _Cache:
     """Everything a backward pass needs; opaque to users."""
 
-    __slots__ = ("cell", "x", "W", "U", "bias_shape", "dmask", "rmask", "mask", "opts",
-                 "kcache", "B", "T", "H", "return_sequences", "dtype")
+    __slots__ = ("cell", "x", "W", "U", "b", "bias_shape", "states", "dmask", "rmask", "mask",
+                 "opts", "kcache", "B", "T", "H", "return_sequences", "dtype", "fast")
 
     def __init__(self, **kw):
         for k, v in kw.items():
@@ -240,16 +240,6 @@ def _check_dout(c, d_outputs, d_states):
     return dy, ds
 
 
-def _empty_forward(x, W, U, H, nstates, return_sequences, training, cell, bias_shape):
-    B, T, D = x.shape
-    y = np.zeros((B, T, H) if return_sequences else (B, H), x.dtype)
-    states = tuple(np.zeros((B, H), x.dtype) for _ in range(nstates))
-    cache = _Cache(cell=cell, x=x, W=W, U=U, bias_shape=bias_shape, B=B, T=T, H=H,
-                   kcache=None, dtype=x.dtype, return_sequences=return_sequences,
-                   dmask=None, rmask=None, mask=None, opts={}) if training else None
-    return Forward(y, states, cache)
-
-
 def _empty_grads(c, nstates):
     zeros = np.zeros
     return Gradients(zeros(c.x.shape, c.dtype), zeros(c.W.shape, c.dtype),
@@ -266,6 +256,110 @@ def _check_cache(cache, cell):
     if not isinstance(cache, _Cache) or cache.cell != cell:
         raise TypeError(f"cache must be the cache returned by {cell}_forward(..., training=True)"
                         f", got {type(cache).__name__}")
+
+
+# --------------------------------------------------------------------------- preparation
+_GATES = {"lstm": 4, "gru": 3, "simple_rnn": 1}
+_STATES = {"lstm": ("h0", "c0"), "gru": ("h0",), "simple_rnn": ("h0",)}
+
+
+def _prepare(cell, x, kernel, recurrent_kernel, bias, states, *, mask, go_backwards,
+             zero_output_for_mask, dropout_mask, recurrent_dropout_mask, activation,
+             recurrent_activation, reset_after, training, return_sequences, engine):
+    """Validate and normalise the arguments of a forward pass into a ``_Cache`` (no kernel
+    results yet). Shared by the forward functions and by :func:`rebuild_cache`."""
+    _resolve_engine(engine)
+    G = _GATES[cell]
+    x, W, U, B, T, D, H, dt, mask, dmask, rmask = _common(
+        x, kernel, recurrent_kernel, G, dropout_mask, recurrent_dropout_mask, mask, training,
+        rmask_per_gate=cell != "simple_rnn")
+    if cell == "simple_rnn":
+        dmask = dmask[0] if dmask is not None and dmask.ndim == 3 else dmask
+        rmask = rmask[0] if rmask is not None and rmask.ndim == 3 else rmask
+    bshape = (2, 3 * H) if (cell == "gru" and reset_after) else (G * H,)
+    b = None if bias is None else _check_weight("bias", bias, bshape, dt)
+    names = _STATES[cell]
+    if len(states) > len(names):
+        raise ValueError(f"{cell} takes {len(names)} initial state(s) {names}, got "
+                         f"{len(states)}")
+    states = list(states) + [None] * (len(names) - len(states))
+    states = tuple(_check_state(n, s, B, H, dt) for n, s in zip(names, states))
+    opts = dict(act=_check_activation("activation", activation),
+                go_backwards=bool(go_backwards), zero_output=bool(zero_output_for_mask))
+    if cell != "simple_rnn":
+        opts["ract"] = _check_activation("recurrent_activation", recurrent_activation)
+    if cell == "gru":
+        opts["reset_after"] = bool(reset_after)
+    return _Cache(cell=cell, x=np.ascontiguousarray(x), W=W, U=U, b=b,
+                  bias_shape=None if b is None else b.shape, states=states, dmask=dmask,
+                  rmask=rmask, mask=mask, opts=opts, kcache=None, B=B, T=T, H=H,
+                  return_sequences=bool(return_sequences), dtype=dt,
+                  fast=bool(dt == np.float32 and config.FAST_FLOAT32_ACTIVATIONS))
+
+
+def _run_forward(p, training):
+    """Run the recurrence of a prepared call; returns a :class:`Forward`."""
+    B, T, H, dt, o = p.B, p.T, p.H, p.dtype, p.opts
+    if B == 0:
+        y = np.zeros((0, T, H) if p.return_sequences else (0, H), dt)
+        p.kcache = ()
+        return Forward(y, tuple(np.zeros((0, H), dt) for _ in p.states),
+                       p if training else None)
+    keep = bool(training)
+    if p.cell == "lstm":
+        xw = _project(p.x, p.W, p.b, p.dmask, 4)
+        y, h, c, kc = _cpu_lstm.forward(xw, p.U, p.rmask, p.mask, p.states[0], p.states[1],
+                                        o["act"], o["ract"], o["go_backwards"],
+                                        o["zero_output"], p.return_sequences, keep, p.fast)
+        states = (h, c)
+    elif p.cell == "gru":
+        ra = o["reset_after"]
+        b_in = None if p.b is None else (p.b[0] if ra else p.b)
+        brec = np.ascontiguousarray(p.b[1]) if (p.b is not None and ra) else np.zeros(3 * H, dt)
+        xw = _project(p.x, p.W, b_in, p.dmask, 3)
+        y, h, kc = _cpu_gru.forward(xw, p.U, brec, p.rmask, p.mask, p.states[0], o["act"],
+                                    o["ract"], ra, o["go_backwards"], o["zero_output"],
+                                    p.return_sequences, keep, p.fast)
+        states = (h,)
+    else:
+        xw = _project(p.x, p.W, p.b, p.dmask, 1)
+        y, h, kc = _cpu_rnn.forward(xw, p.U, p.rmask, p.mask, p.states[0], o["act"],
+                                    o["go_backwards"], o["zero_output"], p.return_sequences,
+                                    keep, p.fast)
+        states = (h,)
+    p.kcache = kc
+    return Forward(_finish_outputs(y, p.return_sequences), states, p if keep else None)
+
+
+def rebuild_cache(cell, kcache, x, kernel, recurrent_kernel, bias=None, *states, **options):
+    """Rebuild the cache of a forward pass from the arrays of ``cache.arrays`` and the same
+    arguments the forward was called with (used by the framework bridges, which carry the
+    cache between forward and backward as tensors). With ``kcache=None`` the forward is
+    recomputed to obtain it."""
+    options.setdefault("training", True)
+    p = _prepare(cell, x, kernel, recurrent_kernel, bias, states, **_with_defaults(options))
+    if kcache is None:
+        _run_forward(p, True)
+    else:
+        p.kcache = tuple(kcache)
+    return p
+
+
+def cache_arrays(cache):
+    """The kernel arrays of a cache, to carry them as framework tensors."""
+    return tuple(cache.kcache)
+
+
+def _with_defaults(options):
+    full = dict(mask=None, go_backwards=False, zero_output_for_mask=False, dropout_mask=None,
+                recurrent_dropout_mask=None, activation="tanh",
+                recurrent_activation="sigmoid", reset_after=True, training=True,
+                return_sequences=True, engine="auto")
+    unknown = set(options) - set(full)
+    if unknown:
+        raise TypeError(f"unknown option(s) {sorted(unknown)}")
+    full.update(options)
+    return full
 
 
 # --------------------------------------------------------------------------- LSTM
@@ -301,32 +395,13 @@ def lstm_forward(x, kernel, recurrent_kernel, bias=None, h0=None, c0=None, *, ma
         fwd = lstm_forward(x, W, U, b, mask=x.any(-1))
         grads = lstm_backward(fwd.cache, d_outputs)
     """
-    _resolve_engine(engine)
-    x, W, U, B, T, D, H, dt, mask, dmask, rmask = _common(
-        x, kernel, recurrent_kernel, 4, dropout_mask, recurrent_dropout_mask, mask, training,
-        rmask_per_gate=True)
-    b = None if bias is None else _check_weight("bias", bias, (4 * H,), dt)
-    h0 = _check_state("h0", h0, B, H, dt)
-    c0 = _check_state("c0", c0, B, H, dt)
-    act = _check_activation("activation", activation)
-    ract = _check_activation("recurrent_activation", recurrent_activation)
-    if B == 0:
-        return _empty_forward(x, W, U, H, 2, return_sequences, training, "lstm",
-                              None if b is None else b.shape)
-    x = np.ascontiguousarray(x)
-    xw = _project(x, W, b, dmask, 4)
-    fast = dt == np.float32 and config.FAST_FLOAT32_ACTIVATIONS
-    y, h, c, kc = _cpu_lstm.forward(xw, U, rmask, mask, h0, c0, act, ract, bool(go_backwards),
-                                    bool(zero_output_for_mask), bool(return_sequences),
-                                    bool(training), fast)
-    cache = None
-    if training:
-        cache = _Cache(cell="lstm", x=x, W=W, U=U, bias_shape=None if b is None else b.shape,
-                       dmask=dmask, rmask=rmask, mask=mask, kcache=kc, B=B, T=T, H=H,
-                       dtype=dt, return_sequences=bool(return_sequences),
-                       opts=dict(act=act, ract=ract, go_backwards=bool(go_backwards),
-                                 zero_output=bool(zero_output_for_mask)))
-    return Forward(_finish_outputs(y, return_sequences), (h, c), cache)
+    p = _prepare("lstm", x, kernel, recurrent_kernel, bias, (h0, c0), mask=mask,
+                 go_backwards=go_backwards, zero_output_for_mask=zero_output_for_mask,
+                 dropout_mask=dropout_mask, recurrent_dropout_mask=recurrent_dropout_mask,
+                 activation=activation, recurrent_activation=recurrent_activation,
+                 reset_after=True, training=training, return_sequences=return_sequences,
+                 engine=engine)
+    return _run_forward(p, training)
 
 
 def lstm_backward(cache, d_outputs=None, d_h=None, d_c=None):
@@ -376,36 +451,13 @@ def gru_forward(x, kernel, recurrent_kernel, bias=None, h0=None, *, mask=None,
         fwd = gru_forward(x, W, U, b, reset_after=True)
         grads = gru_backward(fwd.cache, d_outputs)
     """
-    _resolve_engine(engine)
-    x, W, U, B, T, D, H, dt, mask, dmask, rmask = _common(
-        x, kernel, recurrent_kernel, 3, dropout_mask, recurrent_dropout_mask, mask, training,
-        rmask_per_gate=True)
-    bshape = (2, 3 * H) if reset_after else (3 * H,)
-    b = None if bias is None else _check_weight("bias", bias, bshape, dt)
-    h0 = _check_state("h0", h0, B, H, dt)
-    act = _check_activation("activation", activation)
-    ract = _check_activation("recurrent_activation", recurrent_activation)
-    if B == 0:
-        return _empty_forward(x, W, U, H, 1, return_sequences, training, "gru",
-                              None if b is None else b.shape)
-    x = np.ascontiguousarray(x)
-    b_in = None if b is None else (b[0] if reset_after else b)
-    brec = (np.ascontiguousarray(b[1]) if (b is not None and reset_after)
-            else np.zeros(3 * H, dt))
-    xw = _project(x, W, b_in, dmask, 3)
-    fast = dt == np.float32 and config.FAST_FLOAT32_ACTIVATIONS
-    y, h, kc = _cpu_gru.forward(xw, U, brec, rmask, mask, h0, act, ract, bool(reset_after),
-                                bool(go_backwards), bool(zero_output_for_mask),
-                                bool(return_sequences), bool(training), fast)
-    cache = None
-    if training:
-        cache = _Cache(cell="gru", x=x, W=W, U=U, bias_shape=None if b is None else b.shape,
-                       dmask=dmask, rmask=rmask, mask=mask, kcache=kc, B=B, T=T, H=H,
-                       dtype=dt, return_sequences=bool(return_sequences),
-                       opts=dict(act=act, ract=ract, reset_after=bool(reset_after),
-                                 go_backwards=bool(go_backwards),
-                                 zero_output=bool(zero_output_for_mask)))
-    return Forward(_finish_outputs(y, return_sequences), (h,), cache)
+    p = _prepare("gru", x, kernel, recurrent_kernel, bias, (h0,), mask=mask,
+                 go_backwards=go_backwards, zero_output_for_mask=zero_output_for_mask,
+                 dropout_mask=dropout_mask, recurrent_dropout_mask=recurrent_dropout_mask,
+                 activation=activation, recurrent_activation=recurrent_activation,
+                 reset_after=reset_after, training=training,
+                 return_sequences=return_sequences, engine=engine)
+    return _run_forward(p, training)
 
 
 def gru_backward(cache, d_outputs=None, d_h=None):
@@ -425,9 +477,8 @@ def gru_backward(cache, d_outputs=None, d_h=None):
                                          o["ract"], reset_after, o["go_backwards"],
                                          o["zero_output"])
     dx, dW = _input_grads(c, dz)
-    gates, hprev, aux = c.kcache
-    H = c.H
-    B, T = c.B, c.T
+    _, hprev, aux = c.kcache
+    H, B, T = c.H, c.B, c.T
     if reset_after:
         drec = dz.copy()
         drec[:, :, 2 * H:] = dah_rec
@@ -463,35 +514,12 @@ def simple_rnn_forward(x, kernel, recurrent_kernel, bias=None, h0=None, *, mask=
         fwd = simple_rnn_forward(x, W, U, b, activation="relu")
         grads = simple_rnn_backward(fwd.cache, d_outputs)
     """
-    _resolve_engine(engine)
-    x, W, U, B, T, D, H, dt, mask, dmask, rmask = _common(
-        x, kernel, recurrent_kernel, 1, dropout_mask, recurrent_dropout_mask, mask, training,
-        rmask_per_gate=False)
-    if dmask is not None and dmask.ndim == 3:
-        dmask = dmask[0]
-    if rmask is not None and rmask.ndim == 3:
-        rmask = rmask[0]
-    b = None if bias is None else _check_weight("bias", bias, (H,), dt)
-    h0 = _check_state("h0", h0, B, H, dt)
-    act = _check_activation("activation", activation)
-    if B == 0:
-        return _empty_forward(x, W, U, H, 1, return_sequences, training, "simple_rnn",
-                              None if b is None else b.shape)
-    x = np.ascontiguousarray(x)
-    xw = _project(x, W, b, dmask, 1)
-    fast = dt == np.float32 and config.FAST_FLOAT32_ACTIVATIONS
-    y, h, kc = _cpu_rnn.forward(xw, U, rmask, mask, h0, act, bool(go_backwards),
-                                bool(zero_output_for_mask), bool(return_sequences),
-                                bool(training), fast)
-    cache = None
-    if training:
-        cache = _Cache(cell="simple_rnn", x=x, W=W, U=U,
-                       bias_shape=None if b is None else b.shape, dmask=dmask, rmask=rmask,
-                       mask=mask, kcache=kc, B=B, T=T, H=H, dtype=dt,
-                       return_sequences=bool(return_sequences),
-                       opts=dict(act=act, go_backwards=bool(go_backwards),
-                                 zero_output=bool(zero_output_for_mask)))
-    return Forward(_finish_outputs(y, return_sequences), (h,), cache)
+    p = _prepare("simple_rnn", x, kernel, recurrent_kernel, bias, (h0,), mask=mask,
+                 go_backwards=go_backwards, zero_output_for_mask=zero_output_for_mask,
+                 dropout_mask=dropout_mask, recurrent_dropout_mask=recurrent_dropout_mask,
+                 activation=activation, recurrent_activation=None, reset_after=True,
+                 training=training, return_sequences=return_sequences, engine=engine)
+    return _run_forward(p, training)
 
 
 def simple_rnn_backward(cache, d_outputs=None, d_h=None):
