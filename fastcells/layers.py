@@ -181,8 +181,8 @@ class _FastRNN:
                 rmask = _stack_masks(cell.get_recurrent_dropout_mask(states[0]), self._gates,
                                      impl, states[0])
         # the kernels compute in float32 or float64; mixed precision runs them in float32
-        dtype = sequences.dtype
-        kdtype = dtype if str(dtype) in ("float32", "float64") else "float32"
+        dtype = keras.backend.standardize_dtype(sequences.dtype)
+        kdtype = dtype if dtype in ("float32", "float64") else "float32"
 
         def cast(t):
             return None if t is None else kops.cast(t, kdtype)

@@ -306,6 +306,12 @@ def _run_forward(p, training):
         return Forward(y, tuple(np.zeros((0, H), dt) for _ in p.states),
                        p if training else None)
     keep = bool(training)
+    with np.errstate(all="ignore"):      # NaN/Inf propagate silently, as in the Keras layers
+        return _run_forward_arrays(p, keep)
+
+
+def _run_forward_arrays(p, keep):
+    H, dt, o = p.H, p.dtype, p.opts
     if p.cell == "lstm":
         xw = _project(p.x, p.W, p.b, p.dmask, 4)
         y, h, c, kc = _cpu_lstm.forward(xw, p.U, p.rmask, p.mask, p.states[0], p.states[1],

@@ -100,6 +100,10 @@ def _forward_kernel(b0, b1, xw, U, Ug, brec, rmask, use_rmask, mask, use_mask, h
                 if zero_output:
                     for j in range(H):
                         out[i, j] = 0.0
+                if keep_cache:
+                    # aux feeds the dU GEMM, where 0 * garbage could be NaN
+                    for j in range(H):
+                        aux[b, t, j] = 0.0
             else:
                 g = rows[i]
                 activate(act, fast, g, 2 * H, 3 * H)

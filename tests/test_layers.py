@@ -1,0 +1,235 @@
+"""fastcells layers against the built-in Keras layers holding the same weights."""
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import fastcells
+from fastcells import bridge
+from helpers import random_mask
+from layer_helpers import assert_same, pair
+
+CELLS = [("LSTM", {}), ("GRU", {}), ("GRU", {"reset_after": False}), ("SimpleRNN", {})]
+CELL_IDS = ["lstm", "gru", "gru_reset_before", "simple_rnn"]
+
+CONFIGS = {
+    "last_output": dict(),
+    "sequences": dict(return_sequences=True),
+    "backwards": dict(return_sequences=True, go_backwards=True),
+    "mask": dict(return_sequences=True, use_mask=True),
+    "mask_last_backwards": dict(go_backwards=True, use_mask=True),
+    "mask_zero_output": dict(return_sequences=True, use_mask=True, zero_output_for_mask=True),
+    "state_in_out": dict(return_state=True, use_initial_state=True),
+    "no_bias": dict(use_bias=False, return_sequences=True),
+    "dropout_training": dict(dropout=0.3, recurrent_dropout=0.4, seed=7, training=True,
+                             return_sequences=True),
+    "input_dropout_only": dict(dropout=0.5, seed=3, training=True),
+    "dropout_inference": dict(dropout=0.3, recurrent_dropout=0.3, seed=7, training=False),
+    "other_activations": dict(activation="relu", recurrent_activation="hard_sigmoid"),
+}
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("cell", range(len(CELLS)), ids=CELL_IDS)
+def test_layer_equals_builtin(cell, config, rng):
+    name, base = CELLS[cell]
+    kw = dict(base, **CONFIGS[config])
+    B, T, D, H = 5, 9, 4, 6
+    x = rng.standard_normal((B, T, D)).astype("float32")
+    call = dict(training=kw.pop("training", False))
+    if kw.pop("use_mask", False):
+        call["mask"] = random_mask(rng, B, T)
+    if kw.pop("use_initial_state", False):
+        n = 2 if name == "LSTM" else 1
+        call["initial_state"] = [rng.standard_normal((B, H)).astype("float32") for _ in range(n)]
+    if name == "SimpleRNN":
+        kw.pop("recurrent_activation", None)
+    ref, fc = pair(name, H, **kw)
+    assert_same(ref, fc, x, **call)
+
+
+@pytest.mark.parametrize("cell", range(len(CELLS)), ids=CELL_IDS)
+def test_long_sequence_500_steps(cell, rng):
+    name, kw = CELLS[cell]
+    x = rng.standard_normal((3, 500, 8)).astype("float32")
+    ref, fc = pair(name, 16, return_sequences=True, **kw)
+    assert_same(ref, fc, x, mask=random_mask(rng, 3, 500, p_keep=0.9))
+
+
+@pytest.mark.parametrize("cell", range(len(CELLS)), ids=CELL_IDS)
+def test_float64(cell, rng):
+    name, kw = CELLS[cell]
+    x = rng.standard_normal((4, 12, 3))
+    ref, fc = pair(name, 5, return_sequences=True, dtype="float64", **kw)
+    assert_same(ref, fc, x, mask=random_mask(rng, 4, 12), tol_out=1e-12, tol_grad=1e-12)
+
+
+@pytest.mark.parametrize("name", ["LSTM", "GRU", "SimpleRNN"])
+def test_awkward_shapes(name, rng):
+    for B, T, D, H in [(1, 1, 1, 1), (1, 7, 3, 13), (11, 1, 5, 3), (7, 3, 17, 31)]:
+        x = rng.standard_normal((B, T, D)).astype("float32")
+        ref, fc = pair(name, H, return_sequences=True, return_state=True)
+        assert_same(ref, fc, x)
+
+
+def test_kernels_really_run(rng):
+    before = dict(bridge.kernel_calls)
+    x = rng.standard_normal((2, 3, 4)).astype("float32")
+    ref, fc = pair("GRU", 3)
+    assert_same(ref, fc, x)
+    assert bridge.kernel_calls["gru_forward"] > before.get("gru_forward", 0)
+    assert bridge.kernel_calls["gru_backward"] > before.get("gru_backward", 0)
+
+
+@pytest.mark.parametrize("name", ["LSTM", "GRU"])
+def test_dropout_training_same_seed_same_outputs_under_tf_function(name, rng):
+    """Same seed, same draws in the same order: the same masks as the built-in layer."""
+    x = tf.constant(rng.standard_normal((6, 10, 4)).astype("float32"))
+    ref, fc = pair(name, 5, dropout=0.5, recurrent_dropout=0.5, seed=11, return_sequences=True)
+    ref.build(x.shape)
+    fc.build(x.shape)
+    fc.set_weights(ref.get_weights())
+    run_ref = tf.function(lambda t: ref(t, training=True))
+    run_fc = tf.function(lambda t: fc(t, training=True))
+    for _ in range(3):       # successive draws stay in step
+        a, b = run_ref(x).numpy(), run_fc(x).numpy()
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert fc.last_engine == "cpu"
+
+
+@pytest.mark.parametrize("name", ["LSTM", "GRU", "SimpleRNN"])
+def test_bidirectional(name, rng):
+    x = rng.standard_normal((4, 7, 3)).astype("float32")
+    ref = keras.layers.Bidirectional(getattr(keras.layers, name)(5, return_sequences=True))
+    fc = keras.layers.Bidirectional(getattr(fastcells, name)(5, return_sequences=True,
+                                                             engine="cpu"))
+    assert isinstance(fc.backward_layer, getattr(fastcells, name))
+    fc.build(x.shape)
+    fc.last_engine = "cpu"       # checked on the inner layers below
+    assert_same(ref, fc, x, mask=random_mask(rng, 4, 7))
+    assert fc.forward_layer.last_engine == fc.backward_layer.last_engine == "cpu"
+
+
+def _stacked(module, cell, T, D):
+    return keras.Sequential([
+        keras.Input((T, D)),
+        getattr(module, cell)(8, return_sequences=True),
+        getattr(module, cell)(6, return_sequences=True),
+        keras.layers.TimeDistributed(keras.layers.Dense(3)),
+    ])
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+def test_stacked_with_time_distributed_head(cell, rng):
+    x = rng.standard_normal((4, 9, 5)).astype("float32")
+    ref = _stacked(keras.layers, cell, 9, 5)
+    fc = _stacked(fastcells, cell, 9, 5)
+    fc.set_weights(ref.get_weights())
+    with tf.GradientTape(persistent=True) as tape:
+        yr = ref(x)
+        yf = fc(x)
+        lr, lf = tf.reduce_sum(yr * yr), tf.reduce_sum(yf * yf)
+    np.testing.assert_allclose(yr.numpy(), yf.numpy(), atol=1e-5)
+    for a, b in zip(tape.gradient(lr, ref.trainable_weights), tape.gradient(lf, fc.trainable_weights)):
+        assert np.abs(a.numpy() - b.numpy()).max() <= 1e-4 * max(np.linalg.norm(a.numpy()), 1e-30)
+    assert all(layer.last_engine == "cpu" for layer in fc.layers[:2])
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU", "SimpleRNN"])
+def test_embedding_mask_zero_and_masking_layer(cell, rng):
+    tokens = rng.integers(1, 50, (5, 12))
+    tokens[0, 8:] = 0
+    tokens[2, :3] = 0            # left padding and holes are allowed too
+    tokens[3, 5] = 0
+
+    def model(module, masking):
+        layers = [keras.Input((12,), dtype="int32"), keras.layers.Embedding(50, 4, mask_zero=True)]
+        if masking:
+            layers = [keras.Input((12, 4)), keras.layers.Masking(0.0)]
+        return keras.Sequential(layers + [getattr(module, cell)(6)])
+
+    ref, fc = model(keras.layers, False), model(fastcells, False)
+    fc.set_weights(ref.get_weights())
+    np.testing.assert_allclose(ref(tokens).numpy(), fc(tokens).numpy(), atol=1e-5)
+    x = rng.standard_normal((5, 12, 4)).astype("float32")
+    x[tokens == 0] = 0.0
+    ref, fc = model(keras.layers, True), model(fastcells, True)
+    fc.set_weights(ref.get_weights())
+    np.testing.assert_allclose(ref(x).numpy(), fc(x).numpy(), atol=1e-5)
+    assert fc.layers[-1].last_engine == "cpu"
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU", "SimpleRNN"])
+def test_stateful_and_reset_state(cell, rng):
+    x = rng.standard_normal((3, 4, 2)).astype("float32")
+    ref = getattr(keras.layers, cell)(5, stateful=True, return_sequences=True)
+    fc = getattr(fastcells, cell)(5, stateful=True, return_sequences=True, engine="cpu")
+    ref.build(x.shape)
+    fc.build(x.shape)
+    fc.set_weights(ref.get_weights())
+    for step in range(3):
+        if step == 2:
+            ref.reset_state()
+            fc.reset_state()
+        np.testing.assert_allclose(ref(x).numpy(), fc(x).numpy(), atol=1e-5)
+        for a, b in zip(ref.states, fc.states):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+def test_mixed_float16_policy(cell, rng):
+    x = rng.standard_normal((4, 20, 3)).astype("float32")
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        ref, fc = pair(cell, 6, return_sequences=True)
+        yr = ref(x)
+        fc.build(x.shape)
+        fc.set_weights(ref.get_weights())
+        yf = fc(x)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert yr.dtype == yf.dtype == "float16"
+    assert fc.cell.kernel.dtype == "float32"
+    # the built-in layer computes in float16; fastcells in float32 and rounds the outputs
+    np.testing.assert_allclose(yr.numpy().astype("float32"), yf.numpy().astype("float32"),
+                               atol=5e-3)
+
+
+def test_same_weights_layout_and_config_as_builtin():
+    ref = keras.layers.GRU(7, reset_after=True)
+    fc = fastcells.GRU(7, reset_after=True)
+    ref.build((None, None, 3))
+    fc.build((None, None, 3))
+    assert [w.shape for w in ref.weights] == [w.shape for w in fc.weights]
+    assert [w.path.split("/")[-1] for w in ref.weights] == [w.path.split("/")[-1] for w in fc.weights]
+    cfg = fc.get_config()
+    assert cfg.pop("engine") == "auto"
+    assert cfg == ref.get_config() | {"name": cfg["name"]}
+
+
+def test_fallback_warns_once_and_matches_builtin(rng):
+    x = rng.standard_normal((3, 5, 2)).astype("float32")
+    ref = keras.layers.LSTM(4, activation="softsign")
+    fc = fastcells.LSTM(4, activation="softsign")           # engine="auto"
+    ref.build(x.shape)
+    fc.build(x.shape)
+    fc.set_weights(ref.get_weights())
+    with pytest.warns(UserWarning, match="activation='softsign'") as record:
+        fc(x)
+        fc(x)
+    assert len([w for w in record if "softsign" in str(w.message)]) == 1
+    assert fc.last_engine == "keras"
+    np.testing.assert_allclose(ref(x).numpy(), fc(x).numpy(), atol=1e-6)
+    forced = fastcells.LSTM(4, activation="softsign", engine="cpu")
+    with pytest.raises(ValueError, match=r"engine='cpu'.*softsign"):
+        forced(x)
+    keras_engine = fastcells.LSTM(4, engine="keras")
+    keras_engine(x)
+    assert keras_engine.last_engine == "keras"
+
+
+def test_engine_argument_is_checked():
+    with pytest.raises(ValueError, match=r"engine must be one of .* got engine='tpu'"):
+        fastcells.GRU(3, engine="tpu")
+    with pytest.raises(ValueError, match="CUDA kernels are not available"):
+        fastcells.GRU(3, engine="cuda")(np.zeros((1, 2, 3), "float32"))
