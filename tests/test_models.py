@@ -1,0 +1,161 @@
+"""Whole models: fit, serialization, weights interchange, bad input through the layers."""
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import fastcells
+
+VOCAB, T, B = 500, 40, 16
+
+
+def imdb_model(module, cell, units=8):
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([
+        keras.Input((T,), dtype="int32"),
+        keras.layers.Embedding(VOCAB, 16),
+        getattr(module, cell)(units),
+        keras.layers.Dense(1, activation="sigmoid"),
+    ])
+
+
+def synthetic_tokens(seed=0, n=4 * B):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(1, VOCAB, (n, T)).astype("int32")
+    y = (x[:, :5].mean(1) > VOCAB / 2).astype("float32")
+    return x, y
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU", "SimpleRNN"])
+def test_fit_loss_history_equals_builtin(cell):
+    """The IMDB-style model (Embedding, RNN, Dense) trains to the same losses."""
+    x, y = synthetic_tokens()
+    histories = []
+    for module in (keras.layers, fastcells):
+        model = imdb_model(module, cell)
+        if histories:
+            model.set_weights(ref_weights)
+        else:
+            ref_weights = model.get_weights()
+        model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="binary_crossentropy")
+        h = model.fit(x, y, batch_size=B, epochs=3, shuffle=False, verbose=0)
+        histories.append(np.array(h.history["loss"]))
+        if module is fastcells:
+            assert model.layers[1].last_engine == "cpu"
+            ev = model.evaluate(x, y, batch_size=B, verbose=0)
+            pr = model.predict(x, batch_size=B, verbose=0)
+            assert np.isfinite(ev) and pr.shape == (len(x), 1)
+    np.testing.assert_allclose(histories[0], histories[1], atol=1e-4)
+    assert histories[1][-1] < histories[1][0]          # it did learn
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU", "SimpleRNN"])
+def test_save_and_load_round_trip(cell, tmp_path):
+    x, _ = synthetic_tokens(n=5)
+    model = imdb_model(fastcells, cell)
+    path = os.path.join(tmp_path, "m.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)                # no custom_objects needed
+    layer = loaded.layers[1]
+    assert type(layer) is getattr(fastcells, cell)
+    assert layer.engine == "auto"
+    np.testing.assert_array_equal(model.predict(x, verbose=0), loaded.predict(x, verbose=0))
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU", "SimpleRNN"])
+def test_weights_move_between_builtin_and_fastcells(cell, tmp_path):
+    x, _ = synthetic_tokens(n=5)
+    ref = imdb_model(keras.layers, cell)
+    path = os.path.join(tmp_path, "w.weights.h5")
+    ref.save_weights(path)
+    fc = imdb_model(fastcells, cell)
+    fc.layers[1].cell.kernel.assign(np.zeros(fc.layers[1].cell.kernel.shape))
+    fc.load_weights(path)
+    np.testing.assert_allclose(ref.predict(x, verbose=0), fc.predict(x, verbose=0), atol=1e-6)
+    path2 = os.path.join(tmp_path, "w2.weights.h5")
+    fc.save_weights(path2)
+    back = imdb_model(keras.layers, cell)
+    back.load_weights(path2)
+    for a, b in zip(ref.get_weights(), back.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_jit_compile_auto_turns_xla_off_for_the_layer():
+    model = imdb_model(fastcells, "LSTM")
+    assert model.layers[1].supports_jit is False
+    model.compile(optimizer="adam", loss="binary_crossentropy", jit_compile="auto")
+    x, y = synthetic_tokens(n=B)
+    model.fit(x, y, batch_size=B, epochs=1, verbose=0)
+    assert model.jit_compile is False
+
+
+# ------------------------------------------------------------------ bad input, edge cases
+def _built(cell="LSTM", **kw):
+    layer = getattr(fastcells, cell)(4, engine="cpu", **kw)
+    layer.build((None, None, 3))
+    return layer
+
+
+@pytest.mark.parametrize("make_input, pattern", [
+    (lambda: np.zeros((2, 3), "float32"), r"ndim=3|3-D"),
+    (lambda: np.zeros((2, 5, 7), "float32"), r"7 features but the layer was built for 3 "
+                                             r"\(kernel shape \(3, 16\)\)"),
+])
+def test_bad_input_shape_names_the_shapes(make_input, pattern):
+    layer = _built()
+    weights = [w.copy() for w in layer.get_weights()]
+    with pytest.raises(ValueError, match=pattern):
+        layer(make_input())
+    for a, b in zip(weights, layer.get_weights()):        # a failed call changes no weight
+        np.testing.assert_array_equal(a, b)
+
+
+def test_bad_initial_state_and_mask():
+    layer = _built()
+    x = np.zeros((2, 5, 3), "float32")
+    with pytest.raises(ValueError, match=r"expects 2 initial state\(s\) .* got 1"):
+        layer(x, initial_state=[np.zeros((2, 4), "float32")])
+    with pytest.raises(ValueError, match=r"initial_state\[1\] must have shape .*\(2, 4\), got \(2, 5\)"):
+        layer(x, initial_state=[np.zeros((2, 4), "float32"), np.zeros((2, 5), "float32")])
+    with pytest.raises(ValueError, match=r"mask must have shape .*\(2, 5\), got \(2, 6\)"):
+        layer(x, mask=np.ones((2, 6), bool))
+
+
+def test_zero_time_steps_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"no time steps"):
+        _built()(np.zeros((2, 0, 3), "float32"))
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU", "SimpleRNN"])
+def test_empty_batch(cell):
+    layer = _built(cell, return_sequences=True, return_state=True)
+    x = tf.zeros((0, 5, 3))
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        out = layer(x)
+        loss = tf.reduce_sum(out[0])
+    assert tuple(out[0].shape) == (0, 5, 4)
+    assert all(tuple(s.shape) == (0, 4) for s in out[1:])
+    grads = tape.gradient(loss, [x] + layer.trainable_weights)
+    assert tuple(grads[0].shape) == (0, 5, 3)
+    assert all(not np.asarray(g).any() for g in grads[1:])
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU", "SimpleRNN"])
+def test_nan_and_inf_propagate_like_builtin(cell):
+    x = np.random.default_rng(0).standard_normal((3, 6, 3)).astype("float32")
+    x[0, 2, 1] = np.nan
+    x[1, 4, 0] = np.inf
+    x[2, 1, 2] = -np.inf
+    ref = getattr(keras.layers, cell)(4, return_sequences=True)
+    fc = getattr(fastcells, cell)(4, return_sequences=True, engine="cpu")
+    ref.build(x.shape)
+    fc.build(x.shape)
+    fc.set_weights(ref.get_weights())
+    a, b = ref(x).numpy(), fc(x).numpy()
+    np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
+    np.testing.assert_array_equal(np.isinf(a), np.isinf(b))
+    finite = np.isfinite(a)
+    np.testing.assert_allclose(a[finite], b[finite], atol=1e-5)
