@@ -1,0 +1,73 @@
+"""Layer benchmarks: engine x cell x shape x mode, one pytest-benchmark group per workload.
+
+Each case builds its engine with the weights and inputs of :mod:`fastcells.bench` (the same
+for every engine), calls it once untimed (JIT compilation, ``tf.function`` tracing), checks it
+against the built-in Keras layer (outputs within 1e-5, gradients within 1e-4 of their norm,
+float32), then times it with ``benchmark.pedantic``. ``extra_info`` holds microseconds per
+time step, the speed-up over the built-in layer of the same run and the errors.
+
+    pytest benchmarks --benchmark-only                       # default grid (no heavy shapes)
+    pytest benchmarks --benchmark-only -k "imdb and lstm"    # one workload
+    pytest benchmarks --benchmark-only --bench-heavy         # with the large shape
+"""
+import pytest
+
+from fastcells import bench
+
+
+def _cases():
+    engines = sorted(bench.ENGINES, key=lambda e: e != bench.BASELINE)   # baseline first
+    for shape in bench.SHAPES.values():
+        marks = [pytest.mark.heavy] if shape.heavy else []
+        for cell in bench.CELLS:
+            for mode in shape.modes:
+                for engine in engines:
+                    yield pytest.param(shape.name, cell, mode, engine, marks=marks,
+                                       id=f"{shape.name}-{cell}-{mode}-{engine}")
+
+
+@pytest.mark.parametrize("shape_name,cell,mode,engine", list(_cases()))
+def test_layer(benchmark, bench_session, bench_settings, bench_rounds, shape_name, cell, mode,
+               engine):
+    reason = bench.engine_unavailable(engine)
+    if reason is not None:
+        pytest.skip(reason)
+    s = bench_settings
+    shape = bench.SHAPES[shape_name]
+    key = (shape_name, cell, mode)
+    benchmark.group = f"{shape_name} {bench.CELL_NAMES[cell]} {mode}: {shape.describe()}"
+
+    case = bench.make_case(engine, cell, shape, mode, s.seed, s.dtype, s.torch_threads)
+    out = case.first_call()                       # compile + trace, outside the timing
+    if engine == bench.BASELINE:
+        bench_session.references[key] = out
+    reference = bench_session.references.get(key)
+    if reference is None:
+        reference = bench.make_case(bench.BASELINE, cell, shape, mode, s.seed,
+                                    s.dtype).first_call()
+        bench_session.references[key] = reference
+    max_error, grad_error = bench.compare(out, reference)
+    del out
+    benchmark.extra_info.update(engine=engine, cell=cell, shape=shape_name, mode=mode,
+                                batch=shape.batch, time_steps=shape.time,
+                                features=shape.features, units=shape.units,
+                                layers=shape.layers, max_error=max_error,
+                                grad_error=grad_error)
+    problem = bench.check_equivalence(engine, max_error, grad_error, s.dtype)
+    assert problem is None, f"{engine} on {shape_name}/{cell}/{mode}: {problem}"
+
+    benchmark.pedantic(case, rounds=bench_rounds(shape.rounds), iterations=1,
+                       warmup_rounds=s.warmup)
+
+    if benchmark.stats is None:                   # --benchmark-disable: ran once, untimed
+        return
+    times = list(benchmark.stats.stats.data)
+    result = bench.Result(shape_name, cell, mode, engine, shape.time, times=times,
+                          max_error=max_error, grad_error=grad_error)
+    if engine == bench.BASELINE:
+        bench_session.baselines[key] = result.median
+    result.baseline_median = bench_session.baselines.get(key)
+    bench_session.layers.append(result)
+    benchmark.extra_info["us_per_step"] = result.us_per_step
+    if result.speedup is not None:
+        benchmark.extra_info["speedup_vs_keras"] = result.speedup

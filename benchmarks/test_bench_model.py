@@ -1,0 +1,62 @@
+"""model.fit benchmark: ``train_on_batch`` of the IMDB-style model (Embedding(10000, 32) ->
+LSTM(32) or GRU(32) -> Dense(1, sigmoid)), B=128, T=500, synthetic tokens; fastcells against
+the built-in layer with the same initial weights."""
+import numpy as np
+import pytest
+
+from fastcells import bench
+
+BATCH, TIME_STEPS = 128, 500
+
+
+def _cases():
+    for cell in ("lstm", "gru"):
+        for engine in (bench.BASELINE, "fastcells-cpu"):
+            yield pytest.param(cell, engine, id=f"imdb-{cell}-{engine}")
+
+
+@pytest.mark.fit
+@pytest.mark.parametrize("cell,engine", list(_cases()))
+def test_model_fit(benchmark, bench_session, bench_settings, bench_rounds, cell, engine):
+    import keras
+
+    reason = bench.engine_unavailable(engine)
+    if reason is not None:
+        pytest.skip(reason)
+    s = bench_settings
+    benchmark.group = (f"model.fit imdb {bench.CELL_NAMES[cell]}: B={BATCH} T={TIME_STEPS}, "
+                       f"train_on_batch")
+    x, y = bench.imdb_batch(BATCH, TIME_STEPS, seed=s.seed)
+    key = ("model.fit", cell)
+    if key not in bench_session.references:
+        keras.utils.set_random_seed(s.seed)
+        ref_model = bench.build_imdb_model(bench.BASELINE, cell, TIME_STEPS)
+        bench_session.references[key] = (ref_model.get_weights(),
+                                         np.asarray(ref_model(x, training=False)))
+        del ref_model
+    weights, reference = bench_session.references[key]
+
+    model = bench.build_imdb_model(engine, cell, TIME_STEPS)
+    model.set_weights(weights)
+    max_error = float(np.max(np.abs(np.asarray(model(x, training=False)) - reference)))
+    benchmark.extra_info.update(engine=engine, cell=cell, batch=BATCH, time_steps=TIME_STEPS,
+                                max_error=max_error)
+    problem = bench.check_equivalence(engine, max_error, None, "float32")
+    assert problem is None, f"{engine} model.fit {cell}: {problem}"
+    for _ in range(s.fit_warmup + 1):             # the first call traces the train step
+        model.train_on_batch(x, y)
+
+    benchmark.pedantic(model.train_on_batch, args=(x, y), rounds=bench_rounds(s.fit_batches),
+                       iterations=1, warmup_rounds=0)
+
+    if benchmark.stats is None:
+        return
+    result = bench.FitResult(cell, engine, BATCH, TIME_STEPS,
+                             times=list(benchmark.stats.stats.data), max_error=max_error)
+    if engine == bench.BASELINE:
+        bench_session.baselines[key] = result.median
+    result.baseline_median = bench_session.baselines.get(key)
+    bench_session.fit.append(result)
+    benchmark.extra_info["ms_per_batch"] = result.ms_per_batch
+    if result.speedup is not None:
+        benchmark.extra_info["speedup_vs_keras"] = result.speedup

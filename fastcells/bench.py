@@ -1,0 +1,1100 @@
+"""Benchmark engine: time the fastcells layers against the built-in Keras layers (and PyTorch).
+
+The command line (``python -m fastcells bench``) and the pytest-benchmark suite under
+``benchmarks/`` both build on this module:
+
+- :data:`SHAPES` are the workloads (the examples' shapes and two larger ones),
+- :func:`make_case` builds one engine running one workload, with weights shared by all
+  engines, and wraps the call in ``tf.function`` (graph mode, as ``model.fit`` runs it),
+- :func:`compare` / :func:`check_equivalence` check a case against the built-in layer,
+- :func:`run_layer_benchmarks`, :func:`run_fit_benchmarks` and :func:`run_cold_start` time
+  the grid, an IMDB-style ``model.fit`` and the first call in a fresh process,
+- :func:`write_report`, :func:`save_json` and :func:`save_plot` present the results.
+
+Times are ``time.perf_counter`` medians of repeated calls after a first (compiling, tracing)
+call and a warm-up; ratios are always between engines measured in the same run.
+
+Example::
+
+    import sys
+    from fastcells import bench
+    results = bench.run_layer_benchmarks(shapes=["imdb"], cells=["lstm"], modes=["forward"])
+    bench.write_report(bench.Report(layers=results), sys.stdout)
+"""
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from . import config
+
+__all__ = ["Shape", "SHAPES", "CELLS", "MODES", "ENGINES", "BASELINE", "Settings", "Case",
+           "make_case", "make_weights", "make_inputs", "compare", "check_equivalence",
+           "engine_unavailable", "available_engines", "time_calls", "Result", "FitResult",
+           "ColdResult", "Report", "run_layer_benchmarks", "run_fit_benchmarks",
+           "run_cold_start", "machine_info", "write_report", "save_json", "save_plot",
+           "Progress", "quick_settings"]
+
+# --------------------------------------------------------------------------- the grid
+CELLS = ("lstm", "gru", "simple_rnn")
+CELL_NAMES = {"lstm": "LSTM", "gru": "GRU", "simple_rnn": "SimpleRNN"}
+GATES = {"lstm": 4, "gru": 3, "simple_rnn": 1}
+
+MODES = ("forward", "train")
+MODE_NAMES = {"forward": "inference (forward)",
+              "train": "training (forward+backward)"}
+
+#: Engines, the built-in layer first: it is the baseline of every ratio.
+ENGINES = ("keras", "fastcells-cpu", "fastcells-cuda", "torch")
+BASELINE = "keras"
+
+#: Bound on the difference between PyTorch and the built-in layer (not a fastcells contract:
+#: it only catches a wrong weight conversion).
+TORCH_TOLERANCE = {"float32": 1e-4, "float64": 1e-9}
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """One workload: a (stack of) recurrent layer(s) over a batch of sequences.
+
+    batch, time, features, units: B, T, D, H of the first layer (later layers take H inputs).
+    layers: how many layers are stacked (all but the last return sequences).
+    return_sequences: whether the last layer returns the whole sequence.
+    modes: the modes timed for this workload.
+    heavy: left out of the default runs (opt in with ``--heavy`` / ``--bench-heavy``).
+    rounds: timed rounds in the pytest-benchmark suite.
+    """
+    name: str
+    batch: int
+    time: int
+    features: int
+    units: int
+    layers: int = 1
+    return_sequences: bool = True
+    modes: tuple = MODES
+    heavy: bool = False
+    rounds: int = 5
+
+    def describe(self):
+        """A one-line description, e.g. ``B=128 T=500 D=32 H=32, 1 layer, last output``."""
+        layers = f"{self.layers} stacked layers" if self.layers > 1 else "1 layer"
+        out = "all outputs" if self.return_sequences else "last output"
+        return (f"B={self.batch} T={self.time} D={self.features} H={self.units}, {layers}, "
+                f"{out}")
+
+
+SHAPES = {s.name: s for s in (
+    # the IMDB example: Embedding(10000, 32) -> LSTM(32)
+    Shape("imdb", 128, 500, 32, 32, return_sequences=False, rounds=5),
+    # the stacked example: two return_sequences=True layers
+    Shape("stacked", 32, 256, 256, 32, layers=2, return_sequences=True, rounds=5),
+    Shape("medium", 64, 100, 256, 256, rounds=5),
+    Shape("large", 32, 100, 512, 1024, heavy=True, rounds=3),
+    # one sequence at a time, as a server answering requests
+    Shape("streaming", 1, 100, 64, 128, modes=("forward",), rounds=50),
+)}
+
+
+@dataclasses.dataclass
+class Settings:
+    """Every tunable of a benchmark run (the command line sets them from its flags).
+
+    repeats: timed calls per case; the median is reported.
+    warmup: untimed calls after the first (compiling, tracing) call.
+    max_seconds: time budget of the timed calls of one case: a slow case stops after
+        ``min_repeats`` calls once the budget is spent.
+    min_repeats: fewest timed calls of a case.
+    min_seconds: a fast case is repeated (beyond ``repeats``) until this much time was spent.
+    max_repeats: most timed calls of a case.
+    seed: seed of the weights and inputs.
+    dtype: "float32" or "float64".
+    fit_batches: timed ``train_on_batch`` calls of the model.fit workload.
+    fit_warmup: untimed ``train_on_batch`` calls before those (the first one traces).
+    torch_threads: ``torch.set_num_threads`` for the PyTorch engine (None: its default).
+    cold_shape: (B, T, D, H) of the cold-start measurement.
+    subprocess_timeout: seconds allowed to one cold-start subprocess.
+    """
+    repeats: int = 7
+    warmup: int = 1
+    max_seconds: float = 10.0
+    min_repeats: int = 3
+    min_seconds: float = 0.5
+    max_repeats: int = 500
+    seed: int = 0
+    dtype: str = "float32"
+    fit_batches: int = 5
+    fit_warmup: int = 2
+    torch_threads: int = None
+    cold_shape: tuple = (16, 50, 16, 32)
+    subprocess_timeout: float = 300.0
+
+
+def quick_settings():
+    """The settings of ``bench --quick``: fewer repeats, a tighter budget per case."""
+    return Settings(repeats=5, warmup=1, max_seconds=3.0, min_repeats=3, min_seconds=0.25,
+                    fit_batches=3, fit_warmup=1)
+
+
+# --------------------------------------------------------------------------- data
+def make_weights(cell, shape, seed=0, dtype="float32"):
+    """Weights of every layer of a workload, in the Keras layout, the same for all engines.
+
+    Returns a list (one entry per layer) of ``[kernel, recurrent_kernel, bias]``: kernel
+    [D, G*H] Glorot-uniform, recurrent_kernel [H, G*H] with orthonormal rows (as Keras's
+    orthogonal initializer), bias [G*H] (GRU: [2, 3H]) small and non-zero, LSTM forget bias
+    shifted by one (``unit_forget_bias``).
+    """
+    rng = np.random.default_rng(seed + 1)
+    G, H = GATES[cell], shape.units
+    weights = []
+    d = shape.features
+    for _ in range(shape.layers):
+        lim = math.sqrt(6.0 / (d + G * H))
+        W = rng.uniform(-lim, lim, (d, G * H))
+        q, _ = np.linalg.qr(rng.standard_normal((G * H, H)))   # [G*H, H] orthonormal columns
+        U = q.T
+        if cell == "gru":
+            b = rng.uniform(-0.1, 0.1, (2, 3 * H))
+        else:
+            b = rng.uniform(-0.1, 0.1, (G * H,))
+            if cell == "lstm":
+                b[H:2 * H] += 1.0
+        weights.append([np.ascontiguousarray(a, dtype) for a in (W, U, b)])
+        d = H
+    return weights
+
+
+def make_inputs(shape, seed=0, dtype="float32"):
+    """Inputs [B, T, D] of a workload: standard normal."""
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((shape.batch, shape.time, shape.features)).astype(dtype)
+
+
+# --------------------------------------------------------------------------- engines
+_unavailable_cache = {}
+
+
+def engine_unavailable(engine):
+    """None when ``engine`` can run on this machine, else the reason why not."""
+    if engine in _unavailable_cache:
+        return _unavailable_cache[engine]
+    reason = None
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if engine in ("keras", "fastcells-cpu", "fastcells-cuda"):
+        import keras
+        if keras.backend.backend() != "tensorflow":
+            reason = (f"the benchmarks run on the TensorFlow Keras backend, this process uses "
+                      f"'{keras.backend.backend()}' (set KERAS_BACKEND=tensorflow)")
+    if reason is None and engine == "torch":
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            reason = "PyTorch is not installed"
+    if reason is None and engine == "fastcells-cuda":
+        from . import ops
+        if not ops.cuda_available():
+            reason = "no CUDA GPU (numba.cuda.is_available() is False)"
+        else:
+            reason = _probe_cuda()
+    _unavailable_cache[engine] = reason
+    return reason
+
+
+def _probe_cuda():
+    """Run a tiny LSTM with engine='cuda'; None when it works, else the error."""
+    tiny = Shape("probe", 2, 3, 4, 5, modes=("forward",))
+    try:
+        case = make_case("fastcells-cuda", "lstm", tiny, "forward")
+        case.first_call()
+    except Exception as exc:  # the reason is reported, not raised: the engine is left out
+        return f"engine='cuda' fails: {type(exc).__name__}: {exc}"
+    return None
+
+
+def available_engines(engines=ENGINES):
+    """The engines of ``engines`` that can run here, and {engine: reason} for the others."""
+    ok, missing = [], {}
+    for e in engines:
+        reason = engine_unavailable(e)
+        if reason is None:
+            ok.append(e)
+        else:
+            missing[e] = reason
+    return ok, missing
+
+
+class Case:
+    """One engine running one workload in one mode.
+
+    Calling the case runs it once (this is what is timed). :meth:`first_call` runs it the
+    first time (JIT compilation, graph tracing) and returns its results as NumPy arrays in the
+    Keras layout: ``(outputs, grads)`` with grads ``[dx, dW1, dU1, db1, dW2, ...]`` in
+    training mode and None in inference mode.
+    """
+
+    def __init__(self, engine, cell, shape, mode, run, fetch, check=None):
+        self.engine, self.cell, self.shape, self.mode = engine, cell, shape, mode
+        self._run = run
+        self._fetch = fetch
+        self._check = check
+
+    def __call__(self):
+        return self._run()
+
+    def first_call(self):
+        """Run once (compiling and tracing) and return ``(outputs, grads)`` as arrays."""
+        result = self._fetch(self._run())
+        if self._check is not None:
+            self._check()
+        return result
+
+    @property
+    def steps(self):
+        """Time steps per call (the unit of "microseconds per time step")."""
+        return self.shape.time
+
+
+def make_case(engine, cell, shape, mode, seed=0, dtype="float32", torch_threads=None):
+    """Build ``engine`` (see :data:`ENGINES`) running ``cell`` on ``shape`` in ``mode``.
+
+    All engines get the weights of :func:`make_weights` and the inputs of
+    :func:`make_inputs`. The TensorFlow engines run inside ``tf.function``; training is one
+    ``GradientTape`` forward of ``sum(outputs)`` and its gradient with respect to the inputs
+    and every trainable weight.
+    """
+    if cell not in CELLS:
+        raise ValueError(f"cell must be one of {CELLS}, got {cell!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    weights = make_weights(cell, shape, seed, dtype)
+    x = make_inputs(shape, seed, dtype)
+    if engine == "torch":
+        return _torch_case(cell, shape, mode, weights, x, torch_threads)
+    if engine in ("keras", "fastcells-cpu", "fastcells-cuda"):
+        return _tf_case(engine, cell, shape, mode, weights, x)
+    raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+
+
+def _layer_class(engine, cell):
+    import keras
+
+    from . import layers as fc_layers
+    if engine == "keras":
+        return {"lstm": keras.layers.LSTM, "gru": keras.layers.GRU,
+                "simple_rnn": keras.layers.SimpleRNN}[cell]
+    cls = {"lstm": fc_layers.LSTM, "gru": fc_layers.GRU, "simple_rnn": fc_layers.SimpleRNN}[cell]
+    kernel_engine = engine.split("-", 1)[1]
+
+    def make(units, **kwargs):
+        return cls(units, engine=kernel_engine, **kwargs)
+    return make
+
+
+def _tf_case(engine, cell, shape, mode, weights, x_np):
+    import tensorflow as tf
+
+    make_layer = _layer_class(engine, cell)
+    layers = []
+    d = shape.features
+    for i, w in enumerate(weights):
+        last = i == shape.layers - 1
+        layer = make_layer(shape.units, return_sequences=shape.return_sequences or not last,
+                           dtype=str(x_np.dtype))
+        layer.build((shape.batch, shape.time, d))
+        layer.set_weights(w)
+        layers.append(layer)
+        d = shape.units
+    variables = [v for layer in layers for v in layer.trainable_variables]
+    x = tf.constant(x_np)
+
+    def apply(inputs, training):
+        y = inputs
+        for layer in layers:
+            y = layer(y, training=training)
+        return y
+
+    if mode == "forward":
+        @tf.function
+        def step(inputs):
+            return apply(inputs, False), ()
+    else:
+        @tf.function
+        def step(inputs):
+            with tf.GradientTape() as tape:
+                tape.watch(inputs)
+                y = apply(inputs, True)
+                loss = tf.reduce_sum(y)
+            return y, tape.gradient(loss, [inputs] + variables)
+
+    def run():
+        return step(x)
+
+    def fetch(out):
+        y, grads = out
+        return y.numpy(), ([g.numpy() for g in grads] if mode == "train" else None)
+
+    def check():
+        if engine.startswith("fastcells"):
+            used = {getattr(layer, "last_engine", None) for layer in layers}
+            want = engine.split("-", 1)[1]
+            if used != {want}:
+                raise RuntimeError(f"{engine}: the layers ran {sorted(map(str, used))}, not the "
+                                   f"{want} kernels (a silent fallback would time Keras)")
+
+    return Case(engine, cell, shape, mode, run, fetch, check)
+
+
+def _gate_perm(cell, H):
+    """Indices taking Keras's gate order to PyTorch's (GRU: z, r, h -> r, z, n)."""
+    G = GATES[cell]
+    if cell == "gru":
+        order = (1, 0, 2)
+    else:
+        order = tuple(range(G))     # LSTM: i, f, c(g), o in both
+    return np.concatenate([np.arange(k * H, (k + 1) * H) for k in order])
+
+
+def keras_to_torch(cell, layer_weights):
+    """Convert ``[kernel, recurrent_kernel, bias]`` of one Keras layer to the parameters of a
+    PyTorch layer: ``[weight_ih, weight_hh, bias_ih, bias_hh]``."""
+    W, U, b = layer_weights
+    H = U.shape[0]
+    p = _gate_perm(cell, H)
+    if cell == "gru":
+        b_ih, b_hh = b[0][p], b[1][p]
+    else:
+        b_ih, b_hh = b[p], np.zeros_like(b)
+    return [np.ascontiguousarray(a) for a in (W[:, p].T, U[:, p].T, b_ih, b_hh)]
+
+
+def torch_grads_to_keras(cell, grads, H):
+    """Inverse of :func:`keras_to_torch` for the gradients of one layer."""
+    g_ih, g_hh, gb_ih, gb_hh = grads
+    inv = np.argsort(_gate_perm(cell, H))
+    dW, dU = g_ih.T[:, inv], g_hh.T[:, inv]
+    db = np.stack([gb_ih[inv], gb_hh[inv]]) if cell == "gru" else gb_ih[inv]
+    return [dW, dU, db]
+
+
+def _torch_case(cell, shape, mode, weights, x_np, threads):
+    import torch
+
+    if threads:
+        torch.set_num_threads(int(threads))
+    cls = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "simple_rnn": torch.nn.RNN}[cell]
+    tdtype = {"float32": torch.float32, "float64": torch.float64}[str(x_np.dtype)]
+    module = cls(shape.features, shape.units, num_layers=shape.layers, batch_first=True).to(tdtype)
+    with torch.no_grad():
+        for layer, w in enumerate(weights):
+            names = [f"weight_ih_l{layer}", f"weight_hh_l{layer}", f"bias_ih_l{layer}",
+                     f"bias_hh_l{layer}"]
+            for name, value in zip(names, keras_to_torch(cell, w)):
+                getattr(module, name).copy_(torch.from_numpy(value))
+    params = [getattr(module, f"{kind}_l{layer}") for layer in range(shape.layers)
+              for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+    x = torch.from_numpy(x_np)
+
+    def select(out):
+        return out if shape.return_sequences else out[:, -1]
+
+    if mode == "forward":
+        def run():
+            with torch.inference_mode():
+                return select(module(x)[0]), ()
+    else:
+        xg = x.clone().requires_grad_(True)
+
+        def run():
+            y = select(module(xg)[0])
+            grads = torch.autograd.grad(y.sum(), [xg] + params)
+            return y, grads
+
+    def fetch(out):
+        y, grads = out
+        y = y.detach().numpy()
+        if mode == "forward":
+            return y, None
+        g = [t.detach().numpy() for t in grads]
+        keras_grads = [g[0]]
+        for layer in range(shape.layers):
+            keras_grads += torch_grads_to_keras(cell, g[1 + 4 * layer:5 + 4 * layer],
+                                                shape.units)
+        return y, keras_grads
+
+    return Case("torch", cell, shape, mode, run, fetch)
+
+
+# --------------------------------------------------------------------------- equivalence
+def compare(result, reference):
+    """Differences of ``(outputs, grads)`` against the reference (the built-in layer).
+
+    Returns ``(max_error, grad_error)``: the largest absolute difference of the outputs, and
+    (training mode) the largest over the gradient tensors of ``max|g - g_ref| / |g_ref|``,
+    the norm being the Frobenius norm of the reference gradient (None in inference mode).
+    """
+    y, grads = result
+    y_ref, g_ref = reference
+    if y.shape != y_ref.shape:
+        raise AssertionError(f"outputs have shape {y.shape}, the built-in layer's "
+                             f"{y_ref.shape}")
+    max_error = float(np.max(np.abs(y.astype(np.float64) - y_ref))) if y.size else 0.0
+    grad_error = None
+    if grads is not None and g_ref is not None:
+        grad_error = 0.0
+        for g, r in zip(grads, g_ref):
+            if g.shape != r.shape:
+                raise AssertionError(f"a gradient has shape {g.shape}, the built-in layer's "
+                                     f"{r.shape}")
+            if r.size == 0:
+                continue
+            norm = max(float(np.linalg.norm(r.astype(np.float64))), 1e-30)
+            err = float(np.max(np.abs(g.astype(np.float64) - r))) / norm
+            grad_error = max(grad_error, err)
+    return max_error, grad_error
+
+
+def tolerances(engine, dtype="float32"):
+    """``(output_tol, grad_tol)`` an engine must meet against the built-in layer."""
+    if engine == "torch":
+        t = TORCH_TOLERANCE[dtype]
+        return t, t
+    if dtype == "float64":
+        return config.TOL_F64, config.TOL_F64
+    return config.TOL_OUTPUT_F32, config.TOL_GRAD_F32
+
+
+def check_equivalence(engine, max_error, grad_error, dtype="float32"):
+    """None when the errors are within :func:`tolerances`, else a message saying what is off."""
+    out_tol, grad_tol = tolerances(engine, dtype)
+    problems = []
+    if max_error is not None and not max_error <= out_tol:   # NaN fails too
+        problems.append(f"outputs differ from the built-in layer by {max_error:.3g} "
+                        f"(bound {out_tol:g})")
+    if grad_error is not None and not grad_error <= grad_tol:
+        problems.append(f"gradients differ from the built-in layer's by {grad_error:.3g} of "
+                        f"their norm (bound {grad_tol:g})")
+    return "; ".join(problems) or None
+
+
+# --------------------------------------------------------------------------- timing
+def time_calls(fn, repeats=7, warmup=1, max_seconds=None, min_repeats=3, min_seconds=0.0,
+               max_repeats=500):
+    """Call ``fn`` ``warmup`` times untimed, then time it.
+
+    Makes at least ``repeats`` timed calls and goes on until ``min_seconds`` have been spent
+    (so that a short call is repeated enough for a stable median), but never more than
+    ``max_repeats`` calls; stops early, after ``min_repeats`` calls, once ``max_seconds``
+    have been spent (so that a slow call does not take forever). Returns the list of
+    durations in seconds (``time.perf_counter``).
+    """
+    for _ in range(warmup):
+        fn()
+    times = []
+    clock = time.perf_counter
+    total = 0.0
+    while True:
+        t0 = clock()
+        fn()
+        dt = clock() - t0
+        times.append(dt)
+        total += dt
+        n = len(times)
+        if n >= max(1, repeats) and total >= min_seconds:
+            break
+        if n >= max_repeats:
+            break
+        if max_seconds is not None and total >= max_seconds and n >= min(min_repeats, repeats):
+            break
+    return times
+
+
+def _median(times):
+    return float(np.median(times)) if times else float("nan")
+
+
+@dataclasses.dataclass
+class Result:
+    """Timing of one engine on one workload (cell x shape x mode)."""
+    shape: str
+    cell: str
+    mode: str
+    engine: str
+    steps: int
+    times: list = dataclasses.field(default_factory=list)
+    max_error: float = None
+    grad_error: float = None
+    status: str = "ok"            # "ok", "skipped: ...", "error: ...", "mismatch: ..."
+    baseline_median: float = None  # the built-in layer's median in the same run
+
+    @property
+    def median(self):
+        """Median seconds per call."""
+        return _median(self.times)
+
+    @property
+    def us_per_step(self):
+        """Median microseconds per time step."""
+        return self.median / self.steps * 1e6 if self.times else float("nan")
+
+    @property
+    def speedup(self):
+        """The built-in layer's median over this engine's (> 1: faster than built-in)."""
+        if self.baseline_median is None or not self.times:
+            return None
+        return self.baseline_median / self.median
+
+    @property
+    def workload(self):
+        return (self.shape, self.cell, self.mode)
+
+    def to_dict(self):
+        d = dataclasses.asdict(self)
+        d.update(median_s=self.median if self.times else None,
+                 us_per_step=self.us_per_step if self.times else None,
+                 speedup_vs_keras=self.speedup)
+        return d
+
+
+@dataclasses.dataclass
+class FitResult:
+    """``train_on_batch`` of the IMDB-style model with one recurrent layer."""
+    cell: str
+    engine: str
+    batch: int
+    time: int
+    times: list = dataclasses.field(default_factory=list)
+    max_error: float = None       # predictions before training vs the built-in layer's
+    status: str = "ok"
+    baseline_median: float = None
+
+    @property
+    def median(self):
+        return _median(self.times)
+
+    @property
+    def ms_per_batch(self):
+        return self.median * 1e3 if self.times else float("nan")
+
+    @property
+    def speedup(self):
+        if self.baseline_median is None or not self.times:
+            return None
+        return self.baseline_median / self.median
+
+    def to_dict(self):
+        d = dataclasses.asdict(self)
+        d.update(ms_per_batch=self.ms_per_batch if self.times else None,
+                 speedup_vs_keras=self.speedup)
+        return d
+
+
+@dataclasses.dataclass
+class ColdResult:
+    """First forward+backward call in a fresh Python process."""
+    cell: str
+    engine: str
+    cache: str                     # "warm" or "cold" (numba on-disk cache), "-" for keras
+    shape: tuple
+    import_s: float = None         # import numpy, tensorflow, keras, fastcells
+    first_s: float = None          # first call: build, trace, JIT (or cache load), run
+    second_s: float = None         # the same call again
+    status: str = "ok"
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class Report:
+    """Everything a benchmark run measured."""
+    layers: list = dataclasses.field(default_factory=list)
+    fit: list = dataclasses.field(default_factory=list)
+    cold: list = dataclasses.field(default_factory=list)
+    machine: dict = dataclasses.field(default_factory=dict)
+    settings: dict = dataclasses.field(default_factory=dict)
+    unavailable: dict = dataclasses.field(default_factory=dict)
+    elapsed_s: float = None
+
+    def mismatches(self):
+        """Results whose equivalence check failed."""
+        return [r for r in self.layers + self.fit if r.status.startswith("mismatch")]
+
+
+# --------------------------------------------------------------------------- progress
+class Progress:
+    """A text progress bar on a stream (stderr), one line redrawn in place on a terminal and
+    one line per item otherwise.
+
+    Example::
+
+        bar = Progress(10)
+        for i in range(10):
+            bar.step(f"item {i}")
+            ...
+        bar.close()
+    """
+
+    def __init__(self, total, stream=None, enabled=True, width=24):
+        self.total = max(1, int(total))
+        self.stream = sys.stderr if stream is None else stream
+        self.enabled = enabled
+        self.width = width
+        self.count = 0
+        self.start = time.perf_counter()
+        self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._last_len = 0
+
+    def step(self, label):
+        """Announce the next item (``label``) and redraw the bar."""
+        if not self.enabled:
+            return
+        self.count += 1
+        done = min(self.count - 1, self.total)
+        filled = int(self.width * done / self.total)
+        bar = "#" * filled + "." * (self.width - filled)
+        elapsed = time.perf_counter() - self.start
+        line = f"[{bar}] {self.count}/{self.total} {elapsed:5.0f}s  {label}"
+        if self._tty:
+            pad = max(0, self._last_len - len(line))
+            self.stream.write("\r" + line + " " * pad)
+            self._last_len = len(line)
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self):
+        """Finish the bar (clears the line on a terminal)."""
+        if self.enabled and self._tty:
+            self.stream.write("\r" + " " * self._last_len + "\r")
+            self.stream.flush()
+
+
+class _NoProgress(Progress):
+    def __init__(self):
+        super().__init__(1, enabled=False)
+
+
+# --------------------------------------------------------------------------- runners
+def _workloads(shapes, cells, modes):
+    for name in shapes:
+        shape = SHAPES[name] if isinstance(name, str) else name
+        for cell in cells:
+            for mode in modes:
+                if mode in shape.modes:
+                    yield shape, cell, mode
+
+
+def _ordered_engines(engines):
+    """Engines with the baseline first (its time is the denominator of every ratio)."""
+    engines = list(dict.fromkeys(engines))
+    return sorted(engines, key=lambda e: (e != BASELINE, ENGINES.index(e)))
+
+
+def count_layer_cases(shapes, cells, modes, engines):
+    """How many (workload, engine) cases :func:`run_layer_benchmarks` will time."""
+    return sum(1 for _ in _workloads(shapes, cells, modes)) * len(engines)
+
+
+def run_layer_benchmarks(shapes=("imdb",), cells=CELLS, modes=MODES, engines=None,
+                         settings=None, progress=None):
+    """Time every engine on every (shape, cell, mode) workload.
+
+    For each workload the built-in layer runs first; its outputs (and gradients) are the
+    reference every other engine is compared with, outside the timed region. An engine that
+    fails is reported with status ``"error: ..."`` and the run goes on; one whose results are
+    out of bounds keeps its timing with status ``"mismatch: ..."``.
+
+    Returns a list of :class:`Result`.
+    """
+    settings = settings or Settings()
+    progress = progress or _NoProgress()
+    if engines is None:
+        engines, _ = available_engines()
+    engines = _ordered_engines(engines)
+    results = []
+    for shape, cell, mode in _workloads(shapes, cells, modes):
+        reference = None
+        baseline = None
+        for engine in engines:
+            progress.step(f"{shape.name} {CELL_NAMES[cell]} {mode} {engine}")
+            res = Result(shape.name, cell, mode, engine, shape.time)
+            results.append(res)
+            try:
+                if reference is None and engine != BASELINE:
+                    reference = make_case(BASELINE, cell, shape, mode, settings.seed,
+                                          settings.dtype).first_call()
+                case = make_case(engine, cell, shape, mode, settings.seed, settings.dtype,
+                                 settings.torch_threads)
+                out = case.first_call()
+                if engine == BASELINE:
+                    reference = out
+                res.max_error, res.grad_error = compare(out, reference)
+                del out
+                res.times = time_calls(case, settings.repeats, settings.warmup,
+                                       settings.max_seconds, settings.min_repeats,
+                                       settings.min_seconds, settings.max_repeats)
+                del case
+                problem = check_equivalence(engine, res.max_error, res.grad_error,
+                                            settings.dtype)
+                if problem:
+                    res.status = f"mismatch: {problem}"
+            except Exception as exc:  # reported in the table; the other engines still run
+                res.status = f"error: {type(exc).__name__}: {exc}"
+            if engine == BASELINE and res.times:
+                baseline = res.median
+        for res in results:
+            if res.workload == (shape.name, cell, mode):
+                res.baseline_median = baseline
+    return results
+
+
+def build_imdb_model(engine, cell, time_steps=500, vocab=10000, embed=32, units=32):
+    """The IMDB example model: Embedding -> LSTM/GRU/SimpleRNN -> Dense(1, sigmoid), compiled
+    with Adam and binary cross-entropy. ``engine`` is "keras" or "fastcells-cpu"/"-cuda"."""
+    import keras
+    make_layer = _layer_class(engine, cell)
+    model = keras.Sequential([
+        keras.Input((time_steps,), dtype="int32"),
+        keras.layers.Embedding(vocab, embed),
+        make_layer(units),
+        keras.layers.Dense(1, activation="sigmoid"),
+    ])
+    model.compile(optimizer="adam", loss="binary_crossentropy")
+    return model
+
+
+def imdb_batch(batch=128, time_steps=500, vocab=10000, seed=0):
+    """A synthetic IMDB-style batch: int32 tokens [B, T] and 0/1 labels [B, 1]."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(1, vocab, (batch, time_steps)).astype("int32")
+    y = rng.integers(0, 2, (batch, 1)).astype("float32")
+    return x, y
+
+
+def run_fit_benchmarks(cells=("lstm", "gru"), engines=None, settings=None, progress=None,
+                       batch=128, time_steps=500):
+    """Time ``model.train_on_batch`` of the IMDB-style model for each cell and engine.
+
+    The models share their initial weights; their predictions are compared before training.
+    Returns a list of :class:`FitResult`.
+    """
+    import keras
+    settings = settings or Settings()
+    progress = progress or _NoProgress()
+    if engines is None:
+        engines, _ = available_engines()
+    engines = [e for e in _ordered_engines(engines) if e != "torch"]
+    x, y = imdb_batch(batch, time_steps, seed=settings.seed)
+    results = []
+    for cell in cells:
+        weights = reference = baseline = None
+        cell_results = []
+        for engine in engines:
+            progress.step(f"model.fit imdb {CELL_NAMES[cell]} {engine}")
+            res = FitResult(cell, engine, batch, time_steps)
+            cell_results.append(res)
+            try:
+                keras.utils.set_random_seed(settings.seed)
+                model = build_imdb_model(engine, cell, time_steps)
+                if weights is None:
+                    weights = model.get_weights()
+                else:
+                    model.set_weights(weights)
+                pred = np.asarray(model(x, training=False))
+                if reference is None:
+                    reference = pred
+                res.max_error = float(np.max(np.abs(pred - reference)))
+                res.times = time_calls(lambda: model.train_on_batch(x, y), settings.fit_batches,
+                                       settings.fit_warmup + 1, settings.max_seconds,
+                                       settings.min_repeats)
+                problem = check_equivalence(engine, res.max_error, None, "float32")
+                if problem:
+                    res.status = f"mismatch: {problem}"
+                del model
+            except Exception as exc:  # reported in the table; the other engines still run
+                res.status = f"error: {type(exc).__name__}: {exc}"
+            if engine == BASELINE and res.times:
+                baseline = res.median
+        for res in cell_results:
+            res.baseline_median = baseline
+        results += cell_results
+    return results
+
+
+_COLD_SCRIPT = r"""
+import json, os, sys, time
+t0 = time.perf_counter()
+import numpy as np
+import tensorflow as tf
+import keras
+import fastcells
+import_s = time.perf_counter() - t0
+cell, engine = sys.argv[1], sys.argv[2]
+B, T, D, H = (int(a) for a in sys.argv[3:7])
+if engine == "keras":
+    cls = {"lstm": keras.layers.LSTM, "gru": keras.layers.GRU,
+           "simple_rnn": keras.layers.SimpleRNN}[cell]
+    make = lambda: cls(H)
+else:
+    cls = {"lstm": fastcells.LSTM, "gru": fastcells.GRU, "simple_rnn": fastcells.SimpleRNN}[cell]
+    make = lambda: cls(H, engine=engine.split("-", 1)[1])
+x = tf.constant(np.random.default_rng(0).standard_normal((B, T, D)).astype("float32"))
+
+def call(layer):
+    t = time.perf_counter()
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        loss = tf.reduce_sum(layer(x, training=True))
+    grads = tape.gradient(loss, [x] + layer.trainable_variables)
+    [g.numpy() for g in grads]
+    return time.perf_counter() - t
+
+layer = make()
+first_s = call(layer)
+second_s = call(layer)
+if engine != "keras" and layer.last_engine != engine.split("-", 1)[1]:
+    raise SystemExit(f"the layer ran {layer.last_engine!r}, not {engine!r}")
+print("FASTCELLS_COLD " + json.dumps(dict(import_s=import_s, first_s=first_s,
+                                          second_s=second_s)))
+"""
+
+
+def _cold_subprocess(cell, engine, shape, env, timeout):
+    cmd = [sys.executable, "-c", _COLD_SCRIPT, cell, engine] + [str(s) for s in shape]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    for line in proc.stdout.splitlines():
+        if line.startswith("FASTCELLS_COLD "):
+            return json.loads(line[len("FASTCELLS_COLD "):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    raise RuntimeError(f"subprocess exited with {proc.returncode}: {' | '.join(tail)}")
+
+
+def run_cold_start(cells=("lstm",), engines=None, cold=False, settings=None, progress=None):
+    """Time the first forward+backward call in a fresh process, for each cell.
+
+    fastcells runs with the numba on-disk cache warm (a first subprocess fills it) and, with
+    ``cold=True``, also with an empty cache (``NUMBA_CACHE_DIR`` set to a new temporary
+    folder: every kernel is compiled). The built-in layer runs once for comparison.
+    Returns a list of :class:`ColdResult`.
+    """
+    settings = settings or Settings()
+    progress = progress or _NoProgress()
+    if engines is None:
+        engines, _ = available_engines()
+    engines = [e for e in _ordered_engines(engines) if e != "torch"]
+    shape = tuple(settings.cold_shape)
+    base_env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    results = []
+    for cell in cells:
+        for engine in engines:
+            runs = [("-", None)] if engine == BASELINE else [("warm", None)]
+            if engine != BASELINE and cold:
+                runs.append(("cold", "fresh"))
+            for cache, numba_dir in runs:
+                progress.step(f"cold start {CELL_NAMES[cell]} {engine} ({cache} cache)")
+                res = ColdResult(cell, engine, cache, shape)
+                results.append(res)
+                try:
+                    if numba_dir is None:
+                        env = base_env
+                        if cache == "warm":      # make sure the cache holds these kernels
+                            _cold_subprocess(cell, engine, shape, env,
+                                             settings.subprocess_timeout)
+                        out = _cold_subprocess(cell, engine, shape, env,
+                                               settings.subprocess_timeout)
+                    else:
+                        with tempfile.TemporaryDirectory(prefix="fastcells-numba-") as tmp:
+                            env = dict(base_env, NUMBA_CACHE_DIR=tmp)
+                            out = _cold_subprocess(cell, engine, shape, env,
+                                                   settings.subprocess_timeout)
+                    res.import_s, res.first_s, res.second_s = (
+                        out["import_s"], out["first_s"], out["second_s"])
+                except Exception as exc:  # reported in the table
+                    res.status = f"error: {type(exc).__name__}: {exc}"
+    return results
+
+
+# --------------------------------------------------------------------------- machine
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(module):
+    try:
+        mod = __import__(module)
+        return getattr(mod, "__version__", "unknown")
+    except Exception:  # not installed, or broken: recorded as such
+        return None
+
+
+def machine_info():
+    """CPU, core count, library versions and the fastcells configuration of this machine."""
+    import fastcells
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:
+        affinity = None
+    info = dict(
+        date=datetime.datetime.now().isoformat(timespec="seconds"),
+        cpu=_cpu_model(), cores=os.cpu_count(), cores_usable=affinity,
+        platform=platform.platform(), python=platform.python_version(),
+        versions={m: _version(m) for m in ("numpy", "numba", "tensorflow", "keras", "torch")},
+        fastcells=dict(version=fastcells.__version__,
+                       num_threads=getattr(config, "NUM_THREADS", None),
+                       config={k: getattr(config, k) for k in dir(config) if k.isupper()}),
+    )
+    try:
+        import tensorflow as tf
+        info["tensorflow_threads"] = dict(
+            intra_op=tf.config.threading.get_intra_op_parallelism_threads(),
+            inter_op=tf.config.threading.get_inter_op_parallelism_threads())
+    except Exception:  # TensorFlow missing: nothing to record
+        pass
+    if "torch" in sys.modules:
+        info["torch_threads"] = sys.modules["torch"].get_num_threads()
+    return info
+
+
+# --------------------------------------------------------------------------- reporting
+def _fmt(value, spec, missing="-"):
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return missing
+    return format(value, spec)
+
+
+def _table(header, rows, stream):
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    for row in [header] + rows:
+        cells = [str(c).ljust(w) if i == 0 else str(c).rjust(w)
+                 for i, (c, w) in enumerate(zip(row, widths))]
+        stream.write("  " + "  ".join(cells).rstrip() + "\n")
+
+
+def _status_note(status):
+    return "" if status == "ok" else status
+
+
+def write_report(report, stream):
+    """Write the tables of a :class:`Report` to ``stream``: one per workload with
+    microseconds per time step, the speed-up over the built-in layer and the errors against
+    it; then model.fit and cold start."""
+    groups = {}
+    for r in report.layers:
+        groups.setdefault(r.workload, []).append(r)
+    for (shape_name, cell, mode), rows in groups.items():
+        shape = SHAPES.get(shape_name)
+        desc = shape.describe() if shape else ""
+        stream.write(f"\n{shape_name} · {CELL_NAMES[cell]} · {MODE_NAMES[mode]}   {desc}\n")
+        header = ["engine", "us/step", "ms/call", "vs keras", "max|err|", "grad err", "n", ""]
+        table = []
+        for r in rows:
+            table.append([r.engine, _fmt(r.us_per_step, ".1f"), _fmt(r.median * 1e3, ".2f"),
+                          _fmt(r.speedup, ".2f", "-") + ("x" if r.speedup else ""),
+                          _fmt(r.max_error, ".1e"), _fmt(r.grad_error, ".1e"),
+                          len(r.times) or "-", _status_note(r.status)])
+        _table(header, table, stream)
+    if report.fit:
+        r0 = report.fit[0]
+        stream.write(f"\nmodel.fit · IMDB-style model (Embedding(10000, 32) -> RNN(32) -> "
+                     f"Dense(1)), train_on_batch, B={r0.batch} T={r0.time}\n")
+        header = ["cell", "engine", "ms/batch", "vs keras", "max|err|", "n", ""]
+        table = [[CELL_NAMES[r.cell], r.engine, _fmt(r.ms_per_batch, ".1f"),
+                  _fmt(r.speedup, ".2f") + ("x" if r.speedup else ""),
+                  _fmt(r.max_error, ".1e"), len(r.times) or "-", _status_note(r.status)]
+                 for r in report.fit]
+        _table(header, table, stream)
+    if report.cold:
+        B, T, D, H = report.cold[0].shape
+        stream.write(f"\ncold start · first forward+backward in a fresh process, "
+                     f"B={B} T={T} D={D} H={H}\n")
+        header = ["cell", "engine", "numba cache", "import s", "first call s",
+                  "second call s", ""]
+        table = [[CELL_NAMES[r.cell], r.engine, r.cache, _fmt(r.import_s, ".2f"),
+                  _fmt(r.first_s, ".3f"), _fmt(r.second_s, ".3f"), _status_note(r.status)]
+                 for r in report.cold]
+        _table(header, table, stream)
+    if report.unavailable:
+        stream.write("\nnot run: " + "; ".join(f"{e} ({why})" for e, why in
+                                               report.unavailable.items()) + "\n")
+    m = report.machine
+    if m:
+        v = m.get("versions", {})
+        stream.write(f"\nmachine: {m.get('cpu')}, {m.get('cores')} cores; fastcells threads "
+                     f"{m.get('fastcells', {}).get('num_threads')}; "
+                     + ", ".join(f"{k} {val}" for k, val in v.items() if val) + "\n")
+    if report.elapsed_s is not None:
+        stream.write(f"total time {report.elapsed_s:.0f} s\n")
+
+
+def save_json(path, report):
+    """Save a :class:`Report` as JSON (results, settings, machine information)."""
+    data = dict(machine=report.machine, settings=report.settings,
+                unavailable=report.unavailable, elapsed_s=report.elapsed_s,
+                layers=[r.to_dict() for r in report.layers],
+                fit=[r.to_dict() for r in report.fit],
+                cold=[r.to_dict() for r in report.cold])
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1, default=str)
+
+
+def save_plot(path, report):
+    """Write a PNG bar chart of the layer results (microseconds per step and speed-up).
+
+    Returns None on success, or a message saying why no plot was written (matplotlib
+    missing, nothing to plot).
+    """
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return ("matplotlib is not installed, no plot written "
+                "(pip install matplotlib, or pip install fastcells[plot])")
+    timed = [r for r in report.layers if r.times]
+    if not timed:
+        return "no timed results to plot"
+    workloads = list(dict.fromkeys(r.workload for r in timed))
+    engines = _ordered_engines({r.engine for r in timed})
+    by_key = {(r.workload, r.engine): r for r in timed}
+    labels = [f"{s}\n{CELL_NAMES[c]}\n{'fwd' if m == 'forward' else 'fwd+bwd'}"
+              for s, c, m in workloads]
+    n = len(engines)
+    width = 0.8 / n
+    xs = np.arange(len(workloads))
+    fig, axes = plt.subplots(2, 1, figsize=(max(6, 1.1 * len(workloads) + 2), 7), sharex=True)
+    for k, engine in enumerate(engines):
+        us = [by_key[(w, engine)].us_per_step if (w, engine) in by_key else np.nan
+              for w in workloads]
+        sp = [(by_key[(w, engine)].speedup or np.nan) if (w, engine) in by_key else np.nan
+              for w in workloads]
+        axes[0].bar(xs + (k - (n - 1) / 2) * width, us, width, label=engine)
+        axes[1].bar(xs + (k - (n - 1) / 2) * width, sp, width, label=engine)
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("microseconds per time step")
+    axes[0].legend(fontsize="small")
+    axes[1].axhline(1.0, color="black", linewidth=0.8)
+    axes[1].set_ylabel("speed-up over keras")
+    axes[1].set_xticks(xs)
+    axes[1].set_xticklabels(labels, fontsize="small")
+    cpu = report.machine.get("cpu", "")
+    axes[0].set_title(f"fastcells benchmark, {cpu}, {report.machine.get('cores', '?')} cores")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None
