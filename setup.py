@@ -22,6 +22,7 @@ setup(
         "numba>=0.59",
         "scipy>=1.10",          # numba's np.dot inside kernels calls BLAS through scipy
         "keras>=3.10",
+        "threadpoolctl>=3.1",   # BLAS held to one thread inside the batch-parallel kernels
     ],
     extras_require={
         "tf": ["tensorflow>=2.16"],

@@ -10,7 +10,8 @@ in plain arithmetic, because ``np.tanh`` never vectorises in Numba (no SVML in l
 Its coefficients were fitted for this project by a Lawson minimax iteration on
 tanh(x)/x = P(x^2)/Q(x^2) over [0, 9]; relative error 6.6e-9 in exact arithmetic, 3.6e-7
 absolute when evaluated in float32 (about 3 ulp of 1.0). Beyond |x| = 9, tanh rounds to
-+-1 in float32.
++-1 in float32. The coefficients are float32 constants so that float32 arithmetic stays
+float32 (a float64 literal would promote every operation).
 """
 import numpy as np
 from numba import njit
@@ -22,17 +23,23 @@ LINEAR, TANH, SIGMOID, RELU, HARD_SIGMOID = 0, 1, 2, 3, 4
 ACTIVATIONS = {"linear": LINEAR, "tanh": TANH, "sigmoid": SIGMOID, "relu": RELU,
                "hard_sigmoid": HARD_SIGMOID}
 
-_P0, _P1, _P2, _P3 = 0.9999999933837763, 0.1308400634546222, 0.0031039520427123017, 1.1154265152947508e-05
-_P4, _P5, _P6 = -2.0225053369783084e-08, 5.277866445591809e-11, -8.488501755971564e-14
-_Q0, _Q1, _Q2, _Q3 = 1.0, 0.4641733344550002, 0.024495161723060124, 0.000254613917789177
-_CLAMP = 9.0
+# Coefficients as float32 constants, so that float32 arithmetic stays float32 (16 lanes).
+_P0, _P1, _P2, _P3 = (np.float32(v) for v in (0.9999999933837763, 0.1308400634546222,
+                                               0.0031039520427123017, 1.1154265152947508e-05))
+_P4, _P5, _P6 = (np.float32(v) for v in (-2.0225053369783084e-08, 5.277866445591809e-11,
+                                          -8.488501755971564e-14))
+_Q0, _Q1, _Q2, _Q3 = (np.float32(v) for v in (1.0, 0.4641733344550002, 0.024495161723060124,
+                                               0.000254613917789177))
+_CLAMP = np.float32(9.0)
+_HALF = np.float32(0.5)
 
 _jit = njit(inline="always", **config.NJIT_OPTIONS)
 
 
 @_jit
-def _tanh_rational(x):
-    """tanh(x) in plain arithmetic; accurate to float32 rounding."""
+def tanh32(x):
+    """tanh(x) in plain float32 arithmetic; max abs error 3.6e-7 (float32 rounding)."""
+    x = np.float32(x)
     # comparisons, not min/max, so that NaN propagates
     if x > _CLAMP:
         x = _CLAMP
@@ -44,20 +51,22 @@ def _tanh_rational(x):
     return x * p / q
 
 
+
+
 @_jit
 def activate(code, fast, a, lo, hi):
     """a[lo:hi] = act(a[lo:hi]) in place. ``fast``: use the float32 approximation."""
     if code == TANH:
         if fast:
             for j in range(lo, hi):
-                a[j] = _tanh_rational(a[j])
+                a[j] = tanh32(a[j])
         else:
             for j in range(lo, hi):
                 a[j] = np.tanh(a[j])
     elif code == SIGMOID:
         if fast:
             for j in range(lo, hi):
-                a[j] = 0.5 * _tanh_rational(0.5 * a[j]) + 0.5
+                a[j] = _HALF * tanh32(_HALF * a[j]) + _HALF
         else:
             for j in range(lo, hi):
                 a[j] = 1.0 / (1.0 + np.exp(-a[j]))
@@ -74,19 +83,33 @@ def activate(code, fast, a, lo, hi):
 
 @_jit
 def activate_grad(code, y, d, lo, hi):
-    """d[lo:hi] *= act'(x) where y[lo:hi] = act(x); both 1-D."""
+    """d[lo:hi] *= act'(x) where y[lo:hi] = act(x); both 1-D. Written without float64
+    constants so that float32 stays float32."""
     if code == TANH:
         for j in range(lo, hi):
-            d[j] *= 1.0 - y[j] * y[j]
+            d[j] = d[j] - d[j] * y[j] * y[j]
     elif code == SIGMOID:
         for j in range(lo, hi):
-            d[j] *= y[j] * (1.0 - y[j])
+            d[j] = d[j] * (y[j] - y[j] * y[j])
     elif code == RELU:
         for j in range(lo, hi):
             d[j] = d[j] if y[j] > 0.0 else 0.0
     elif code == HARD_SIGMOID:
         for j in range(lo, hi):
             d[j] = d[j] / 6.0 if 0.0 < y[j] < 1.0 else 0.0
+
+
+def gate_coefficients(codes, units, dtype):
+    """Per-column coefficients [3, G*H] (a, s, o) with act(x) = tanh(a x) * s + o for gates
+    that are tanh or sigmoid (sigmoid(x) = 0.5 tanh(0.5 x) + 0.5), so that all gates of a
+    row are one vectorised loop. None when a gate uses another activation."""
+    table = {TANH: (1.0, 1.0, 0.0), SIGMOID: (0.5, 0.5, 0.5)}
+    if any(c not in table for c in codes):
+        return None
+    coef = np.empty((3, len(codes) * units), dtype)
+    for k, c in enumerate(codes):
+        coef[:, k * units:(k + 1) * units] = np.array(table[c], dtype)[:, None]
+    return coef
 
 
 def activation_code(activation):

@@ -26,6 +26,9 @@ NUM_THREADS = _env_int("FASTCELLS_NUM_THREADS", os.cpu_count() or 1)
 #: handful of rows costs more in hand-off than it saves).
 MIN_ROWS_PER_THREAD = _env_int("FASTCELLS_MIN_ROWS_PER_THREAD", 8)
 
+#: Smallest GEMM (M*N*K multiply-adds) split over the threads; smaller ones run on one.
+MIN_PARALLEL_GEMM_FLOPS = _env_int("FASTCELLS_MIN_PARALLEL_GEMM_FLOPS", 1 << 20)
+
 #: Options passed to every ``numba.njit`` kernel. ``error_model='numpy'`` drops the
 #: ZeroDivisionError check on each float division, which is what lets the gate loops
 #: vectorise; ``cache=True`` keeps compiled kernels on disk between processes.
@@ -34,6 +37,13 @@ NJIT_OPTIONS = dict(nogil=True, cache=True, error_model="numpy", fastmath=False)
 #: Use the rational tanh/sigmoid approximation (max abs error 3.6e-7, i.e. float32
 #: rounding) for float32 arrays. float64 always uses the exact functions.
 FAST_FLOAT32_ACTIVATIONS = os.environ.get("FASTCELLS_EXACT_ACTIVATIONS", "0") != "1"
+
+# --- framework bridges --------------------------------------------------------------------
+#: Forward caches kept for their backward pass (oldest evicted first; an evicted cache is
+#: recomputed by its backward): at most this many ...
+MAX_PENDING_CACHES = _env_int("FASTCELLS_MAX_PENDING_CACHES", 64)
+#: ... and at most this many bytes together.
+MAX_PENDING_CACHE_BYTES = _env_int("FASTCELLS_MAX_PENDING_CACHE_BYTES", 4 << 30)
 
 # --- CUDA kernels ------------------------------------------------------------------------
 #: Threads per block of the persistent recurrence kernels (a multiple of 32).

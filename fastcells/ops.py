@@ -20,6 +20,7 @@ Example::
     grads = ops.lstm_backward(fwd.cache, np.ones_like(outputs))
     grads.kernel.shape                                  # (3, 20)
 """
+import functools
 from collections import namedtuple
 
 import numpy as np
@@ -28,6 +29,8 @@ from . import _math, config
 from .cpu import gru as _cpu_gru
 from .cpu import lstm as _cpu_lstm
 from .cpu import simple_rnn as _cpu_rnn
+from .cpu._parallel import gemm as _gemm
+from .cpu._parallel import single_threaded_blas as _blas_held
 
 __all__ = ["lstm_forward", "lstm_backward", "gru_forward", "gru_backward",
            "simple_rnn_forward", "simple_rnn_backward", "Forward", "Gradients",
@@ -50,8 +53,9 @@ bias (None when there is no bias) and states, a tuple of [B, H] for the initial 
 class _Cache:
     """Everything a backward pass needs; opaque to users."""
 
-    __slots__ = ("cell", "x", "W", "U", "b", "bias_shape", "states", "dmask", "rmask", "mask",
-                 "opts", "kcache", "B", "T", "H", "return_sequences", "dtype", "fast")
+    __slots__ = ("cell", "x", "xt", "W", "U", "b", "bias_shape", "states", "dmask", "rmask",
+                 "mask", "mask_t", "opts", "kcache", "B", "T", "H", "return_sequences",
+                 "dtype", "fast", "coef")
 
     def __init__(self, **kw):
         for k, v in kw.items():
@@ -168,71 +172,83 @@ def _common(x, W, U, G, dropout_mask, recurrent_dropout_mask, mask, training,
     return x, W, U, B, T, D, H, dtype, mask, dmask, rmask
 
 
-def _project(x, W, b_in, dmask, G):
-    """xw = (x * dropout) @ W + b_in as [B, T, G*H], C-contiguous."""
-    B, T, D = x.shape
+def _project(xt, W, b_in, dmask, G):
+    """xw = (x * dropout) @ W + b_in, time-major [T, B, G*H], C-contiguous.
+
+    ``xt`` is the time-major input [T, B, D]; dropout masks are [B, D] or [G, B, D]."""
+    T, B, D = xt.shape
     GH = W.shape[1]
     H = GH // G
     if dmask is None or dmask.ndim == 2:
-        xd = x if dmask is None else x * dmask[:, None, :]
-        xw = (xd.reshape(B * T, D) @ W).reshape(B, T, GH)
+        xd = xt if dmask is None else xt * dmask[None]
+        xw = _gemm(xd.reshape(T * B, D), W).reshape(T, B, GH)
     else:
-        xw = np.empty((B, T, GH), x.dtype)
+        xw = np.empty((T, B, GH), xt.dtype)
         for k in range(G):
-            xk = (x * dmask[k][:, None, :]).reshape(B * T, D)
-            xw[:, :, k * H:(k + 1) * H] = (xk @ W[:, k * H:(k + 1) * H]).reshape(B, T, H)
+            xk = (xt * dmask[k][None]).reshape(T * B, D)
+            xw[:, :, k * H:(k + 1) * H] = _gemm(xk, W[:, k * H:(k + 1) * H]).reshape(T, B, H)
     if b_in is not None:
         xw += b_in
     return xw
 
 
 def _input_grads(c, dz):
-    """dx and dW from dz [B, T, G*H] (gradient of the input-side pre-activations)."""
-    x, W, dmask = c.x, c.W, c.dmask
-    B, T, D = x.shape
+    """dx [B, T, D] and dW from the time-major dz [T, B, G*H] (gradient of the input-side
+    pre-activations)."""
+    xt, W, dmask = c.xt, c.W, c.dmask
+    T, B, D = xt.shape
     GH = W.shape[1]
     G = GH // c.H
-    dz2 = dz.reshape(B * T, GH)
+    dz2 = dz.reshape(T * B, GH)
     if dmask is None or dmask.ndim == 2:
-        xd = x if dmask is None else x * dmask[:, None, :]
-        dW = xd.reshape(B * T, D).T @ dz2
-        dx = (dz2 @ W.T).reshape(B, T, D)
+        xd = xt if dmask is None else xt * dmask[None]
+        dW = _gemm(xd.reshape(T * B, D).T, dz2)
+        dxt = _gemm(dz2, W.T).reshape(T, B, D)
         if dmask is not None:
-            dx *= dmask[:, None, :]
-        return dx, dW
-    dW = np.empty_like(W)
-    dx = np.zeros_like(x)
-    H = c.H
-    for k in range(G):
-        sl = slice(k * H, (k + 1) * H)
-        xk = (x * dmask[k][:, None, :]).reshape(B * T, D)
-        dW[:, sl] = xk.T @ dz2[:, sl]
-        dx += (dz2[:, sl] @ W[:, sl].T).reshape(B, T, D) * dmask[k][:, None, :]
-    return dx, dW
+            dxt *= dmask[None]
+    else:
+        dW = np.empty_like(W)
+        dxt = np.zeros_like(xt)
+        H = c.H
+        for k in range(G):
+            sl = slice(k * H, (k + 1) * H)
+            xk = (xt * dmask[k][None]).reshape(T * B, D)
+            dW[:, sl] = _gemm(xk.T, dz2[:, sl])
+            dxt += _gemm(dz2[:, sl], W[:, sl].T).reshape(T, B, D) * dmask[k][None]
+    return _batch_major(dxt), dW
+
+
+def _time_major(a):
+    """[B, T, ...] -> C-contiguous [T, B, ...]."""
+    return np.ascontiguousarray(np.swapaxes(a, 0, 1))
+
+
+_batch_major = _time_major      # the same swap, the other way
 
 
 def _recurrent_grad(src, dz, rmask, gates):
-    """dU[:, k] = (src * r_k)^T dz_k, src [B, T, H] the recurrent input of each step."""
-    B, T, H = src.shape
+    """dU[:, k] = (src * r_k)^T dz_k, with src [T, B, H] the recurrent input of each step
+    and dz [T, B, gates*H] (time-major); rmask [gates, B, H] or None."""
+    T, B, H = src.shape
     if rmask is None:
-        return src.reshape(B * T, H).T @ dz.reshape(B * T, -1)
+        return _gemm(src.reshape(T * B, H).T, dz.reshape(T * B, -1))
     dU = np.empty((H, gates * H), src.dtype)
     for k in range(gates):
-        sk = (src * rmask[k][:, None, :]).reshape(B * T, H)
-        dU[:, k * H:(k + 1) * H] = sk.T @ dz[:, :, k * H:(k + 1) * H].reshape(B * T, H)
+        sk = (src * rmask[k][None]).reshape(T * B, H)
+        dU[:, k * H:(k + 1) * H] = _gemm(sk.T, dz[:, :, k * H:(k + 1) * H].reshape(T * B, H))
     return dU
 
 
 def _check_dout(c, d_outputs, d_states):
     B, T, H, dt = c.B, c.T, c.H, c.dtype
     if d_outputs is None:
-        dy = np.zeros((B, 1, H), dt)
+        dy = np.zeros((1, B, H), dt)
     else:
         d = _as_float_array("d_outputs", d_outputs)
         if d.shape == (B, T, H) and c.return_sequences:
-            dy = np.ascontiguousarray(d, dt)
+            dy = _time_major(d.astype(dt, copy=False))
         elif d.shape == (B, H):
-            dy = np.ascontiguousarray(d.reshape(B, 1, H), dt)
+            dy = np.ascontiguousarray(d.reshape(1, B, H), dt)
         else:
             want = f"{(B, T, H)} or {(B, H)}" if c.return_sequences else f"{(B, H)}"
             raise ValueError(f"d_outputs must have shape {want}, got {d.shape}")
@@ -249,7 +265,8 @@ def _empty_grads(c, nstates):
 
 
 def _finish_outputs(y, return_sequences):
-    return y if return_sequences else y[:, 0]
+    """Kernel outputs [T or 1, B, H] (time-major) -> [B, T, H] or [B, H]."""
+    return _batch_major(y) if return_sequences else y[0]
 
 
 def _check_cache(cache, cell):
@@ -290,11 +307,15 @@ def _prepare(cell, x, kernel, recurrent_kernel, bias, states, *, mask, go_backwa
         opts["ract"] = _check_activation("recurrent_activation", recurrent_activation)
     if cell == "gru":
         opts["reset_after"] = bool(reset_after)
-    return _Cache(cell=cell, x=np.ascontiguousarray(x), W=W, U=U, b=b,
+    fast = bool(dt == np.float32 and config.FAST_FLOAT32_ACTIVATIONS)
+    codes = {"lstm": ("ract", "ract", "act", "ract"), "gru": ("ract", "ract"),
+             "simple_rnn": ("act",)}[cell]
+    coef = _math.gate_coefficients([opts[k] for k in codes], H, dt) if fast else None
+    return _Cache(cell=cell, x=x, xt=_time_major(x), W=W, U=U, b=b,
                   bias_shape=None if b is None else b.shape, states=states, dmask=dmask,
-                  rmask=rmask, mask=mask, opts=opts, kcache=None, B=B, T=T, H=H,
-                  return_sequences=bool(return_sequences), dtype=dt,
-                  fast=bool(dt == np.float32 and config.FAST_FLOAT32_ACTIVATIONS))
+                  rmask=rmask, mask=mask, mask_t=None if mask is None else _time_major(mask),
+                  opts=opts, kcache=None, B=B, T=T, H=H,
+                  return_sequences=bool(return_sequences), dtype=dt, fast=fast, coef=coef)
 
 
 def _run_forward(p, training):
@@ -306,30 +327,31 @@ def _run_forward(p, training):
         return Forward(y, tuple(np.zeros((0, H), dt) for _ in p.states),
                        p if training else None)
     keep = bool(training)
-    with np.errstate(all="ignore"):      # NaN/Inf propagate silently, as in the Keras layers
+    with np.errstate(all="ignore"), _blas_held:   # NaN/Inf propagate silently, as in Keras
         return _run_forward_arrays(p, keep)
 
 
 def _run_forward_arrays(p, keep):
     H, dt, o = p.H, p.dtype, p.opts
     if p.cell == "lstm":
-        xw = _project(p.x, p.W, p.b, p.dmask, 4)
-        y, h, c, kc = _cpu_lstm.forward(xw, p.U, p.rmask, p.mask, p.states[0], p.states[1],
+        xw = _project(p.xt, p.W, p.b, p.dmask, 4)
+        y, h, c, kc = _cpu_lstm.forward(xw, p.U, p.rmask, p.mask_t, p.states[0], p.states[1],
                                         o["act"], o["ract"], o["go_backwards"],
-                                        o["zero_output"], p.return_sequences, keep, p.fast)
+                                        o["zero_output"], p.return_sequences, keep, p.fast,
+                                        p.coef)
         states = (h, c)
     elif p.cell == "gru":
         ra = o["reset_after"]
         b_in = None if p.b is None else (p.b[0] if ra else p.b)
         brec = np.ascontiguousarray(p.b[1]) if (p.b is not None and ra) else np.zeros(3 * H, dt)
-        xw = _project(p.x, p.W, b_in, p.dmask, 3)
-        y, h, kc = _cpu_gru.forward(xw, p.U, brec, p.rmask, p.mask, p.states[0], o["act"],
+        xw = _project(p.xt, p.W, b_in, p.dmask, 3)
+        y, h, kc = _cpu_gru.forward(xw, p.U, brec, p.rmask, p.mask_t, p.states[0], o["act"],
                                     o["ract"], ra, o["go_backwards"], o["zero_output"],
-                                    p.return_sequences, keep, p.fast)
+                                    p.return_sequences, keep, p.fast, p.coef)
         states = (h,)
     else:
-        xw = _project(p.x, p.W, p.b, p.dmask, 1)
-        y, h, kc = _cpu_rnn.forward(xw, p.U, p.rmask, p.mask, p.states[0], o["act"],
+        xw = _project(p.xt, p.W, p.b, p.dmask, 1)
+        y, h, kc = _cpu_rnn.forward(xw, p.U, p.rmask, p.mask_t, p.states[0], o["act"],
                                     o["go_backwards"], o["zero_output"], p.return_sequences,
                                     keep, p.fast)
         states = (h,)
@@ -366,6 +388,16 @@ def _with_defaults(options):
         raise TypeError(f"unknown option(s) {sorted(unknown)}")
     full.update(options)
     return full
+
+
+def _holding_blas(fn):
+    """Run ``fn`` with BLAS at one thread (the pool does the parallel work) and NaN/Inf
+    propagating without NumPy warnings, as in the Keras layers."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with np.errstate(all="ignore"), _blas_held:
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 # --------------------------------------------------------------------------- LSTM
@@ -410,6 +442,7 @@ def lstm_forward(x, kernel, recurrent_kernel, bias=None, h0=None, c0=None, *, ma
     return _run_forward(p, training)
 
 
+@_holding_blas
 def lstm_backward(cache, d_outputs=None, d_h=None, d_c=None):
     """Gradients of an LSTM forward pass.
 
@@ -428,7 +461,7 @@ def lstm_backward(cache, d_outputs=None, d_h=None, d_c=None):
     if c.B == 0:
         return _empty_grads(c, 2)
     o = c.opts
-    dz, dh0, dc0 = _cpu_lstm.backward(c.kcache, c.U, c.rmask, c.mask, dy, dh, dc, o["act"],
+    dz, dh0, dc0 = _cpu_lstm.backward(c.kcache, c.U, c.rmask, c.mask_t, dy, dh, dc, o["act"],
                                       o["ract"], o["go_backwards"], o["zero_output"])
     dx, dW = _input_grads(c, dz)
     dU = _recurrent_grad(c.kcache[1], dz, c.rmask, 4)
@@ -466,6 +499,7 @@ def gru_forward(x, kernel, recurrent_kernel, bias=None, h0=None, *, mask=None,
     return _run_forward(p, training)
 
 
+@_holding_blas
 def gru_backward(cache, d_outputs=None, d_h=None):
     """Gradients of a GRU forward pass; see :func:`lstm_backward`.
 
@@ -479,7 +513,7 @@ def gru_backward(cache, d_outputs=None, d_h=None):
         return _empty_grads(c, 1)
     o = c.opts
     reset_after = o["reset_after"]
-    dz, dah_rec, dh0 = _cpu_gru.backward(c.kcache, c.U, c.rmask, c.mask, dy, dh, o["act"],
+    dz, dah_rec, dh0 = _cpu_gru.backward(c.kcache, c.U, c.rmask, c.mask_t, dy, dh, o["act"],
                                          o["ract"], reset_after, o["go_backwards"],
                                          o["zero_output"])
     dx, dW = _input_grads(c, dz)
@@ -494,7 +528,7 @@ def gru_backward(cache, d_outputs=None, d_h=None):
         dU[:, :2 * H] = _recurrent_grad(hprev, dz[:, :, :2 * H],
                                         None if c.rmask is None else c.rmask[:2], 2)
         # the h gate's recurrent input is q = r * (h * r_h), kept in the cache
-        dU[:, 2 * H:] = aux.reshape(B * T, H).T @ dz[:, :, 2 * H:].reshape(B * T, H)
+        dU[:, 2 * H:] = _gemm(aux.reshape(T * B, H).T, dz[:, :, 2 * H:].reshape(T * B, H))
     db = None
     if c.bias_shape is not None:
         db_in = dz.sum(axis=(0, 1))
@@ -528,6 +562,7 @@ def simple_rnn_forward(x, kernel, recurrent_kernel, bias=None, h0=None, *, mask=
     return _run_forward(p, training)
 
 
+@_holding_blas
 def simple_rnn_backward(cache, d_outputs=None, d_h=None):
     """Gradients of a SimpleRNN forward pass; see :func:`lstm_backward`.
 
@@ -540,11 +575,11 @@ def simple_rnn_backward(cache, d_outputs=None, d_h=None):
     if c.B == 0:
         return _empty_grads(c, 1)
     o = c.opts
-    dz, dh0 = _cpu_rnn.backward(c.kcache, c.U, c.rmask, c.mask, dy, dh, o["act"],
+    dz, dh0 = _cpu_rnn.backward(c.kcache, c.U, c.rmask, c.mask_t, dy, dh, o["act"],
                                 o["go_backwards"], o["zero_output"])
     dx, dW = _input_grads(c, dz)
     hprev = c.kcache[1]
-    src = hprev if c.rmask is None else hprev * c.rmask[:, None, :]
+    src = hprev if c.rmask is None else hprev * c.rmask[None]
     dU = _recurrent_grad(src, dz, None, 1)
     db = None if c.bias_shape is None else dz.sum(axis=(0, 1))
     return Gradients(dx, dW, dU, db, (dh0,))

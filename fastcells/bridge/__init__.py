@@ -38,6 +38,57 @@ class KernelCall:
     return_sequences: bool
 
 
+class CacheStore:
+    """Forward caches waiting for their backward pass, keyed by an integer token.
+
+    Large caches do not cross into framework tensors (TensorFlow copies what a
+    ``numpy_function`` returns: 64 MB cost 10-140 ms), so the forward keeps its cache here and
+    returns only the token. The store is bounded (``config.MAX_PENDING_CACHES`` entries and
+    ``config.MAX_PENDING_CACHE_BYTES``): a forward whose backward never comes (a training-mode
+    call without a gradient) cannot leak, and a backward whose cache was evicted, or asked
+    for twice, recomputes the forward: slower, never wrong.
+    """
+
+    def __init__(self):
+        self._items = collections.OrderedDict()
+        self._bytes = 0
+        self._next = 1
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _size(cache):
+        return sum(a.nbytes for a in cache.kcache or ())
+
+    def put(self, cache):
+        from .. import config
+        size = self._size(cache)
+        with self._lock:
+            token = self._next
+            self._next += 1
+            self._items[token] = cache
+            self._bytes += size
+            while self._items and (len(self._items) > config.MAX_PENDING_CACHES or
+                                   self._bytes > config.MAX_PENDING_CACHE_BYTES):
+                _, old = self._items.popitem(last=False)
+                self._bytes -= self._size(old)
+        return token
+
+    def pop(self, token):
+        """The cache of ``token`` (removed from the store), or None if it is gone."""
+        with self._lock:
+            cache = self._items.pop(int(token), None)
+            if cache is not None:
+                self._bytes -= self._size(cache)
+        return cache
+
+    def __len__(self):
+        return len(self._items)
+
+
+#: The caches of forward passes whose backward has not run yet.
+pending = CacheStore()
+
+
 def get(backend_name):
     """The bridge module of a Keras backend, or None when fastcells has none."""
     if backend_name == "tensorflow":

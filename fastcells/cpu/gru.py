@@ -5,14 +5,15 @@ Gate order z, r, h (G = 3). With ``xw = x @ W + b_in`` and recurrent dropout mas
                       z = s(xw_z + a_z)   r = s(xw_r + a_r)   hh = act(xw_h + r * a_h)
   reset_after=False:  z = s(xw_z + (h*r_z) @ U_z)   r = s(xw_r + (h*r_r) @ U_r)
                       q = r * (h * r_h)   hh = act(xw_h + q @ U_h)
-  h_t = z * h_{t-1} + (1 - z) * hh
-Same conventions as ``fastcells.cpu.lstm``.
+  h_t = z * h_{t-1} + (1 - z) * hh  =  hh + z * (h_{t-1} - hh)
+Same conventions (time-major arrays) as ``fastcells.cpu.lstm``.
 """
 import numpy as np
 from numba import njit
 
 from .. import config
-from .._math import activate, activate_grad
+from .._math import activate, activate_grad, tanh32
+from ._fpstate import flush_denormals, restore
 from ._parallel import run_batch_parallel
 from .lstm import split_gates
 
@@ -21,32 +22,31 @@ G = 3
 
 @njit(**config.NJIT_OPTIONS)
 def _forward_kernel(b0, b1, xw, U, Ug, brec, rmask, use_rmask, mask, use_mask, h0,
-                    act, ract, fast, reset_after, go_backwards, zero_output, keep_cache,
-                    y, h_out, gates, hprev, aux):
-    # xw:    [B, T, 3H]  x @ W + input bias (input dropout already applied)
+                    act, ract, fast, coef, fused, reset_after, go_backwards, zero_output,
+                    keep_cache, y, h_out, gates, hprev, aux):
+    # xw:    [T, B, 3H]  x @ W + input bias (input dropout already applied)
     # U:     [H, 3H]     recurrent kernel (used without recurrent dropout)
     # Ug:    [3, H, H]   recurrent kernel split per gate
     # brec:  [3H]        recurrent bias (reset_after; zeros otherwise)
     # rmask: [3, B, H]   recurrent dropout mask per gate
-    # mask:  [B, T];  h0: [B, H];  y: [B, T, H] or [B, 1, H];  h_out: [B, H]
-    # cache: gates [B, T, 3H] (z, r, hh); hprev [B, T, H];
-    #        aux [B, T, H] = a_h (reset_after) or q (reset_after=False)
+    # mask:  [T, B];  h0: [B, H];  y: [T, B, H] or [1, B, H];  h_out: [B, H]
+    # coef:  [3, 2H]     z, r gates as tanh(a x) * s + o, used when ``fused``
+    # cache: gates [T, B, 3H] (z, r, hh); hprev [T, B, H];
+    #        aux [T, B, H] = a_h (reset_after) or q (reset_after=False)
+    fpmode = flush_denormals()
     n = b1 - b0
-    T = xw.shape[1]
+    T = xw.shape[0]
     H = h0.shape[1]
-    full = y.shape[1] == T
+    full = y.shape[0] == T
     dt = xw.dtype
-    h = np.empty((n, H), dt)
+    h = h0[b0:b1].copy()
     out = np.zeros((n, H), dt)
     rec = np.empty((n, G * H), dt)
     hr = np.empty((n, H), dt)
     zk = np.empty((n, H), dt)
     q = np.empty((n, H), dt)
-    rows = np.empty((n, G * H), dt)
-    live = np.empty(n, np.bool_)
-    for i in range(n):
-        for j in range(H):
-            h[i, j] = h0[b0 + i, j]
+    g_scratch = np.empty((n, G * H), dt)
+    ca, cs, co = coef[0], coef[1], coef[2]
     for s in range(T):
         t = T - 1 - s if go_backwards else s
         # recurrent terms of z and r (and of h when reset_after)
@@ -67,62 +67,60 @@ def _forward_kernel(b0, b1, xw, U, Ug, brec, rmask, use_rmask, mask, use_mask, h
                 for i in range(n):
                     for j in range(H):
                         rec[i, k * H + j] = zk[i, j]
+        if keep_cache:
+            g, off = gates[t], b0
+            hprev[t, b0:b1] = h
+        else:
+            g, off = g_scratch, 0
+        xt = xw[t]
+        # z and r for every row (masked rows too: branch-free, results unused)
         for i in range(n):
-            b = b0 + i
-            live[i] = not (use_mask and not mask[b, t])
-            if not live[i]:
-                continue
-            g = rows[i]
-            for j in range(2 * H):
-                g[j] = xw[b, t, j] + rec[i, j] + brec[j]
-            activate(ract, fast, g, 0, 2 * H)
+            gi = g[off + i]
+            xi = xt[b0 + i]
+            if fused:
+                for j in range(2 * H):
+                    gi[j] = tanh32(ca[j] * (xi[j] + rec[i, j] + brec[j])) * cs[j] + co[j]
+            else:
+                for j in range(2 * H):
+                    gi[j] = xi[j] + rec[i, j] + brec[j]
+                activate(ract, fast, gi, 0, 2 * H)
             if reset_after:
                 for j in range(H):
                     a_h = rec[i, 2 * H + j] + brec[2 * H + j]
                     q[i, j] = a_h
-                    g[2 * H + j] = xw[b, t, 2 * H + j] + g[H + j] * a_h
+                    gi[2 * H + j] = xi[2 * H + j] + gi[H + j] * a_h
             else:
                 for j in range(H):
-                    hrh = h[i, j] * rmask[2, b, j] if use_rmask else h[i, j]
-                    q[i, j] = g[H + j] * hrh
+                    hrh = h[i, j] * rmask[2, b0 + i, j] if use_rmask else h[i, j]
+                    q[i, j] = gi[H + j] * hrh
         if not reset_after:
             np.dot(q, Ug[2], zk)
             for i in range(n):
-                if live[i]:
-                    for j in range(H):
-                        rows[i, 2 * H + j] = xw[b0 + i, t, 2 * H + j] + zk[i, j]
-        for i in range(n):
-            b = b0 + i
-            if keep_cache:
+                gi = g[off + i]
                 for j in range(H):
-                    hprev[b, t, j] = h[i, j]
-            if not live[i]:
+                    gi[2 * H + j] = xt[b0 + i, 2 * H + j] + zk[i, j]
+        for i in range(n):
+            gi = g[off + i]
+            if use_mask and not mask[t, b0 + i]:
                 if zero_output:
-                    for j in range(H):
-                        out[i, j] = 0.0
+                    out[i] = 0.0
                 if keep_cache:
                     # aux feeds the dU GEMM, where 0 * garbage could be NaN
-                    for j in range(H):
-                        aux[b, t, j] = 0.0
-            else:
-                g = rows[i]
-                activate(act, fast, g, 2 * H, 3 * H)
-                for j in range(H):
-                    z = g[j]
-                    h[i, j] = z * h[i, j] + (1.0 - z) * g[2 * H + j]
-                    out[i, j] = h[i, j]
-                if keep_cache:
-                    for j in range(G * H):
-                        gates[b, t, j] = g[j]
-                    for j in range(H):
-                        aux[b, t, j] = q[i, j]
-            if full or s == T - 1:
-                so = s if full else 0
-                for j in range(H):
-                    y[b, so, j] = out[i, j]
-    for i in range(n):
-        for j in range(H):
-            h_out[b0 + i, j] = h[i, j]
+                    aux[t, b0 + i] = 0.0
+                continue
+            activate(act, fast, gi, 2 * H, 3 * H)
+            for j in range(H):
+                hh = gi[2 * H + j]
+                h[i, j] = hh + gi[j] * (h[i, j] - hh)
+                out[i, j] = h[i, j]
+            if keep_cache:
+                aux[t, b0 + i] = q[i]
+        if full:
+            y[s, b0:b1] = out
+    if not full:
+        y[0, b0:b1] = out
+    h_out[b0:b1] = h
+    restore(fpmode)
 
 
 # Backward per processed step, dh the gradient reaching h_t (state and output):
@@ -131,100 +129,91 @@ def _forward_kernel(b0, b1, xw, U, Ug, brec, rmask, use_rmask, mask, use_mask, h
 #   otherwise:    dq = dah @ U_h^T     dr = dq * (h_{t-1} * r_h)        dh_{t-1} += dq * r * r_h
 #   daz = dz * s'(z)   dar = dr * s'(r)
 #   dh_{t-1} += sum_k (da_k @ U_k^T) * r_k   over z, r (and h with da_h when reset_after)
-# Outputs: dz [B, T, 3H] = (daz, dar, dah), the gradient of the input-side pre-activations,
-# and dah_rec [B, T, H] = da_h (reset_after only), the gradient of the recurrent h term.
+# Outputs: dz [T, B, 3H] = (daz, dar, dah), the gradient of the input-side pre-activations,
+# and dah_rec [T, B, H] = da_h (reset_after only), the gradient of the recurrent h term.
 @njit(**config.NJIT_OPTIONS)
 def _backward_kernel(b0, b1, gates, hprev, aux, UT, UgT, rmask, use_rmask, mask, use_mask,
                      dy, dh_in, act, ract, reset_after, go_backwards, zero_output,
                      dz, dah_rec, dh0):
-    # gates, hprev, aux: the forward cache;  UT: [3H, H];  UgT: [3, H, H] per-gate transposes
-    # dy: [B, T, H] or [B, 1, H];  dh_in: [B, H]
-    # dz: [B, T, 3H] out;  dah_rec: [B, T, H] out (reset_after);  dh0: [B, H] out
+    # gates, hprev, aux: the forward cache, [T, B, .];  UT: [3H, H];  UgT: [3, H, H]
+    # dy: [T, B, H] or [1, B, H];  dh_in: [B, H]
+    # dz: [T, B, 3H] out;  dah_rec: [T, B, H] out (reset_after);  dh0: [B, H] out
+    fpmode = flush_denormals()
     n = b1 - b0
-    T = gates.shape[1]
+    T = gates.shape[0]
     H = dh_in.shape[1]
-    full = dy.shape[1] == T
+    full = dy.shape[0] == T
     dt = gates.dtype
-    dh = np.empty((n, H), dt)
+    dh = dh_in[b0:b1].copy()
     dhz = np.empty((n, H), dt)           # dh * z, the direct path to h_{t-1}
     carry = np.zeros((n, H), dt)
-    da = np.zeros((n, G * H), dt)        # daz, dar, and dah (input side)
     drec = np.zeros((n, G * H), dt)      # daz, dar, da_h (recurrent side)
     dq = np.empty((n, H), dt)
     dhn = np.empty((n, H), dt)
     zk = np.empty((n, H), dt)
     dk = np.empty((n, H), dt)
     live = np.empty(n, np.bool_)
-    for i in range(n):
-        for j in range(H):
-            dh[i, j] = dh_in[b0 + i, j]
     for s in range(T - 1, -1, -1):
         t = T - 1 - s if go_backwards else s
+        if full:
+            carry += dy[s, b0:b1]
+        elif s == T - 1:
+            carry += dy[0, b0:b1]
+        dzt = dz[t]
         for i in range(n):
             b = b0 + i
-            if full:
-                for j in range(H):
-                    carry[i, j] += dy[b, s, j]
-            elif s == T - 1:
-                for j in range(H):
-                    carry[i, j] += dy[b, 0, j]
-            live[i] = not (use_mask and not mask[b, t])
+            d = dzt[b]
+            live[i] = not (use_mask and not mask[t, b])
             if not live[i]:
-                for j in range(G * H):
-                    da[i, j] = 0.0
-                    drec[i, j] = 0.0
-                    dz[b, t, j] = 0.0
+                d[:] = 0.0
+                drec[i] = 0.0
                 if reset_after:
-                    for j in range(H):
-                        dah_rec[b, t, j] = 0.0
+                    dah_rec[t, b] = 0.0
                 if zero_output:
-                    for j in range(H):
-                        carry[i, j] = 0.0
+                    carry[i] = 0.0
                 continue
-            g = gates[b, t]
-            d = da[i]
+            g = gates[t, b]
+            hp = hprev[t, b]
             for j in range(H):
                 dhj = dh[i, j] + carry[i, j]
                 carry[i, j] = 0.0
                 z = g[j]
-                d[j] = dhj * (hprev[b, t, j] - g[2 * H + j])
-                d[2 * H + j] = dhj * (1.0 - z)
+                d[j] = dhj * (hp[j] - g[2 * H + j])
+                d[2 * H + j] = dhj - dhj * z
                 dhz[i, j] = dhj * z
             activate_grad(act, g, d, 2 * H, 3 * H)
             if reset_after:
+                ax = aux[t, b]
                 for j in range(H):
-                    d[H + j] = d[2 * H + j] * aux[b, t, j]
+                    d[H + j] = d[2 * H + j] * ax[j]
                     drec[i, 2 * H + j] = d[2 * H + j] * g[H + j]
         if not reset_after:
             for i in range(n):
                 for j in range(H):
-                    dk[i, j] = da[i, 2 * H + j]
+                    dk[i, j] = dzt[b0 + i, 2 * H + j]
             np.dot(dk, UgT[2], dq)
             for i in range(n):
                 if live[i]:
                     b = b0 + i
                     for j in range(H):
-                        hrh = hprev[b, t, j] * rmask[2, b, j] if use_rmask else hprev[b, t, j]
-                        da[i, H + j] = dq[i, j] * hrh
+                        hrh = hprev[t, b, j] * rmask[2, b, j] if use_rmask else hprev[t, b, j]
+                        dzt[b, H + j] = dq[i, j] * hrh
                         r_h = rmask[2, b, j] if use_rmask else 1.0
-                        dhz[i, j] += dq[i, j] * gates[b, t, H + j] * r_h
+                        dhz[i, j] += dq[i, j] * gates[t, b, H + j] * r_h
         for i in range(n):
             if live[i]:
                 b = b0 + i
-                activate_grad(ract, gates[b, t], da[i], 0, 2 * H)
+                d = dzt[b]
+                activate_grad(ract, gates[t, b], d, 0, 2 * H)
                 for j in range(2 * H):
-                    drec[i, j] = da[i, j]
-                for j in range(G * H):
-                    dz[b, t, j] = da[i, j]
+                    drec[i, j] = d[j]
                 if reset_after:
                     for j in range(H):
-                        dah_rec[b, t, j] = drec[i, 2 * H + j]
+                        dah_rec[t, b, j] = drec[i, 2 * H + j]
         # dh_{t-1} = dh * z + sum_k (drec_k @ U_k^T) * r_k
         nk = G if reset_after else 2
         if use_rmask or not reset_after:
-            for i in range(n):
-                for j in range(H):
-                    dhn[i, j] = dhz[i, j]
+            dhn[:] = dhz
             for k in range(nk):
                 for i in range(n):
                     for j in range(H):
@@ -236,48 +225,47 @@ def _backward_kernel(b0, b1, gates, hprev, aux, UT, UgT, rmask, use_rmask, mask,
                         dhn[i, j] += zk[i, j] * r_k
         else:
             np.dot(drec, UT, dhn)
-            for i in range(n):
-                for j in range(H):
-                    dhn[i, j] += dhz[i, j]
+            dhn += dhz
         for i in range(n):
             if live[i]:
-                for j in range(H):
-                    dh[i, j] = dhn[i, j]
-    for i in range(n):
-        for j in range(H):
-            dh0[b0 + i, j] = dh[i, j]
+                dh[i] = dhn[i]
+    dh0[b0:b1] = dh
+    restore(fpmode)
 
 
 def forward(xw, U, brec, rmask, mask, h0, act, ract, reset_after, go_backwards, zero_output,
-            return_sequences, keep_cache, fast):
-    """Run the GRU recurrence. Returns ``y, h, cache`` with ``cache = (gates, hprev, aux)``."""
-    B, T, _ = xw.shape
+            return_sequences, keep_cache, fast, coef):
+    """Run the GRU recurrence (time-major). Returns ``y, h, cache`` with
+    ``cache = (gates, hprev, aux)``; ``coef`` is ``_math.gate_coefficients`` of z, r or None."""
+    T, B, _ = xw.shape
     H = h0.shape[1]
     dt = xw.dtype
-    y = np.empty((B, T if return_sequences else 1, H), dt)
+    y = np.empty((T if return_sequences else 1, B, H), dt)
     h = np.empty((B, H), dt)
-    shape = (B, T, H) if keep_cache else (0, 0, 0)
-    gates = np.empty((B, T, G * H) if keep_cache else (0, 0, 0), dt)
+    shape = (T, B, H) if keep_cache else (0, 0, 0)
+    gates = np.empty((T, B, G * H) if keep_cache else (0, 0, 0), dt)
     hprev, aux = np.empty(shape, dt), np.empty(shape, dt)
     use_rmask = rmask is not None
     Ug = split_gates(U, G)
     rm = rmask if use_rmask else np.empty((G, 0, 0), dt)
     use_mask = mask is not None
     m = mask if use_mask else np.empty((0, 0), np.bool_)
+    fused = coef is not None and fast
+    cf = coef if fused else np.zeros((3, 2 * H), dt)
     run_batch_parallel(_forward_kernel, B, xw, U, Ug, brec, rm, use_rmask, m, use_mask, h0,
-                       act, ract, fast, reset_after, go_backwards, zero_output, keep_cache,
-                       y, h, gates, hprev, aux)
+                       act, ract, fast, cf, fused, reset_after, go_backwards, zero_output,
+                       keep_cache, y, h, gates, hprev, aux)
     return y, h, ((gates, hprev, aux) if keep_cache else None)
 
 
 def backward(cache, U, rmask, mask, dy, dh, act, ract, reset_after, go_backwards, zero_output):
-    """Backward recurrence. Returns ``dz [B, T, 3H], dah_rec [B, T, H] or None, dh0``."""
+    """Backward recurrence (time-major). Returns ``dz [T, B, 3H], dah_rec or None, dh0``."""
     gates, hprev, aux = cache
-    B, T, _ = gates.shape
+    T, B, _ = gates.shape
     H = U.shape[0]
     dt = gates.dtype
-    dz = np.empty((B, T, G * H), dt)
-    dah_rec = np.empty((B, T, H) if reset_after else (0, 0, 0), dt)
+    dz = np.empty((T, B, G * H), dt)
+    dah_rec = np.empty((T, B, H) if reset_after else (0, 0, 0), dt)
     dh0 = np.empty((B, H), dt)
     use_rmask = rmask is not None
     UT = np.ascontiguousarray(U.T)

@@ -4,15 +4,20 @@ Only the recurrence lives here. The input projection ``xw = x @ W + b`` is compu
 (one GEMM over all time steps) and the weight gradients after (GEMMs over the cache), by
 ``fastcells.ops``.
 
+Layout: every array is time-major, ``[T, B, ...]``, so the rows a thread touches at one step
+are one contiguous block (batch-major rows of one step lie T*4H floats apart: a page each,
+which the prefetcher cannot follow). Time-aligned arrays (xw, mask, the cache, dz) are
+indexed by input time t; outputs y and their gradients dy by processing step s
+(t = T-1-s with go_backwards, as Keras returns them).
+
 Shapes: B batch, T time steps, H units, G = 4 gates in Keras order i, f, c, o.
-Time-aligned arrays (xw, mask, the cache, dz) are indexed by input time t; outputs y and
-their gradients dy by processing step s (t = T-1-s with go_backwards, as Keras returns them).
 """
 import numpy as np
 from numba import njit
 
 from .. import config
-from .._math import activate, activate_grad
+from .._math import activate, activate_grad, tanh32
+from ._fpstate import flush_denormals, restore
 from ._parallel import run_batch_parallel
 
 G = 4
@@ -20,35 +25,35 @@ G = 4
 
 @njit(**config.NJIT_OPTIONS)
 def _forward_kernel(b0, b1, xw, U, Ug, rmask, use_rmask, mask, use_mask, h0, c0,
-                    act, ract, fast, go_backwards, zero_output, keep_cache,
+                    act, ract, fast, coef, fused, go_backwards, zero_output, keep_cache,
                     y, h_out, c_out, gates, hprev, cprev, actc):
-    # xw:     [B, T, 4H]  x @ W + b (input dropout already applied)
+    # xw:     [T, B, 4H]  x @ W + b (input dropout already applied)
     # U:      [H, 4H]     recurrent kernel (used without recurrent dropout)
     # Ug:     [4, H, H]   recurrent kernel split per gate (used with recurrent dropout)
     # rmask:  [4, B, H]   recurrent dropout mask per gate
-    # mask:   [B, T]      True where the step is processed
+    # mask:   [T, B]      True where the step is processed
     # h0, c0: [B, H]      initial states
-    # y:      [B, T, H] or [B, 1, H] (last output only)
+    # coef:   [3, 4H]     gate g_j = tanh(a_j x) * s_j + o_j, used when ``fused``
+    # y:      [T, B, H] or [1, B, H] (last output only), in processing order
     # h_out, c_out: [B, H] final states
-    # cache (keep_cache): gates [B, T, 4H] post-activation; hprev, cprev [B, T, H] the states
-    #   entering step t; actc [B, T, H] = act(c_t)
+    # cache (keep_cache): gates [T, B, 4H] post-activation; hprev, cprev [T, B, H] the
+    #   states entering step t; actc [T, B, H] = act(c_t)
+    fpmode = flush_denormals()
     n = b1 - b0
-    T = xw.shape[1]
+    T = xw.shape[0]
     H = h0.shape[1]
-    full = y.shape[1] == T
+    GH = G * H
+    full = y.shape[0] == T
     dt = xw.dtype
-    h = np.empty((n, H), dt)
-    c = np.empty((n, H), dt)
+    h = h0[b0:b1].copy()
+    c = c0[b0:b1].copy()
     out = np.zeros((n, H), dt)
-    z = np.empty((n, G * H), dt)
+    z = np.empty((n, GH), dt)
     hr = np.empty((n, H), dt)
     zk = np.empty((n, H), dt)
-    row = np.empty(G * H, dt)
-    hc = np.empty(H, dt)
-    for i in range(n):
-        for j in range(H):
-            h[i, j] = h0[b0 + i, j]
-            c[i, j] = c0[b0 + i, j]
+    g_scratch = np.empty((n, GH), dt)
+    a_scratch = np.empty((n, H), dt)
+    ca, cs, co = coef[0], coef[1], coef[2]
     for s in range(T):
         t = T - 1 - s if go_backwards else s
         # recurrent projection z = (h * r_k) @ U_k for every gate k
@@ -63,46 +68,50 @@ def _forward_kernel(b0, b1, xw, U, Ug, rmask, use_rmask, mask, use_mask, h0, c0,
                         z[i, k * H + j] = zk[i, j]
         else:
             np.dot(h, U, z)
+        if keep_cache:
+            g, off, ac = gates[t], b0, actc[t]
+            hprev[t, b0:b1] = h
+            cprev[t, b0:b1] = c
+        else:
+            g, off, ac = g_scratch, 0, a_scratch
+        xt = xw[t]
+        # gates of every row (masked rows too: branch-free, their results are not used)
+        if fused:
+            for i in range(n):
+                for j in range(GH):
+                    g[off + i, j] = tanh32(ca[j] * (xt[b0 + i, j] + z[i, j])) * cs[j] + co[j]
+        else:
+            for i in range(n):
+                gi = g[off + i]
+                for j in range(GH):
+                    gi[j] = xt[b0 + i, j] + z[i, j]
+                activate(ract, fast, gi, 0, 2 * H)          # i, f
+                activate(act, fast, gi, 2 * H, 3 * H)       # c~
+                activate(ract, fast, gi, 3 * H, 4 * H)      # o
         for i in range(n):
-            b = b0 + i
-            if use_mask and not mask[b, t]:
+            gi = g[off + i]
+            ai = ac[off + i]
+            if use_mask and not mask[t, b0 + i]:
                 # masked step: the state is kept, the output repeats (or is zero)
                 if zero_output:
                     for j in range(H):
                         out[i, j] = 0.0
-                if keep_cache:
-                    for j in range(H):
-                        hprev[b, t, j] = h[i, j]
-                        cprev[b, t, j] = c[i, j]
-            else:
-                g = gates[b, t] if keep_cache else row
-                for j in range(G * H):
-                    g[j] = xw[b, t, j] + z[i, j]
-                activate(ract, fast, g, 0, 2 * H)          # i, f
-                activate(act, fast, g, 2 * H, 3 * H)       # c~
-                activate(ract, fast, g, 3 * H, 4 * H)      # o
-                if keep_cache:
-                    for j in range(H):
-                        hprev[b, t, j] = h[i, j]
-                        cprev[b, t, j] = c[i, j]
-                for j in range(H):
-                    c[i, j] = g[H + j] * c[i, j] + g[j] * g[2 * H + j]
-                    hc[j] = c[i, j]
-                activate(act, fast, hc, 0, H)
-                for j in range(H):
-                    h[i, j] = g[3 * H + j] * hc[j]
-                    out[i, j] = h[i, j]
-                if keep_cache:
-                    for j in range(H):
-                        actc[b, t, j] = hc[j]
-            if full or s == T - 1:
-                so = s if full else 0
-                for j in range(H):
-                    y[b, so, j] = out[i, j]
-    for i in range(n):
-        for j in range(H):
-            h_out[b0 + i, j] = h[i, j]
-            c_out[b0 + i, j] = c[i, j]
+                continue
+            for j in range(H):
+                cc = gi[H + j] * c[i, j] + gi[j] * gi[2 * H + j]
+                c[i, j] = cc
+                ai[j] = cc
+            activate(act, fast, ai, 0, H)
+            for j in range(H):
+                h[i, j] = gi[3 * H + j] * ai[j]
+                out[i, j] = h[i, j]
+        if full:
+            y[s, b0:b1] = out
+    if not full:
+        y[0, b0:b1] = out
+    h_out[b0:b1] = h
+    c_out[b0:b1] = c
+    restore(fpmode)
 
 
 # Backward, per processed step t (masks and dropout aside), with s(.) the recurrent
@@ -119,127 +128,118 @@ def _forward_kernel(b0, b1, xw, U, Ug, rmask, use_rmask, mask, use_mask, h0, c0,
 def _backward_kernel(b0, b1, gates, cprev, actc, UT, UgT, rmask, use_rmask, mask, use_mask,
                      dy, dh_in, dc_in, act, ract, go_backwards, zero_output,
                      dz, dh0, dc0):
-    # gates, cprev, actc: the forward cache (see _forward_kernel)
+    # gates, cprev, actc: the forward cache (see _forward_kernel), [T, B, .]
     # UT:    [4H, H]    U transposed;  UgT: [4, H, H] U_k transposed per gate
-    # dy:    [B, T, H] or [B, 1, H] (gradient of the last output only)
+    # dy:    [T, B, H] or [1, B, H] (gradient of the last output only), processing order
     # dh_in, dc_in: [B, H] gradients of the final states
-    # dz:    [B, T, 4H] out: gradient of the gate pre-activations
+    # dz:    [T, B, 4H] out: gradient of the gate pre-activations
     # dh0, dc0: [B, H] out: gradients of the initial states
+    fpmode = flush_denormals()
     n = b1 - b0
-    T = gates.shape[1]
+    T = gates.shape[0]
     H = dh_in.shape[1]
-    full = dy.shape[1] == T
+    full = dy.shape[0] == T
     dt = gates.dtype
-    dh = np.empty((n, H), dt)
-    dc = np.empty((n, H), dt)
+    dh = dh_in[b0:b1].copy()
+    dc = dc_in[b0:b1].copy()
     carry = np.zeros((n, H), dt)
-    dzb = np.zeros((n, G * H), dt)
     dhn = np.empty((n, H), dt)
-    dhk = np.empty((n, H), dt)
+    dk = np.empty((n, H), dt)
     zk = np.empty((n, H), dt)
+    da = np.empty(H, dt)
     live = np.empty(n, np.bool_)
-    for i in range(n):
-        for j in range(H):
-            dh[i, j] = dh_in[b0 + i, j]
-            dc[i, j] = dc_in[b0 + i, j]
     for s in range(T - 1, -1, -1):
         t = T - 1 - s if go_backwards else s
+        if full:
+            carry += dy[s, b0:b1]
+        elif s == T - 1:
+            carry += dy[0, b0:b1]
+        dzt = dz[t]
+        gt = gates[t]
         for i in range(n):
             b = b0 + i
-            # total gradient reaching the output of this step
-            if full:
-                for j in range(H):
-                    carry[i, j] += dy[b, s, j]
-            elif s == T - 1:
-                for j in range(H):
-                    carry[i, j] += dy[b, 0, j]
-            live[i] = not (use_mask and not mask[b, t])
-            d = dzb[i]
+            d = dzt[b]
+            live[i] = not (use_mask and not mask[t, b])
             if not live[i]:
-                for j in range(G * H):
-                    d[j] = 0.0
-                    dz[b, t, j] = 0.0
+                d[:] = 0.0
                 if zero_output:
-                    for j in range(H):
-                        carry[i, j] = 0.0
+                    carry[i] = 0.0
                 continue
-            g = gates[b, t]
+            g = gt[b]
+            ac = actc[t, b]
+            cp = cprev[t, b]
             for j in range(H):
                 dhj = dh[i, j] + carry[i, j]
                 carry[i, j] = 0.0
-                ac = actc[b, t, j]
-                o = g[3 * H + j]
-                d[3 * H + j] = dhj * ac
-                dh[i, j] = dhj * o          # reused below as the gradient reaching a(c_t)
-                dhk[i, j] = ac
-            activate_grad(act, dhk[i], dh[i], 0, H)
+                d[3 * H + j] = dhj * ac[j]
+                da[j] = dhj * g[3 * H + j]          # gradient reaching a(c_t)
+            activate_grad(act, ac, da, 0, H)
             for j in range(H):
-                dcj = dc[i, j] + dh[i, j]
+                dcj = dc[i, j] + da[j]
                 d[j] = dcj * g[2 * H + j]
-                d[H + j] = dcj * cprev[b, t, j]
+                d[H + j] = dcj * cp[j]
                 d[2 * H + j] = dcj * g[j]
                 dc[i, j] = dcj * g[H + j]
             activate_grad(ract, g, d, 0, 2 * H)
             activate_grad(act, g, d, 2 * H, 3 * H)
             activate_grad(ract, g, d, 3 * H, 4 * H)
-            for j in range(G * H):
-                dz[b, t, j] = d[j]
         # dh_{t-1} = sum_k (dz_k @ U_k^T) * r_k
         if use_rmask:
-            for i in range(n):
-                for j in range(H):
-                    dhn[i, j] = 0.0
+            dhn[:] = 0.0
             for k in range(G):
-                np.dot(dzb[:, k * H:(k + 1) * H].copy(), UgT[k], zk)
+                for i in range(n):
+                    for j in range(H):
+                        dk[i, j] = dzt[b0 + i, k * H + j]
+                np.dot(dk, UgT[k], zk)
                 for i in range(n):
                     for j in range(H):
                         dhn[i, j] += zk[i, j] * rmask[k, b0 + i, j]
         else:
-            np.dot(dzb, UT, dhn)
+            np.dot(dzt[b0:b1], UT, dhn)
         for i in range(n):
             if live[i]:
-                for j in range(H):
-                    dh[i, j] = dhn[i, j]
-    for i in range(n):
-        for j in range(H):
-            dh0[b0 + i, j] = dh[i, j]
-            dc0[b0 + i, j] = dc[i, j]
+                dh[i] = dhn[i]
+    dh0[b0:b1] = dh
+    dc0[b0:b1] = dc
+    restore(fpmode)
 
 
 def forward(xw, U, rmask, mask, h0, c0, act, ract, go_backwards, zero_output,
-            return_sequences, keep_cache, fast):
-    """Run the LSTM recurrence over all batch slices.
+            return_sequences, keep_cache, fast, coef):
+    """Run the LSTM recurrence over all batch slices (time-major arrays, see above).
 
     Returns ``y, h, c, cache`` with ``cache = (gates, hprev, cprev, actc)`` (or None when
-    ``keep_cache`` is False). Arrays must be C-contiguous and of one float dtype.
+    ``keep_cache`` is False). ``coef`` is ``_math.gate_coefficients`` or None.
     """
-    B, T, _ = xw.shape
+    T, B, _ = xw.shape
     H = h0.shape[1]
     dt = xw.dtype
-    y = np.empty((B, T if return_sequences else 1, H), dt)
+    y = np.empty((T if return_sequences else 1, B, H), dt)
     h = np.empty((B, H), dt)
     c = np.empty((B, H), dt)
-    shape = (B, T, H) if keep_cache else (0, 0, 0)
-    gates = np.empty((B, T, G * H) if keep_cache else (0, 0, 0), dt)
+    shape = (T, B, H) if keep_cache else (0, 0, 0)
+    gates = np.empty((T, B, G * H) if keep_cache else (0, 0, 0), dt)
     hprev, cprev, actc = np.empty(shape, dt), np.empty(shape, dt), np.empty(shape, dt)
     use_rmask = rmask is not None
     Ug = split_gates(U, G) if use_rmask else np.empty((G, 0, 0), dt)
     rm = rmask if use_rmask else np.empty((G, 0, 0), dt)
     use_mask = mask is not None
     m = mask if use_mask else np.empty((0, 0), np.bool_)
+    fused = coef is not None and fast
+    cf = coef if fused else np.zeros((3, G * H), dt)
     run_batch_parallel(_forward_kernel, B, xw, U, Ug, rm, use_rmask, m, use_mask, h0, c0,
-                       act, ract, fast, go_backwards, zero_output, keep_cache,
+                       act, ract, fast, cf, fused, go_backwards, zero_output, keep_cache,
                        y, h, c, gates, hprev, cprev, actc)
     return y, h, c, ((gates, hprev, cprev, actc) if keep_cache else None)
 
 
 def backward(cache, U, rmask, mask, dy, dh, dc, act, ract, go_backwards, zero_output):
-    """Backward recurrence. Returns ``dz [B, T, 4H], dh0, dc0``."""
+    """Backward recurrence (time-major). Returns ``dz [T, B, 4H], dh0, dc0``."""
     gates, hprev, cprev, actc = cache
-    B, T, _ = gates.shape
+    T, B, _ = gates.shape
     H = U.shape[0]
     dt = gates.dtype
-    dz = np.empty((B, T, G * H), dt)
+    dz = np.empty((T, B, G * H), dt)
     dh0 = np.empty((B, H), dt)
     dc0 = np.empty((B, H), dt)
     use_rmask = rmask is not None
