@@ -13,6 +13,7 @@ from numba import njit
 
 from .. import config
 from .._math import activate, activate_grad, tanh32
+from ._common import add_output_grad, optional
 from ._fpstate import flush_denormals, restore
 from ._parallel import run_batch_parallel
 from .lstm import split_gates
@@ -142,7 +143,6 @@ def _backward_kernel(b0, b1, gates, hprev, aux, UT, UgT, rmask, use_rmask, mask,
     n = b1 - b0
     T = gates.shape[0]
     H = dh_in.shape[1]
-    full = dy.shape[0] == T
     dt = gates.dtype
     dh = dh_in[b0:b1].copy()
     dhz = np.empty((n, H), dt)           # dh * z, the direct path to h_{t-1}
@@ -155,10 +155,7 @@ def _backward_kernel(b0, b1, gates, hprev, aux, UT, UgT, rmask, use_rmask, mask,
     live = np.empty(n, np.bool_)
     for s in range(T - 1, -1, -1):
         t = T - 1 - s if go_backwards else s
-        if full:
-            carry += dy[s, b0:b1]
-        elif s == T - 1:
-            carry += dy[0, b0:b1]
+        add_output_grad(carry, dy, s, T, b0, b1)
         dzt = dz[t]
         for i in range(n):
             b = b0 + i
@@ -248,8 +245,7 @@ def forward(xw, U, brec, rmask, mask, h0, act, ract, reset_after, go_backwards, 
     use_rmask = rmask is not None
     Ug = split_gates(U, G)
     rm = rmask if use_rmask else np.empty((G, 0, 0), dt)
-    use_mask = mask is not None
-    m = mask if use_mask else np.empty((0, 0), np.bool_)
+    m, use_mask = optional(mask, 2, np.bool_)
     fused = coef is not None and fast
     cf = coef if fused else np.zeros((3, 2 * H), dt)
     run_batch_parallel(_forward_kernel, B, xw, U, Ug, brec, rm, use_rmask, m, use_mask, h0,
@@ -271,8 +267,7 @@ def backward(cache, U, rmask, mask, dy, dh, act, ract, reset_after, go_backwards
     UT = np.ascontiguousarray(U.T)
     UgT = np.ascontiguousarray(split_gates(U, G).transpose(0, 2, 1))
     rm = rmask if use_rmask else np.empty((G, 0, 0), dt)
-    use_mask = mask is not None
-    m = mask if use_mask else np.empty((0, 0), np.bool_)
+    m, use_mask = optional(mask, 2, np.bool_)
     run_batch_parallel(_backward_kernel, B, gates, hprev, aux, UT, UgT, rm, use_rmask, m,
                        use_mask, dy, dh, act, ract, reset_after, go_backwards, zero_output,
                        dz, dah_rec, dh0)

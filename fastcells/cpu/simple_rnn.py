@@ -7,6 +7,7 @@ from numba import njit
 
 from .. import config
 from .._math import activate, activate_grad
+from ._common import add_output_grad, optional
 from ._fpstate import flush_denormals, restore
 from ._parallel import run_batch_parallel
 
@@ -80,7 +81,6 @@ def _backward_kernel(b0, b1, hs, UT, rmask, use_rmask, mask, use_mask, dy, dh_in
     n = b1 - b0
     T = hs.shape[0]
     H = dh_in.shape[1]
-    full = dy.shape[0] == T
     dt = hs.dtype
     dh = dh_in[b0:b1].copy()
     carry = np.zeros((n, H), dt)
@@ -88,10 +88,7 @@ def _backward_kernel(b0, b1, hs, UT, rmask, use_rmask, mask, use_mask, dy, dh_in
     live = np.empty(n, np.bool_)
     for s in range(T - 1, -1, -1):
         t = T - 1 - s if go_backwards else s
-        if full:
-            carry += dy[s, b0:b1]
-        elif s == T - 1:
-            carry += dy[0, b0:b1]
+        add_output_grad(carry, dy, s, T, b0, b1)
         dzt = dz[t]
         for i in range(n):
             b = b0 + i
@@ -125,10 +122,8 @@ def forward(xw, U, rmask, mask, h0, act, go_backwards, zero_output, return_seque
     h = np.empty((B, H), dt)
     shape = (T, B, H) if keep_cache else (0, 0, 0)
     hs, hprev = np.empty(shape, dt), np.empty(shape, dt)
-    use_rmask = rmask is not None
-    rm = rmask if use_rmask else np.empty((0, 0), dt)
-    use_mask = mask is not None
-    m = mask if use_mask else np.empty((0, 0), np.bool_)
+    rm, use_rmask = optional(rmask, 2, dt)
+    m, use_mask = optional(mask, 2, np.bool_)
     run_batch_parallel(_forward_kernel, B, xw, U, rm, use_rmask, m, use_mask, h0, act, fast,
                        go_backwards, zero_output, keep_cache, y, h, hs, hprev)
     return y, h, ((hs, hprev) if keep_cache else None)
@@ -141,10 +136,8 @@ def backward(cache, U, rmask, mask, dy, dh, act, go_backwards, zero_output):
     dt = hs.dtype
     dz = np.empty((T, B, H), dt)
     dh0 = np.empty((B, H), dt)
-    use_rmask = rmask is not None
-    rm = rmask if use_rmask else np.empty((0, 0), dt)
-    use_mask = mask is not None
-    m = mask if use_mask else np.empty((0, 0), np.bool_)
+    rm, use_rmask = optional(rmask, 2, dt)
+    m, use_mask = optional(mask, 2, np.bool_)
     run_batch_parallel(_backward_kernel, B, hs, np.ascontiguousarray(U.T), rm, use_rmask, m,
                        use_mask, dy, dh, act, go_backwards, zero_output, dz, dh0)
     return dz, dh0
