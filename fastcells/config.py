@@ -38,6 +38,11 @@ NJIT_OPTIONS = dict(nogil=True, cache=True, error_model="numpy", fastmath=False)
 #: rounding) for float32 arrays. float64 always uses the exact functions.
 FAST_FLOAT32_ACTIVATIONS = os.environ.get("FASTCELLS_EXACT_ACTIVATIONS", "0") != "1"
 
+#: Scratch memory kept for reuse between calls (see fastcells/_workspace.py), in bytes ...
+WORKSPACE_BYTES = _env_int("FASTCELLS_WORKSPACE_BYTES", 1 << 30)
+#: ... for arrays of at least this size (small ones are cheap to allocate).
+WORKSPACE_MIN_BYTES = _env_int("FASTCELLS_WORKSPACE_MIN_BYTES", 1 << 20)
+
 # --- framework bridges --------------------------------------------------------------------
 #: Forward caches kept for their backward pass (oldest evicted first; an evicted cache is
 #: recomputed by its backward): at most this many ...

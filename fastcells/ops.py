@@ -31,6 +31,7 @@ from .cpu import lstm as _cpu_lstm
 from .cpu import simple_rnn as _cpu_rnn
 from .cpu._parallel import gemm as _gemm
 from .cpu._parallel import single_threaded_blas as _blas_held
+from ._workspace import workspace as _ws
 
 __all__ = ["lstm_forward", "lstm_backward", "gru_forward", "gru_backward",
            "simple_rnn_forward", "simple_rnn_backward", "Forward", "Gradients",
@@ -181,9 +182,10 @@ def _project(xt, W, b_in, dmask, G):
     H = GH // G
     if dmask is None or dmask.ndim == 2:
         xd = xt if dmask is None else xt * dmask[None]
-        xw = _gemm(xd.reshape(T * B, D), W).reshape(T, B, GH)
+        xw = _ws.empty((T, B, GH), xt.dtype)
+        _gemm(xd.reshape(T * B, D), W, out=xw.reshape(T * B, GH))
     else:
-        xw = np.empty((T, B, GH), xt.dtype)
+        xw = _ws.empty((T, B, GH), xt.dtype)
         for k in range(G):
             xk = (xt * dmask[k][None]).reshape(T * B, D)
             xw[:, :, k * H:(k + 1) * H] = _gemm(xk, W[:, k * H:(k + 1) * H]).reshape(T, B, H)
@@ -215,15 +217,21 @@ def _input_grads(c, dz):
             xk = (xt * dmask[k][None]).reshape(T * B, D)
             dW[:, sl] = _gemm(xk.T, dz2[:, sl])
             dxt += _gemm(dz2[:, sl], W[:, sl].T).reshape(T, B, D) * dmask[k][None]
-    return _batch_major(dxt), dW
+    dx = _batch_major(dxt)
+    _ws.give_back(dxt)
+    return dx, dW
 
 
 def _time_major(a):
-    """[B, T, ...] -> C-contiguous [T, B, ...]."""
+    """[B, T, ...] -> C-contiguous [T, B, ...], in workspace memory (internal use only)."""
+    out = _ws.empty((a.shape[1], a.shape[0]) + a.shape[2:], a.dtype)
+    np.copyto(out, np.swapaxes(a, 0, 1))
+    return out
+
+
+def _batch_major(a):
+    """[T, B, ...] -> a fresh C-contiguous [B, T, ...] (handed to the caller)."""
     return np.ascontiguousarray(np.swapaxes(a, 0, 1))
-
-
-_batch_major = _time_major      # the same swap, the other way
 
 
 def _recurrent_grad(src, dz, rmask, gates):
@@ -248,7 +256,8 @@ def _check_dout(c, d_outputs, d_states):
         if d.shape == (B, T, H) and c.return_sequences:
             dy = _time_major(d.astype(dt, copy=False))
         elif d.shape == (B, H):
-            dy = np.ascontiguousarray(d.reshape(1, B, H), dt)
+            dy = _ws.empty((1, B, H), dt)        # a copy: dy is given back to the workspace
+            dy[0] = d
         else:
             want = f"{(B, T, H)} or {(B, H)}" if c.return_sequences else f"{(B, H)}"
             raise ValueError(f"d_outputs must have shape {want}, got {d.shape}")
@@ -265,8 +274,10 @@ def _empty_grads(c, nstates):
 
 
 def _finish_outputs(y, return_sequences):
-    """Kernel outputs [T or 1, B, H] (time-major) -> [B, T, H] or [B, H]."""
-    return _batch_major(y) if return_sequences else y[0]
+    """Kernel outputs [T or 1, B, H] (time-major, workspace) -> fresh [B, T, H] or [B, H]."""
+    out = _batch_major(y) if return_sequences else y[0].copy()
+    _ws.give_back(y)
+    return out
 
 
 def _check_cache(cache, cell):
@@ -355,7 +366,11 @@ def _run_forward_arrays(p, keep):
                                     o["go_backwards"], o["zero_output"], p.return_sequences,
                                     keep, p.fast)
         states = (h,)
+    _ws.give_back(xw)
     p.kcache = kc
+    if not keep:
+        _ws.give_back(p.xt)
+        p.xt = None
     return Forward(_finish_outputs(y, p.return_sequences), states, p if keep else None)
 
 
@@ -371,6 +386,15 @@ def rebuild_cache(cell, kcache, x, kernel, recurrent_kernel, bias=None, *states,
     else:
         p.kcache = tuple(kcache)
     return p
+
+
+def release_cache(cache):
+    """Give a cache's memory back for reuse by later calls; the cache is unusable after.
+    For bridges that know a cache's backward has run and will not run again."""
+    if isinstance(cache, _Cache) and cache.kcache:
+        _ws.give_back(*cache.kcache, cache.xt)
+        cache.kcache = None
+        cache.xt = None
 
 
 def cache_arrays(cache):
@@ -466,6 +490,7 @@ def lstm_backward(cache, d_outputs=None, d_h=None, d_c=None):
     dx, dW = _input_grads(c, dz)
     dU = _recurrent_grad(c.kcache[1], dz, c.rmask, 4)
     db = None if c.bias_shape is None else dz.sum(axis=(0, 1))
+    _ws.give_back(dz, dy)
     return Gradients(dx, dW, dU, db, (dh0, dc0))
 
 
@@ -520,7 +545,8 @@ def gru_backward(cache, d_outputs=None, d_h=None):
     _, hprev, aux = c.kcache
     H, B, T = c.H, c.B, c.T
     if reset_after:
-        drec = dz.copy()
+        drec = _ws.empty(dz.shape, dz.dtype)
+        np.copyto(drec, dz)
         drec[:, :, 2 * H:] = dah_rec
         dU = _recurrent_grad(hprev, drec, c.rmask, 3)
     else:
@@ -533,6 +559,7 @@ def gru_backward(cache, d_outputs=None, d_h=None):
     if c.bias_shape is not None:
         db_in = dz.sum(axis=(0, 1))
         db = np.stack([db_in, drec.sum(axis=(0, 1))]) if reset_after else db_in
+    _ws.give_back(dz, dy, dah_rec, drec if reset_after else None)
     return Gradients(dx, dW, dU, db, (dh0,))
 
 
@@ -582,4 +609,5 @@ def simple_rnn_backward(cache, d_outputs=None, d_h=None):
     src = hprev if c.rmask is None else hprev * c.rmask[None]
     dU = _recurrent_grad(src, dz, None, 1)
     db = None if c.bias_shape is None else dz.sum(axis=(0, 1))
+    _ws.give_back(dz, dy)
     return Gradients(dx, dW, dU, db, (dh0,))

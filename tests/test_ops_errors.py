@@ -96,3 +96,17 @@ def test_mixed_float_dtypes_follow_x_and_layouts_are_accepted():
 def test_cuda_engine_is_refused_clearly():
     with pytest.raises(NotImplementedError, match="engine='cuda'"):
         _call(engine="cuda")
+
+
+def test_caller_arrays_are_never_recycled_by_the_workspace():
+    """Gradients passed in and results handed out are never reused as scratch memory."""
+    a = _args(B=64, T=6, H=2048 // 4)      # d_outputs [B, H] of 1 MiB: above the pool's floor
+    f = ops.lstm_forward(a["x"], a["kernel"], a["recurrent_kernel"], a["bias"])
+    d_last = np.ones((64, 512), np.float32)
+    g1 = ops.lstm_backward(f.cache, d_last)
+    kept = [d_last.copy(), f.outputs.copy(), g1.x.copy()]
+    for _ in range(3):                     # later calls must not write into them
+        f2 = ops.lstm_forward(a["x"] * 2, a["kernel"], a["recurrent_kernel"], a["bias"])
+        ops.lstm_backward(f2.cache, np.full((64, 512), 3, np.float32))
+    for before, now in zip(kept, [d_last, f.outputs, g1.x]):
+        np.testing.assert_array_equal(before, now)

@@ -69,6 +69,7 @@ def run(call):
             cache = ops.rebuild_cache(cell, None, x, W, U, b, *states, training=keep,
                                       return_sequences=rs, **kw, **opts)
         g = _BACKWARD[cell](cache, *grads_in)
+        ops.release_cache(cache)        # popped from the store: nothing else can use it
         out = [g.x, g.kernel, g.recurrent_kernel]
         if has_bias:
             out.append(g.bias)

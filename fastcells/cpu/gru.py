@@ -12,6 +12,7 @@ import numpy as np
 from numba import njit
 
 from .. import config
+from .._workspace import workspace
 from .._math import activate, activate_grad, tanh32
 from ._common import add_output_grad, optional
 from ._fpstate import flush_denormals, restore
@@ -237,11 +238,11 @@ def forward(xw, U, brec, rmask, mask, h0, act, ract, reset_after, go_backwards, 
     T, B, _ = xw.shape
     H = h0.shape[1]
     dt = xw.dtype
-    y = np.empty((T if return_sequences else 1, B, H), dt)
+    y = workspace.empty((T if return_sequences else 1, B, H), dt)
     h = np.empty((B, H), dt)
     shape = (T, B, H) if keep_cache else (0, 0, 0)
-    gates = np.empty((T, B, G * H) if keep_cache else (0, 0, 0), dt)
-    hprev, aux = np.empty(shape, dt), np.empty(shape, dt)
+    gates = workspace.empty((T, B, G * H) if keep_cache else (0, 0, 0), dt)
+    hprev, aux = workspace.empty(shape, dt), workspace.empty(shape, dt)
     use_rmask = rmask is not None
     Ug = split_gates(U, G)
     rm = rmask if use_rmask else np.empty((G, 0, 0), dt)
@@ -260,8 +261,8 @@ def backward(cache, U, rmask, mask, dy, dh, act, ract, reset_after, go_backwards
     T, B, _ = gates.shape
     H = U.shape[0]
     dt = gates.dtype
-    dz = np.empty((T, B, G * H), dt)
-    dah_rec = np.empty((T, B, H) if reset_after else (0, 0, 0), dt)
+    dz = workspace.empty((T, B, G * H), dt)
+    dah_rec = workspace.empty((T, B, H) if reset_after else (0, 0, 0), dt)
     dh0 = np.empty((B, H), dt)
     use_rmask = rmask is not None
     UT = np.ascontiguousarray(U.T)

@@ -16,6 +16,7 @@ import numpy as np
 from numba import njit
 
 from .. import config
+from .._workspace import workspace
 from .._math import activate, activate_grad, tanh32
 from ._common import add_output_grad, optional
 from ._fpstate import flush_denormals, restore
@@ -211,12 +212,12 @@ def forward(xw, U, rmask, mask, h0, c0, act, ract, go_backwards, zero_output,
     T, B, _ = xw.shape
     H = h0.shape[1]
     dt = xw.dtype
-    y = np.empty((T if return_sequences else 1, B, H), dt)
+    y = workspace.empty((T if return_sequences else 1, B, H), dt)
     h = np.empty((B, H), dt)
     c = np.empty((B, H), dt)
     shape = (T, B, H) if keep_cache else (0, 0, 0)
-    gates = np.empty((T, B, G * H) if keep_cache else (0, 0, 0), dt)
-    hprev, cprev, actc = np.empty(shape, dt), np.empty(shape, dt), np.empty(shape, dt)
+    gates = workspace.empty((T, B, G * H) if keep_cache else (0, 0, 0), dt)
+    hprev, cprev, actc = workspace.empty(shape, dt), workspace.empty(shape, dt), workspace.empty(shape, dt)
     use_rmask = rmask is not None
     Ug = split_gates(U, G) if use_rmask else np.empty((G, 0, 0), dt)
     rm = rmask if use_rmask else np.empty((G, 0, 0), dt)
@@ -235,7 +236,7 @@ def backward(cache, U, rmask, mask, dy, dh, dc, act, ract, go_backwards, zero_ou
     T, B, _ = gates.shape
     H = U.shape[0]
     dt = gates.dtype
-    dz = np.empty((T, B, G * H), dt)
+    dz = workspace.empty((T, B, G * H), dt)
     dh0 = np.empty((B, H), dt)
     dc0 = np.empty((B, H), dt)
     use_rmask = rmask is not None

@@ -6,6 +6,7 @@ import numpy as np
 from numba import njit
 
 from .. import config
+from .._workspace import workspace
 from .._math import activate, activate_grad
 from ._common import add_output_grad, optional
 from ._fpstate import flush_denormals, restore
@@ -118,10 +119,10 @@ def forward(xw, U, rmask, mask, h0, act, go_backwards, zero_output, return_seque
     ``cache = (hs, hprev)``."""
     T, B, H = xw.shape
     dt = xw.dtype
-    y = np.empty((T if return_sequences else 1, B, H), dt)
+    y = workspace.empty((T if return_sequences else 1, B, H), dt)
     h = np.empty((B, H), dt)
     shape = (T, B, H) if keep_cache else (0, 0, 0)
-    hs, hprev = np.empty(shape, dt), np.empty(shape, dt)
+    hs, hprev = workspace.empty(shape, dt), workspace.empty(shape, dt)
     rm, use_rmask = optional(rmask, 2, dt)
     m, use_mask = optional(mask, 2, np.bool_)
     run_batch_parallel(_forward_kernel, B, xw, U, rm, use_rmask, m, use_mask, h0, act, fast,
@@ -134,7 +135,7 @@ def backward(cache, U, rmask, mask, dy, dh, act, go_backwards, zero_output):
     hs, _ = cache
     T, B, H = hs.shape
     dt = hs.dtype
-    dz = np.empty((T, B, H), dt)
+    dz = workspace.empty((T, B, H), dt)
     dh0 = np.empty((B, H), dt)
     rm, use_rmask = optional(rmask, 2, dt)
     m, use_mask = optional(mask, 2, np.bool_)
