@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .. import config
+from ._fpstate import init_worker_thread
 
 _pool = None
 _pool_size = 0
@@ -33,7 +34,8 @@ def _executor(workers):
         if _pool is None or _pool_size < workers:
             if _pool is not None:
                 _pool.shutdown(wait=False)
-            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fastcells")
+            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fastcells",
+                                       initializer=init_worker_thread)
             _pool_size = workers
         return _pool
 
