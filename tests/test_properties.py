@@ -1,0 +1,83 @@
+"""Property-based tests: random cell, shape and options, kernels against the reference.
+
+A bounded number of examples in CI; set FASTCELLS_HYPOTHESIS_EXAMPLES for more.
+"""
+import os
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import reference as R
+from fastcells import config, ops
+from helpers import make_problem
+
+EXAMPLES = int(os.environ.get("FASTCELLS_HYPOTHESIS_EXAMPLES", "40"))
+
+
+@st.composite
+def problems(draw):
+    cell = draw(st.sampled_from(["lstm", "gru", "simple_rnn"]))
+    B = draw(st.integers(1, 9))
+    T = draw(st.integers(1, 12))
+    D = draw(st.integers(1, 7))
+    H = draw(st.integers(1, 9))
+    seed = draw(st.integers(0, 2**31 - 1))
+    opts = dict(
+        bias=draw(st.booleans()),
+        reset_after=draw(st.booleans()),
+        use_mask=draw(st.booleans()),
+        dropout=draw(st.booleans()),
+        recurrent_dropout=draw(st.booleans()),
+        per_gate=draw(st.booleans()),
+        go_backwards=draw(st.booleans()),
+        zero_output_for_mask=draw(st.booleans()),
+        return_sequences=draw(st.booleans()),
+        dtype=draw(st.sampled_from([np.float32, np.float64])),
+        threads=draw(st.integers(1, 3)),
+    )
+    return cell, (B, T, D, H), seed, opts
+
+
+@settings(max_examples=EXAMPLES, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(problems())
+def test_kernels_equal_reference(problem):
+    cell, (B, T, D, H), seed, o = problem
+    rng = np.random.default_rng(seed)
+    mask = rng.random((B, T)) < 0.7 if o["use_mask"] else None
+    p, opts = make_problem(rng, cell, B, T, D, H, bias=o["bias"], reset_after=o["reset_after"],
+                           mask=mask, dropout=o["dropout"],
+                           recurrent_dropout=o["recurrent_dropout"],
+                           per_gate=o["per_gate"], dtype=o["dtype"])
+    opts.update(go_backwards=o["go_backwards"], zero_output_for_mask=o["zero_output_for_mask"])
+    args = (p["x"], p["kernel"], p["recurrent_kernel"], p["bias"], *p["states"])
+    old = config.NUM_THREADS, config.MIN_ROWS_PER_THREAD
+    config.NUM_THREADS, config.MIN_ROWS_PER_THREAD = o["threads"], 1
+    try:
+        f = getattr(ops, cell + "_forward")(*args, return_sequences=o["return_sequences"], **opts)
+        yr, sr = getattr(R, cell + "_forward")(*args, **opts)
+        dy = rng.standard_normal(yr.shape)
+        if not o["return_sequences"]:
+            yr, dy_last = yr[:, -1], dy[:, -1]
+            dy = np.zeros_like(dy)
+            dy[:, -1] = dy_last
+            g = getattr(ops, cell + "_backward")(f.cache, dy_last.astype(o["dtype"]))
+        else:
+            g = getattr(ops, cell + "_backward")(f.cache, dy.astype(o["dtype"]))
+    finally:
+        config.NUM_THREADS, config.MIN_ROWS_PER_THREAD = old
+    gr = getattr(R, cell + "_backward")(*args, d_outputs=dy, **opts)
+    f64 = o["dtype"] == np.float64
+    tol_out = 1e-10 if f64 else 1e-5
+    np.testing.assert_allclose(f.outputs, yr, atol=tol_out, rtol=0)
+    for a, b in zip(f.states, sr):
+        np.testing.assert_allclose(a, b, atol=tol_out, rtol=0)
+    pairs = [(g.x, gr["x"]), (g.kernel, gr["kernel"]), (g.recurrent_kernel, gr["recurrent_kernel"])]
+    if p["bias"] is not None:
+        pairs.append((g.bias, gr["bias"]))
+    pairs += list(zip(g.states, gr["states"]))
+    for a, b in pairs:
+        err = np.abs(a - b).max() if b.size else 0.0
+        bound = 1e-10 if f64 else 1e-4 * max(np.linalg.norm(b), 1.0)
+        assert err <= bound, (err, bound)
