@@ -100,9 +100,11 @@ def test_float32_close_to_reference(cell, option, rng):
             assert err <= 1e-4, f"{name}: error relative to the norm {err:.3e}"
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("cell", ["lstm", "gru", "simple_rnn"])
-def test_results_do_not_depend_on_thread_count(cell, rng, monkeypatch):
-    p, opts = make_problem(rng, cell, 13, 20, 4, 6, mask=random_mask(rng, 13, 20))
+def test_results_do_not_depend_on_thread_count(cell, dtype, rng, monkeypatch):
+    """Bit-identical outputs and gradients for 1, 2 and 5 threads."""
+    p, opts = make_problem(rng, cell, 13, 20, 4, 6, mask=random_mask(rng, 13, 20), dtype=dtype)
     args = (p["x"], p["kernel"], p["recurrent_kernel"], p["bias"], *p["states"])
     results = []
     for threads in (1, 2, 5):
@@ -112,7 +114,7 @@ def test_results_do_not_depend_on_thread_count(cell, rng, monkeypatch):
         results.append([f.outputs, *f.states, g.x, g.kernel, g.recurrent_kernel])
     for other in results[1:]:
         for a, b in zip(results[0], other):
-            np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
+            np.testing.assert_array_equal(a, b)      # bit for bit
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "simple_rnn"])
@@ -164,3 +166,24 @@ def test_nan_and_inf_propagate(cell, rng):
     with np.errstate(invalid="ignore"):
         yr, _ = getattr(R, cell + "_forward")(*args, **opts)
     np.testing.assert_array_equal(np.isnan(f.outputs), np.isnan(yr))
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "simple_rnn"])
+def test_long_sequences_match_reference(cell, rng):
+    """T=10,000 forward and backward, T=100,000 forward, float64, against the reference."""
+    p, opts = make_problem(rng, cell, 2, 10_000, 2, 3, scale=0.4)
+    args = (p["x"], p["kernel"], p["recurrent_kernel"], p["bias"], *p["states"])
+    f = getattr(ops, cell + "_forward")(*args, **opts)
+    yr, _ = getattr(R, cell + "_forward")(*args, **opts)
+    np.testing.assert_allclose(f.outputs, yr, atol=1e-10, rtol=0)
+    dy = rng.standard_normal(yr.shape)
+    g = getattr(ops, cell + "_backward")(f.cache, dy)
+    gr = getattr(R, cell + "_backward")(*args, d_outputs=dy, **opts)
+    for a, b in [(g.x, gr["x"]), (g.kernel, gr["kernel"]),
+                 (g.recurrent_kernel, gr["recurrent_kernel"])]:
+        assert np.abs(a - b).max() <= 1e-10 * max(1.0, np.abs(b).max())
+    p, opts = make_problem(rng, cell, 1, 100_000, 2, 3, scale=0.4)
+    args = (p["x"], p["kernel"], p["recurrent_kernel"], p["bias"], *p["states"])
+    f = getattr(ops, cell + "_forward")(*args, training=False, return_sequences=False, **opts)
+    yr, _ = getattr(R, cell + "_forward")(*args, **opts)
+    np.testing.assert_allclose(f.outputs, yr[:, -1], atol=1e-10, rtol=0)

@@ -18,6 +18,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .. import config
+from ._jit import kernel
 
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 _FTZ_DAZ = 0x8040          # MXCSR bit 15 (flush to zero) | bit 6 (denormals are zero)
@@ -68,12 +69,12 @@ else:
 
 
 # Python-callable forms, for the threads that run the GEMMs around the kernels.
-@njit(**config.NJIT_OPTIONS)
+@kernel
 def _enter():
     return flush_denormals()
 
 
-@njit(**config.NJIT_OPTIONS)
+@kernel
 def _leave(old):
     restore(old)
 

@@ -9,12 +9,11 @@ Gate order z, r, h (G = 3). With ``xw = x @ W + b_in`` and recurrent dropout mas
 Same conventions (time-major arrays) as ``fastcells.cpu.lstm``.
 """
 import numpy as np
-from numba import njit
 
-from .. import config
 from .._workspace import workspace
 from .._math import activate, activate_grad, tanh32
 from ._common import add_output_grad, optional
+from ._jit import kernel
 from ._fpstate import flush_denormals, restore
 from ._parallel import run_batch_parallel
 from .lstm import split_gates
@@ -22,7 +21,7 @@ from .lstm import split_gates
 G = 3
 
 
-@njit(**config.NJIT_OPTIONS)
+@kernel
 def _forward_kernel(b0, b1, xw, U, Ug, brec, rmask, use_rmask, mask, use_mask, h0,
                     act, ract, fast, coef, fused, reset_after, go_backwards, zero_output,
                     keep_cache, y, h_out, gates, hprev, aux):
@@ -133,7 +132,7 @@ def _forward_kernel(b0, b1, xw, U, Ug, brec, rmask, use_rmask, mask, use_mask, h
 #   dh_{t-1} += sum_k (da_k @ U_k^T) * r_k   over z, r (and h with da_h when reset_after)
 # Outputs: dz [T, B, 3H] = (daz, dar, dah), the gradient of the input-side pre-activations,
 # and dah_rec [T, B, H] = da_h (reset_after only), the gradient of the recurrent h term.
-@njit(**config.NJIT_OPTIONS)
+@kernel
 def _backward_kernel(b0, b1, gates, hprev, aux, UT, UgT, rmask, use_rmask, mask, use_mask,
                      dy, dh_in, act, ract, reset_after, go_backwards, zero_output,
                      dz, dah_rec, dh0):

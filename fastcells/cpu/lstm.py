@@ -13,19 +13,18 @@ indexed by input time t; outputs y and their gradients dy by processing step s
 Shapes: B batch, T time steps, H units, G = 4 gates in Keras order i, f, c, o.
 """
 import numpy as np
-from numba import njit
 
-from .. import config
 from .._workspace import workspace
 from .._math import activate, activate_grad, tanh32
 from ._common import add_output_grad, optional
+from ._jit import kernel
 from ._fpstate import flush_denormals, restore
 from ._parallel import run_batch_parallel
 
 G = 4
 
 
-@njit(**config.NJIT_OPTIONS)
+@kernel
 def _forward_kernel(b0, b1, xw, U, Ug, rmask, use_rmask, mask, use_mask, h0, c0,
                     act, ract, fast, coef, fused, go_backwards, zero_output, keep_cache,
                     y, h_out, c_out, gates, hprev, cprev, actc):
@@ -126,7 +125,7 @@ def _forward_kernel(b0, b1, xw, U, Ug, rmask, use_rmask, mask, use_mask, h0, c0,
 # A masked step passes dh and dc through unchanged and has dz = 0. The output gradient dy_s
 # reaches h_t only if step t was processed; for a masked step it flows to the previous
 # output (unless zero_output_for_mask), which is what ``carry`` tracks.
-@njit(**config.NJIT_OPTIONS)
+@kernel
 def _backward_kernel(b0, b1, gates, cprev, actc, UT, UgT, rmask, use_rmask, mask, use_mask,
                      dy, dh_in, dc_in, act, ract, go_backwards, zero_output,
                      dz, dh0, dc0):

@@ -3,17 +3,16 @@
 Same conventions (time-major arrays) as ``fastcells.cpu.lstm`` (G = 1 gate).
 """
 import numpy as np
-from numba import njit
 
-from .. import config
 from .._workspace import workspace
 from .._math import activate, activate_grad
 from ._common import add_output_grad, optional
+from ._jit import kernel
 from ._fpstate import flush_denormals, restore
 from ._parallel import run_batch_parallel
 
 
-@njit(**config.NJIT_OPTIONS)
+@kernel
 def _forward_kernel(b0, b1, xw, U, rmask, use_rmask, mask, use_mask, h0,
                     act, fast, go_backwards, zero_output, keep_cache,
                     y, h_out, hs, hprev):
@@ -72,7 +71,7 @@ def _forward_kernel(b0, b1, xw, U, rmask, use_rmask, mask, use_mask, h0,
 
 # Backward per processed step: dz = (dh + dout) * act'(h_t);  dh_{t-1} = (dz @ U^T) * r.
 # Masked steps pass dh through and have dz = 0 (output gradient handling as in lstm.py).
-@njit(**config.NJIT_OPTIONS)
+@kernel
 def _backward_kernel(b0, b1, hs, UT, rmask, use_rmask, mask, use_mask, dy, dh_in,
                      act, go_backwards, zero_output, dz, dh0):
     # hs:   [T, B, H] forward cache;  UT: [H, H] U transposed
