@@ -85,6 +85,19 @@ class _Session:
         self.fit = []
 
 
+    def record(self, benchmark, key, result, bucket, **extra_info):
+        """Keep a timed result with its ratio to the same run's built-in layer, and put the
+        numbers in the benchmark's extra_info."""
+        from fastcells.bench import BASELINE
+        if result.engine == BASELINE:
+            self.baselines[key] = result.median
+        result.baseline_median = self.baselines.get(key)
+        bucket.append(result)
+        benchmark.extra_info.update(extra_info)
+        if result.speedup is not None:
+            benchmark.extra_info["speedup_vs_keras"] = result.speedup
+
+
 _session = _Session()
 
 

@@ -64,10 +64,5 @@ def test_layer(benchmark, bench_session, bench_settings, bench_rounds, shape_nam
     times = list(benchmark.stats.stats.data)
     result = bench.Result(shape_name, cell, mode, engine, shape.time, times=times,
                           max_error=max_error, grad_error=grad_error)
-    if engine == bench.BASELINE:
-        bench_session.baselines[key] = result.median
-    result.baseline_median = bench_session.baselines.get(key)
-    bench_session.layers.append(result)
-    benchmark.extra_info["us_per_step"] = result.us_per_step
-    if result.speedup is not None:
-        benchmark.extra_info["speedup_vs_keras"] = result.speedup
+    bench_session.record(benchmark, key, result, bench_session.layers,
+                         us_per_step=result.us_per_step)

@@ -53,10 +53,5 @@ def test_model_fit(benchmark, bench_session, bench_settings, bench_rounds, cell,
         return
     result = bench.FitResult(cell, engine, BATCH, TIME_STEPS,
                              times=list(benchmark.stats.stats.data), max_error=max_error)
-    if engine == bench.BASELINE:
-        bench_session.baselines[key] = result.median
-    result.baseline_median = bench_session.baselines.get(key)
-    bench_session.fit.append(result)
-    benchmark.extra_info["ms_per_batch"] = result.ms_per_batch
-    if result.speedup is not None:
-        benchmark.extra_info["speedup_vs_keras"] = result.speedup
+    bench_session.record(benchmark, key, result, bench_session.fit,
+                         ms_per_batch=result.ms_per_batch)

@@ -120,13 +120,3 @@ def activation_code(activation):
     name = activation if isinstance(activation, str) else getattr(activation, "__name__", None)
     return ACTIVATIONS.get(name)
 
-
-def numpy_activation(code):
-    """The exact NumPy form of an activation code (used by the reference and tests)."""
-    return {
-        LINEAR: lambda x: x,
-        TANH: np.tanh,
-        SIGMOID: lambda x: 1.0 / (1.0 + np.exp(-x)),
-        RELU: lambda x: np.maximum(x, 0.0),
-        HARD_SIGMOID: lambda x: np.clip(x + 3.0, 0.0, 6.0) / 6.0,
-    }[code]

@@ -699,6 +699,14 @@ def _ordered_engines(engines):
     return sorted(engines, key=lambda e: (e != BASELINE, ENGINES.index(e)))
 
 
+def _keras_model_engines(engines):
+    """Engines for the whole-Keras-model workloads (fit, cold start): torch has no such
+    model. Defaults to every engine available here; the baseline first."""
+    if engines is None:
+        engines, _ = available_engines()
+    return [e for e in _ordered_engines(engines) if e != "torch"]
+
+
 def count_layer_cases(shapes, cells, modes, engines):
     """How many (workload, engine) cases :func:`run_layer_benchmarks` will time."""
     return sum(1 for _ in _workloads(shapes, cells, modes)) * len(engines)
@@ -790,9 +798,7 @@ def run_fit_benchmarks(cells=("lstm", "gru"), engines=None, settings=None, progr
     import keras
     settings = settings or Settings()
     progress = progress or _NoProgress()
-    if engines is None:
-        engines, _ = available_engines()
-    engines = [e for e in _ordered_engines(engines) if e != "torch"]
+    engines = _keras_model_engines(engines)
     x, y = imdb_batch(batch, time_steps, seed=settings.seed)
     results = []
     for cell in cells:
@@ -888,9 +894,7 @@ def run_cold_start(cells=("lstm",), engines=None, cold=False, settings=None, pro
     """
     settings = settings or Settings()
     progress = progress or _NoProgress()
-    if engines is None:
-        engines, _ = available_engines()
-    engines = [e for e in _ordered_engines(engines) if e != "torch"]
+    engines = _keras_model_engines(engines)
     shape = tuple(settings.cold_shape)
     base_env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     results = []

@@ -50,13 +50,6 @@ MAX_PENDING_CACHES = _env_int("FASTCELLS_MAX_PENDING_CACHES", 64)
 #: ... and at most this many bytes together.
 MAX_PENDING_CACHE_BYTES = _env_int("FASTCELLS_MAX_PENDING_CACHE_BYTES", 4 << 30)
 
-# --- CUDA kernels ------------------------------------------------------------------------
-#: Threads per block of the persistent recurrence kernels (a multiple of 32).
-CUDA_BLOCK_THREADS = _env_int("FASTCELLS_CUDA_BLOCK_THREADS", 256)
-
-#: Largest batch slice one block owns in the persistent kernels.
-CUDA_ROWS_PER_BLOCK = _env_int("FASTCELLS_CUDA_ROWS_PER_BLOCK", 8)
-
 # --- equivalence bounds (the contract in DESIGN.md; used by tests and `fastcells bench`) ---
 TOL_OUTPUT_F32 = 1e-5      # absolute, outputs and states vs the built-in layer
 TOL_GRAD_F32 = 1e-4        # relative to the gradient's norm

@@ -168,10 +168,10 @@ class _FastRNN:
         training = bool(training)
         if training:
             # as the built-in cells: LSTM/GRU apply 0 < rate < 1, SimpleRNN any rate > 0
-            top = 1.0 if self._cell_name == "simple_rnn" else 1.0 - 1e-12
+            rnn = self._cell_name == "simple_rnn"
 
             def applies(rate):
-                return 0.0 < rate <= top
+                return rate > 0.0 if rnn else 0.0 < rate < 1.0
 
             impl = getattr(cell, "implementation", 2)
             if applies(cell.dropout):

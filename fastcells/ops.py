@@ -177,14 +177,14 @@ def _common(x, W, U, G, dropout_mask, recurrent_dropout_mask, mask, training,
 def _project(xt, W, b_in, dmask, G):
     """xw = (x * dropout) @ W + b_in, time-major [T, B, G*H], C-contiguous.
 
-    ``xt`` is the time-major input [T, B, D]; dropout masks are [B, D] or [G, B, D]."""
+    ``xt`` is the time-major input [T, B, D], a shared [B, D] dropout mask already applied
+    (see ``_prepare``); per-gate masks [G, B, D] are applied here."""
     T, B, D = xt.shape
     GH = W.shape[1]
     H = GH // G
     if dmask is None or dmask.ndim == 2:
-        xd = xt if dmask is None else xt * dmask[None]
         xw = _ws.empty((T, B, GH), xt.dtype)
-        _gemm(xd.reshape(T * B, D), W, out=xw.reshape(T * B, GH))
+        _gemm(xt.reshape(T * B, D), W, out=xw.reshape(T * B, GH))
     else:
         xw = _ws.empty((T, B, GH), xt.dtype)
         for k in range(G):
@@ -203,9 +203,8 @@ def _input_grads(c, dz):
     GH = W.shape[1]
     G = GH // c.H
     dz2 = dz.reshape(T * B, GH)
-    if dmask is None or dmask.ndim == 2:
-        xd = xt if dmask is None else xt * dmask[None]
-        dW = _gemm(xd.reshape(T * B, D).T, dz2)
+    if dmask is None or dmask.ndim == 2:         # xt already carries a shared mask
+        dW = _gemm(xt.reshape(T * B, D).T, dz2)
         dxt = _gemm(dz2, W.T).reshape(T, B, D)
         if dmask is not None:
             dxt *= dmask[None]
@@ -329,7 +328,10 @@ def _prepare(cell, x, kernel, recurrent_kernel, bias, states, *, mask, go_backwa
     codes = {"lstm": ("ract", "ract", "act", "ract"), "gru": ("ract", "ract"),
              "simple_rnn": ("act",)}[cell]
     coef = _math.gate_coefficients([opts[k] for k in codes], H, dt) if fast else None
-    return _Cache(cell=cell, x=x, xt=_time_major(x), W=W, U=U, b=b,
+    xt = _time_major(x)
+    if dmask is not None and dmask.ndim == 2:
+        xt *= dmask[None]       # a shared mask is applied once, for the projection and dW
+    return _Cache(cell=cell, x=x, xt=xt, W=W, U=U, b=b,
                   bias_shape=None if b is None else b.shape, states=states, dmask=dmask,
                   rmask=rmask, mask=mask, mask_t=None if mask is None else _time_major(mask),
                   opts=opts, kcache=None, B=B, T=T, H=H,
@@ -382,10 +384,9 @@ def _run_forward_arrays(p, keep):
 
 
 def rebuild_cache(cell, kcache, x, kernel, recurrent_kernel, bias=None, *states, **options):
-    """Rebuild the cache of a forward pass from the arrays of ``cache.arrays`` and the same
-    arguments the forward was called with (used by the framework bridges, which carry the
-    cache between forward and backward as tensors). With ``kcache=None`` the forward is
-    recomputed to obtain it."""
+    """Rebuild the cache of a forward pass from its kernel arrays (``cache_arrays``) and the
+    arguments the forward was called with. With ``kcache=None`` the forward is recomputed
+    (what the framework bridges do when a cache was evicted or already used)."""
     options.setdefault("training", True)
     p = _prepare(cell, x, kernel, recurrent_kernel, bias, states, **_with_defaults(options))
     if kcache is None:
@@ -550,23 +551,21 @@ def gru_backward(cache, d_outputs=None, d_h=None):
                                          o["zero_output"])
     dx, dW = _input_grads(c, dz)
     _, hprev, aux = c.kcache
-    H, B, T = c.H, c.B, c.T
-    if reset_after:
-        drec = _ws.empty(dz.shape, dz.dtype)
-        np.copyto(drec, dz)
-        drec[:, :, 2 * H:] = dah_rec
-        dU = _recurrent_grad(hprev, drec, c.rmask, 3)
-    else:
-        dU = np.empty_like(c.U)
-        dU[:, :2 * H] = _recurrent_grad(hprev, dz[:, :, :2 * H],
-                                        None if c.rmask is None else c.rmask[:2], 2)
-        # the h gate's recurrent input is q = r * (h * r_h), kept in the cache
-        dU[:, 2 * H:] = _gemm(aux.reshape(T * B, H).T, dz[:, :, 2 * H:].reshape(T * B, H))
+    H = c.H
+    rm = c.rmask
+    dU = np.empty_like(c.U)
+    # z and r: recurrent input h_{t-1} (* r_k), gradient the same as on the input side
+    dU[:, :2 * H] = _recurrent_grad(hprev, dz[:, :, :2 * H], None if rm is None else rm[:2], 2)
+    if reset_after:     # h: input h_{t-1} (* r_h), gradient da_h
+        dU[:, 2 * H:] = _recurrent_grad(hprev, dah_rec, None if rm is None else rm[2:], 1)
+    else:               # h: input q = r * (h * r_h), kept in the cache, gradient dah
+        dU[:, 2 * H:] = _recurrent_grad(aux, dz[:, :, 2 * H:], None, 1)
     db = None
     if c.bias_shape is not None:
         db_in = _column_sums(dz)
-        db = np.stack([db_in, _column_sums(drec)]) if reset_after else db_in
-    _ws.give_back(dz, dy, dah_rec, drec if reset_after else None)
+        db = (np.stack([db_in, np.concatenate([db_in[:2 * H], _column_sums(dah_rec)])])
+              if reset_after else db_in)
+    _ws.give_back(dz, dy, dah_rec)
     return Gradients(dx, dW, dU, db, (dh0,))
 
 
@@ -612,9 +611,7 @@ def simple_rnn_backward(cache, d_outputs=None, d_h=None):
     dz, dh0 = _cpu_rnn.backward(c.kcache, c.U, c.rmask, c.mask_t, dy, dh, o["act"],
                                 o["go_backwards"], o["zero_output"])
     dx, dW = _input_grads(c, dz)
-    hprev = c.kcache[1]
-    src = hprev if c.rmask is None else hprev * c.rmask[None]
-    dU = _recurrent_grad(src, dz, None, 1)
+    dU = _recurrent_grad(c.kcache[1], dz, None if c.rmask is None else c.rmask[None], 1)
     db = None if c.bias_shape is None else _column_sums(dz)
     _ws.give_back(dz, dy)
     return Gradients(dx, dW, dU, db, (dh0,))

@@ -4,9 +4,10 @@ import numpy as np
 import tensorflow as tf
 
 import fastcells
+from fastcells import config
 
-TOL_OUT = 1e-5      # absolute, float32 outputs and states
-TOL_GRAD = 1e-4     # relative to the gradient's norm
+TOL_OUT = config.TOL_OUTPUT_F32     # absolute, float32 outputs and states
+TOL_GRAD = config.TOL_GRAD_F32      # relative to the gradient's norm
 
 
 def pair(name, units, **kw):
@@ -15,8 +16,8 @@ def pair(name, units, **kw):
 
 
 def outputs_and_grads(layer, x, *, mask=None, initial_state=None, training=False, seed=0):
-    """Outputs (list) and gradients of a fixed random projection of them with respect to the
-    inputs, every trainable weight and the initial states."""
+    """Outputs (list), gradients and value of a fixed random projection of the outputs; the
+    gradients are with respect to the inputs, every trainable weight and the initial states."""
     xs = tf.constant(x)
     states = None if initial_state is None else [tf.constant(s) for s in initial_state]
     kwargs = {}
@@ -37,17 +38,18 @@ def outputs_and_grads(layer, x, *, mask=None, initial_state=None, training=False
             loss += tf.reduce_sum(tf.cast(o * w, "float64"))
     targets = [xs] + list(layer.trainable_weights) + (states or [])
     grads = tape.gradient(loss, targets)
-    return [np.asarray(o) for o in outs], [None if g is None else np.asarray(g) for g in grads]
+    return ([np.asarray(o) for o in outs], [None if g is None else np.asarray(g) for g in grads],
+            float(loss))
 
 
 def assert_same(ref_layer, fc_layer, x, *, tol_out=TOL_OUT, tol_grad=TOL_GRAD, **kw):
     """Build both layers, copy the built-in weights, compare outputs and gradients.
     Returns the worst (output error, gradient error)."""
-    ro, rg = outputs_and_grads(ref_layer, x, **kw)
+    ro, rg, _ = outputs_and_grads(ref_layer, x, **kw)
     if not fc_layer.built:
         fc_layer.build(x.shape)
     fc_layer.set_weights(ref_layer.get_weights())
-    fo, fg = outputs_and_grads(fc_layer, x, **kw)
+    fo, fg, _ = outputs_and_grads(fc_layer, x, **kw)
     assert fc_layer.last_engine == "cpu", "the fastcells kernels did not run"
     assert len(ro) == len(fo)
     worst_out = 0.0

@@ -5,6 +5,7 @@ import tensorflow as tf
 
 import fastcells
 from helpers import random_mask
+from layer_helpers import outputs_and_grads
 
 CASES = {
     "plain": dict(),
@@ -28,26 +29,12 @@ def test_layer_gradients_match_finite_differences(cell, case, rng):
         states = [rng.standard_normal((B, H)) for _ in range(2 if name == "LSTM" else 1)]
     layer = getattr(fastcells, name)(H, dtype="float64", engine="cpu", **kw)
     layer.build(x.shape)
-    w_out = None
+    nstates = len(states or [])
 
     def loss_and_grads(xv):
-        nonlocal w_out
-        xs = tf.constant(xv)
-        st = None if states is None else [tf.constant(s) for s in states]
-        call = {} if mask is None else {"mask": tf.constant(mask)}
-        if st is not None:
-            call["initial_state"] = st
-        with tf.GradientTape() as tape:
-            tape.watch(xs)
-            if st is not None:
-                tape.watch(st)
-            y = layer(xs, **call)
-            if w_out is None:
-                w_out = np.random.default_rng(3).standard_normal(y.shape)
-            loss = tf.reduce_sum(y * w_out)
-        grads = tape.gradient(loss, [xs, layer.cell.kernel, layer.cell.recurrent_kernel]
-                              + (st or []))
-        return float(loss), [np.asarray(g) for g in grads]
+        # grads: x, kernel, recurrent_kernel, (bias), initial states
+        _, grads, loss = outputs_and_grads(layer, xv, mask=mask, initial_state=states)
+        return loss, grads[:3] + grads[len(grads) - nstates:]
 
     _, grads = loss_and_grads(x)
     assert layer.last_engine == "cpu"

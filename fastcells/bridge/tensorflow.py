@@ -7,6 +7,7 @@ the forward when it is gone, e.g. for a gradient of an inference-mode call). Onl
 outputs and gradients cross between TensorFlow and NumPy. This works the same eagerly,
 inside ``tf.function`` and in ``model.fit``.
 """
+import numpy as np
 import tensorflow as tf
 
 from .. import ops
@@ -58,7 +59,7 @@ def run(call):
         fwd = _FORWARD[cell](x, W, U, b, *states, training=keep, return_sequences=rs,
                              **kw, **opts)
         token = pending.put(fwd.cache) if keep else _NO_TOKEN
-        return [fwd.outputs, *fwd.states, np_token(token)]
+        return [fwd.outputs, *fwd.states, np.int64(token)]
 
     def np_backward(*arrays):
         x, W, U, b, states, kw = unpack(arrays[:n_in])
@@ -101,11 +102,6 @@ def run(call):
 
     res = _rnn(*inputs)
     return res[0], list(res[1:])
-
-
-def np_token(token):
-    import numpy as np
-    return np.int64(token)
 
 
 def _set_shapes(x, U, y, states, return_sequences):
