@@ -20,23 +20,19 @@ Example::
     grads = ops.lstm_backward(fwd.cache, np.ones_like(outputs))
     grads.kernel.shape                                  # (3, 20)
 """
-import functools
+import contextlib
 from collections import namedtuple
+from types import SimpleNamespace
 
 import numpy as np
 
 from . import _math, config
-from .cpu import gru as _cpu_gru
-from .cpu import lstm as _cpu_lstm
-from .cpu import simple_rnn as _cpu_rnn
-from .cpu._parallel import gemm as _gemm
 from .cpu._fpstate import flushing_denormals as _ftz
 from .cpu._parallel import single_threaded_blas as _blas_held
-from ._workspace import workspace as _ws
 
 __all__ = ["lstm_forward", "lstm_backward", "gru_forward", "gru_backward",
            "simple_rnn_forward", "simple_rnn_backward", "Forward", "Gradients",
-           "ENGINES", "cuda_available"]
+           "ENGINES", "cuda_available", "cache_nbytes"]
 
 ENGINES = ("auto", "cpu", "cuda")
 
@@ -55,16 +51,16 @@ bias (None when there is no bias) and states, a tuple of [B, H] for the initial 
 class _Cache:
     """Everything a backward pass needs; opaque to users."""
 
-    __slots__ = ("cell", "x", "xt", "W", "U", "b", "bias_shape", "states", "dmask", "rmask",
-                 "mask", "mask_t", "opts", "kcache", "B", "T", "H", "return_sequences",
-                 "dtype", "fast", "coef")
+    __slots__ = ("cell", "eng", "x", "xt", "W", "U", "b", "bias_shape", "states", "dmask",
+                 "rmask", "mask", "mask_t", "opts", "kcache", "B", "T", "H",
+                 "return_sequences", "dtype", "fast", "coef", "checkpoint", "chunks")
 
     def __init__(self, **kw):
         for k, v in kw.items():
             setattr(self, k, v)
 
 
-# --------------------------------------------------------------------------- validation
+# --------------------------------------------------------------------------- engines
 def cuda_available():
     """True when numba.cuda finds a GPU (or the CUDA simulator is enabled)."""
     try:
@@ -74,55 +70,108 @@ def cuda_available():
         return False
 
 
-def _resolve_engine(engine):
+def _on_device(a):
+    return a is not None and hasattr(a, "__cuda_array_interface__")
+
+
+_ENGINE_MODULES = {}
+
+
+def _engine_modules(name):
+    """The kernel modules of an engine: ``linalg`` (layouts, projection, GEMMs) and one
+    driver module per cell, with the same functions on the CPU and on the GPU."""
+    mods = _ENGINE_MODULES.get(name)
+    if mods is None:
+        if name == "cpu":
+            from .cpu import _linalg, gru, lstm, simple_rnn
+        else:
+            from .cuda import _linalg, gru, lstm, simple_rnn
+        mods = SimpleNamespace(name=name, linalg=_linalg, lstm=lstm, gru=gru,
+                               simple_rnn=simple_rnn)
+        _ENGINE_MODULES[name] = mods
+    return mods
+
+
+def _resolve_engine(engine, x=None):
+    """The engine a call runs on: "auto" picks "cuda" for inputs that live on a GPU."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got engine={engine!r}")
-    if engine == "cuda":
-        raise NotImplementedError(
-            "engine='cuda': the CUDA kernels are not part of this build of fastcells yet; "
-            "use engine='cpu' (or 'auto')")
-    return "cpu"
+    if engine == "auto":
+        engine = "cuda" if _on_device(x) else "cpu"
+    if engine == "cuda" and not cuda_available():
+        raise RuntimeError("engine='cuda' needs an NVIDIA GPU with numba-cuda (pip install "
+                           "'fastcells[cuda]'); numba.cuda finds none. Use engine='cpu'")
+    if engine == "cpu" and _on_device(x):
+        raise ValueError("x lives on a GPU (it has __cuda_array_interface__) but "
+                         "engine='cpu'; use engine='cuda' or 'auto', or copy x to the host")
+    return engine
 
 
-def _as_float_array(name, a):
+# --------------------------------------------------------------------------- validation
+def _to_host(a):
+    if _on_device(a):
+        from .cuda import _linalg
+        return _linalg.to_host(a)
+    return np.asarray(a)
+
+
+def _as_float_array(name, a, eng="cpu"):
+    """``a`` as an array of the engine (no copy where possible), checked to be float32/64."""
     if a is None:
         raise TypeError(f"{name} must be an array, got None")
-    arr = np.asarray(a)
-    if arr.dtype.kind != "f" or arr.dtype not in (np.float32, np.float64):
-        raise TypeError(f"{name} must be a float32 or float64 array, got dtype {arr.dtype} "
-                        f"with shape {arr.shape}")
+    if eng == "cuda":
+        from .cuda import _linalg
+        arr = _linalg.to_device(a)
+    elif _on_device(a):
+        raise ValueError(f"{name} lives on a GPU but the call runs on the CPU engine; "
+                         f"use engine='cuda' or 'auto'")
+    else:
+        arr = np.asarray(a)
+    dt = np.dtype(arr.dtype)
+    if dt.kind != "f" or dt not in (np.float32, np.float64):
+        raise TypeError(f"{name} must be a float32 or float64 array, got dtype {dt} "
+                        f"with shape {tuple(arr.shape)}")
     return arr
 
 
-def _check_x(x):
-    x = _as_float_array("x", x)
+def _contiguous(a, dtype, eng):
+    if eng == "cuda":
+        from .cuda import _linalg
+        return _linalg.to_device(a, dtype)
+    return np.ascontiguousarray(a, dtype)
+
+
+def _check_x(x, eng):
+    x = _as_float_array("x", x, eng)
     if x.ndim != 3:
-        raise ValueError(f"x must be 3-D [batch, time, features], got shape {x.shape}")
+        raise ValueError(f"x must be 3-D [batch, time, features], got shape {tuple(x.shape)}")
     if x.shape[1] == 0:
-        raise ValueError(f"x has no time steps (shape {x.shape}); a recurrence needs T >= 1")
+        raise ValueError(f"x has no time steps (shape {tuple(x.shape)}); a recurrence needs "
+                         f"T >= 1")
     return x
 
 
-def _check_weight(name, a, shape, dtype):
-    a = _as_float_array(name, a)
-    if a.shape != shape:
-        raise ValueError(f"{name} must have shape {shape}, got {a.shape}")
-    return np.ascontiguousarray(a, dtype)
+def _check_weight(name, a, shape, dtype, eng):
+    a = _as_float_array(name, a, eng)
+    if tuple(a.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(a.shape)}")
+    return _contiguous(a, dtype, eng)
 
 
-def _check_state(name, a, B, H, dtype):
+def _check_state(name, a, B, H, dtype, eng):
     if a is None:
-        return np.zeros((B, H), dtype)
-    a = _as_float_array(name, a)
-    if a.shape != (B, H):
-        raise ValueError(f"{name} must have shape (batch, units) = {(B, H)}, got {a.shape}")
-    return np.ascontiguousarray(a, dtype)
+        return _engine_modules(eng).linalg.zeros((B, H), dtype)
+    a = _as_float_array(name, a, eng)
+    if tuple(a.shape) != (B, H):
+        raise ValueError(f"{name} must have shape (batch, units) = {(B, H)}, got "
+                         f"{tuple(a.shape)}")
+    return _contiguous(a, dtype, eng)
 
 
-def _check_mask(mask, B, T):
+def _check_mask(mask, B, T, eng):
     if mask is None:
         return None
-    m = np.asarray(mask)
+    m = _to_host(mask)          # [B, T] bools: small next to x, checked on the host
     if m.shape != (B, T):
         raise ValueError(f"mask must have shape (batch, time) = {(B, T)}, got {m.shape}")
     if m.dtype != np.bool_:
@@ -132,19 +181,21 @@ def _check_mask(mask, B, T):
     return np.ascontiguousarray(m)
 
 
-def _check_dropout(name, m, G, B, n, dtype, per_gate_only=False):
+def _check_dropout(name, m, G, B, n, dtype, eng, per_gate_only=False):
     """Normalise a dropout mask to None, [B, n] (shared) or [G, B, n] (per gate)."""
     if m is None:
         return None
-    m = _as_float_array(name, m)
-    if m.shape == (B, n) and not per_gate_only:
-        return np.ascontiguousarray(m, dtype)
-    if m.shape == (G, B, n):
-        return np.ascontiguousarray(m, dtype)
-    if m.shape == (B, n):
-        return np.ascontiguousarray(np.broadcast_to(m, (G, B, n)), dtype)
+    m = _as_float_array(name, m, eng)
+    shape = tuple(m.shape)
+    if shape == (B, n) and not per_gate_only:
+        return _contiguous(m, dtype, eng)
+    if shape == (G, B, n):
+        return _contiguous(m, dtype, eng)
+    if shape == (B, n):
+        full = np.broadcast_to(_to_host(m), (G, B, n))
+        return _contiguous(full, dtype, eng)
     raise ValueError(f"{name} must have shape (batch, {n}) = {(B, n)} or, one per gate, "
-                     f"{(G, B, n)}; got {m.shape}")
+                     f"{(G, B, n)}; got {shape}")
 
 
 def _check_activation(name, activation):
@@ -155,141 +206,41 @@ def _check_activation(name, activation):
     return code
 
 
-def _common(x, W, U, G, dropout_mask, recurrent_dropout_mask, mask, training,
-            rmask_per_gate):
-    x = _check_x(x)
-    B, T, D = x.shape
-    dtype = x.dtype
-    U = _as_float_array("recurrent_kernel", U)
-    if U.ndim != 2 or U.shape[1] % G or U.shape[0] * G != U.shape[1]:
-        raise ValueError(f"recurrent_kernel must have shape (units, {G} * units), "
-                         f"got {U.shape}")
-    H = U.shape[0]
-    U = np.ascontiguousarray(U, dtype)
-    W = _check_weight("kernel", W, (D, G * H), dtype)
-    mask = _check_mask(mask, B, T)
-    dmask = _check_dropout("dropout_mask", dropout_mask, G, B, D, dtype) if training else None
-    rmask = (_check_dropout("recurrent_dropout_mask", recurrent_dropout_mask, G, B, H, dtype,
-                            per_gate_only=rmask_per_gate) if training else None)
-    return x, W, U, B, T, D, H, dtype, mask, dmask, rmask
-
-
-def _project(xt, W, b_in, dmask, G):
-    """xw = (x * dropout) @ W + b_in, time-major [T, B, G*H], C-contiguous.
-
-    ``xt`` is the time-major input [T, B, D], a shared [B, D] dropout mask already applied
-    (see ``_prepare``); per-gate masks [G, B, D] are applied here."""
-    T, B, D = xt.shape
-    GH = W.shape[1]
-    H = GH // G
-    if dmask is None or dmask.ndim == 2:
-        xw = _ws.empty((T, B, GH), xt.dtype)
-        _gemm(xt.reshape(T * B, D), W, out=xw.reshape(T * B, GH))
-    else:
-        xw = _ws.empty((T, B, GH), xt.dtype)
-        for k in range(G):
-            xk = (xt * dmask[k][None]).reshape(T * B, D)
-            xw[:, :, k * H:(k + 1) * H] = _gemm(xk, W[:, k * H:(k + 1) * H]).reshape(T, B, H)
-    if b_in is not None:
-        xw += b_in
-    return xw
-
-
-def _input_grads(c, dz):
-    """dx [B, T, D] and dW from the time-major dz [T, B, G*H] (gradient of the input-side
-    pre-activations)."""
-    xt, W, dmask = c.xt, c.W, c.dmask
-    T, B, D = xt.shape
-    GH = W.shape[1]
-    G = GH // c.H
-    dz2 = dz.reshape(T * B, GH)
-    if dmask is None or dmask.ndim == 2:         # xt already carries a shared mask
-        dW = _gemm(xt.reshape(T * B, D).T, dz2)
-        dxt = _gemm(dz2, W.T).reshape(T, B, D)
-        if dmask is not None:
-            dxt *= dmask[None]
-    else:
-        dW = np.empty_like(W)
-        dxt = np.zeros_like(xt)
-        H = c.H
-        for k in range(G):
-            sl = slice(k * H, (k + 1) * H)
-            xk = (xt * dmask[k][None]).reshape(T * B, D)
-            dW[:, sl] = _gemm(xk.T, dz2[:, sl])
-            dxt += _gemm(dz2[:, sl], W[:, sl].T).reshape(T, B, D) * dmask[k][None]
-    dx = _batch_major(dxt)
-    _ws.give_back(dxt)
-    return dx, dW
-
-
-def _column_sums(a):
-    """Sum over every axis but the last, as one GEMV (4x faster than ``a.sum``)."""
-    a2 = a.reshape(-1, a.shape[-1])
-    return _gemm(np.ones((1, a2.shape[0]), a.dtype), a2)[0]
-
-
-def _time_major(a):
-    """[B, T, ...] -> C-contiguous [T, B, ...], in workspace memory (internal use only)."""
-    out = _ws.empty((a.shape[1], a.shape[0]) + a.shape[2:], a.dtype)
-    np.copyto(out, np.swapaxes(a, 0, 1))
-    return out
-
-
-def _batch_major(a):
-    """[T, B, ...] -> a fresh C-contiguous [B, T, ...] (handed to the caller)."""
-    return np.ascontiguousarray(np.swapaxes(a, 0, 1))
-
-
-def _recurrent_grad(src, dz, rmask, gates):
-    """dU[:, k] = (src * r_k)^T dz_k, with src [T, B, H] the recurrent input of each step
-    and dz [T, B, gates*H] (time-major); rmask [gates, B, H] or None."""
-    T, B, H = src.shape
-    if rmask is None:
-        return _gemm(src.reshape(T * B, H).T, dz.reshape(T * B, -1))
-    dU = np.empty((H, gates * H), src.dtype)
-    for k in range(gates):
-        sk = (src * rmask[k][None]).reshape(T * B, H)
-        dU[:, k * H:(k + 1) * H] = _gemm(sk.T, dz[:, :, k * H:(k + 1) * H].reshape(T * B, H))
-    return dU
+def _check_checkpoint(steps, T):
+    if steps is None:
+        return None
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"checkpoint_steps must be a positive int or None, got {steps!r}")
+    return int(steps) if steps < T else None
 
 
 def _check_dout(c, d_outputs, d_states):
-    B, T, H, dt = c.B, c.T, c.H, c.dtype
+    B, T, H, dt, eng = c.B, c.T, c.H, c.dtype, c.eng.name
+    la = c.eng.linalg
     if d_outputs is None:
-        dy = np.zeros((1, B, H), dt)
+        dy = la.zeros((1, B, H), dt)
     else:
-        d = _as_float_array("d_outputs", d_outputs)
-        if d.shape == (B, T, H) and c.return_sequences:
-            dy = _time_major(d.astype(dt, copy=False))
-        elif d.shape == (B, H):
-            dy = _ws.empty((1, B, H), dt)        # a copy: dy is given back to the workspace
-            dy[0] = d
+        d = _as_float_array("d_outputs", d_outputs, eng)
+        shape = tuple(d.shape)
+        if shape == (B, T, H) and c.return_sequences:
+            dy = la.time_major(d.astype(dt, copy=False) if eng == "cpu"
+                               else _contiguous(d, dt, eng))
+        elif shape == (B, H):        # a copy on the CPU: dy goes back to the workspace
+            dy = (np.array(d, dt) if eng == "cpu" else _contiguous(d, dt, eng)).reshape(1, B, H)
         else:
             want = f"{(B, T, H)} or {(B, H)}" if c.return_sequences else f"{(B, H)}"
-            raise ValueError(f"d_outputs must have shape {want}, got {d.shape}")
-    ds = [_check_state(name, d, B, H, dt) for name, d in d_states]
+            raise ValueError(f"d_outputs must have shape {want}, got {shape}")
+    ds = [_check_state(name, d, B, H, dt, eng) for name, d in d_states]
     return dy, ds
-
-
-def _empty_grads(c, nstates):
-    zeros = np.zeros
-    return Gradients(zeros(c.x.shape, c.dtype), zeros(c.W.shape, c.dtype),
-                     zeros(c.U.shape, c.dtype),
-                     None if c.bias_shape is None else zeros(c.bias_shape, c.dtype),
-                     tuple(zeros((0, c.H), c.dtype) for _ in range(nstates)))
-
-
-def _finish_outputs(y, return_sequences):
-    """Kernel outputs [T or 1, B, H] (time-major, workspace) -> fresh [B, T, H] or [B, H]."""
-    out = _batch_major(y) if return_sequences else y[0].copy()
-    _ws.give_back(y)
-    return out
 
 
 def _check_cache(cache, cell):
     if not isinstance(cache, _Cache) or cache.cell != cell:
         raise TypeError(f"cache must be the cache returned by {cell}_forward(..., training=True)"
                         f", got {type(cache).__name__}")
+    if cache.xt is None and cache.B:
+        raise ValueError(f"this {cell} cache was released (its backward already ran through a "
+                         f"framework bridge); run {cell}_forward again")
 
 
 # --------------------------------------------------------------------------- preparation
@@ -299,25 +250,40 @@ _STATES = {"lstm": ("h0", "c0"), "gru": ("h0",), "simple_rnn": ("h0",)}
 
 def _prepare(cell, x, kernel, recurrent_kernel, bias, states, *, mask, go_backwards,
              zero_output_for_mask, dropout_mask, recurrent_dropout_mask, activation,
-             recurrent_activation, reset_after, training, return_sequences, engine):
+             recurrent_activation, reset_after, training, return_sequences, engine,
+             checkpoint_steps=None):
     """Validate and normalise the arguments of a forward pass into a ``_Cache`` (no kernel
     results yet). Shared by the forward functions and by :func:`rebuild_cache`."""
-    _resolve_engine(engine)
+    eng = _resolve_engine(engine, x)
+    E = _engine_modules(eng)
     G = _GATES[cell]
-    x, W, U, B, T, D, H, dt, mask, dmask, rmask = _common(
-        x, kernel, recurrent_kernel, G, dropout_mask, recurrent_dropout_mask, mask, training,
-        rmask_per_gate=cell != "simple_rnn")
+    x = _check_x(x, eng)
+    B, T, D = (int(n) for n in x.shape)
+    dt = np.dtype(x.dtype)
+    U = _as_float_array("recurrent_kernel", recurrent_kernel, eng)
+    if U.ndim != 2 or U.shape[1] % G or U.shape[0] * G != U.shape[1]:
+        raise ValueError(f"recurrent_kernel must have shape (units, {G} * units), "
+                         f"got {tuple(U.shape)}")
+    H = int(U.shape[0])
+    U = _contiguous(U, dt, eng)
+    W = _check_weight("kernel", kernel, (D, G * H), dt, eng)
+    mask = _check_mask(mask, B, T, eng)
+    dmask = rmask = None
+    if training:
+        dmask = _check_dropout("dropout_mask", dropout_mask, G, B, D, dt, eng)
+        rmask = _check_dropout("recurrent_dropout_mask", recurrent_dropout_mask, G, B, H, dt,
+                               eng, per_gate_only=cell != "simple_rnn")
     if cell == "simple_rnn":
         dmask = dmask[0] if dmask is not None and dmask.ndim == 3 else dmask
         rmask = rmask[0] if rmask is not None and rmask.ndim == 3 else rmask
     bshape = (2, 3 * H) if (cell == "gru" and reset_after) else (G * H,)
-    b = None if bias is None else _check_weight("bias", bias, bshape, dt)
+    b = None if bias is None else _check_weight("bias", bias, bshape, dt, eng)
     names = _STATES[cell]
     if len(states) > len(names):
         raise ValueError(f"{cell} takes {len(names)} initial state(s) {names}, got "
                          f"{len(states)}")
     states = list(states) + [None] * (len(names) - len(states))
-    states = tuple(_check_state(n, s, B, H, dt) for n, s in zip(names, states))
+    states = tuple(_check_state(n, s, B, H, dt, eng) for n, s in zip(names, states))
     opts = dict(act=_check_activation("activation", activation),
                 go_backwards=bool(go_backwards), zero_output=bool(zero_output_for_mask))
     if cell != "simple_rnn":
@@ -328,59 +294,222 @@ def _prepare(cell, x, kernel, recurrent_kernel, bias, states, *, mask, go_backwa
     codes = {"lstm": ("ract", "ract", "act", "ract"), "gru": ("ract", "ract"),
              "simple_rnn": ("act",)}[cell]
     coef = _math.gate_coefficients([opts[k] for k in codes], H, dt) if fast else None
-    xt = _time_major(x)
-    if dmask is not None and dmask.ndim == 2:
-        xt *= dmask[None]       # a shared mask is applied once, for the projection and dW
-    return _Cache(cell=cell, x=x, xt=xt, W=W, U=U, b=b,
-                  bias_shape=None if b is None else b.shape, states=states, dmask=dmask,
-                  rmask=rmask, mask=mask, mask_t=None if mask is None else _time_major(mask),
-                  opts=opts, kcache=None, B=B, T=T, H=H,
-                  return_sequences=bool(return_sequences), dtype=dt, fast=fast, coef=coef)
+    la = E.linalg
+    xt = la.time_major(x) if B else None
+    if xt is not None and dmask is not None and dmask.ndim == 2:
+        la.apply_shared_mask(xt, dmask)   # once, for the projection and dW
+    mask_t = None
+    if mask is not None:
+        mask_t = np.ascontiguousarray(mask.T)
+        if eng == "cuda":
+            mask_t = la.to_device(mask_t)
+    return _Cache(cell=cell, eng=E, x=x, xt=xt, W=W, U=U, b=b,
+                  bias_shape=None if b is None else tuple(b.shape), states=states,
+                  dmask=dmask, rmask=rmask, mask=mask, mask_t=mask_t, opts=opts, kcache=None,
+                  B=B, T=T, H=H, return_sequences=bool(return_sequences), dtype=dt, fast=fast,
+                  coef=coef, checkpoint=_check_checkpoint(checkpoint_steps, T), chunks=None)
+
+
+# --------------------------------------------------------------------------- the recurrence
+def _chunk_spans(p):
+    """(s0, s1, t0, t1) per chunk: processing steps [s0, s1) read input times [t0, t1), a
+    contiguous range also with go_backwards (processed from its end)."""
+    K = p.checkpoint or p.T
+    spans = []
+    for s0 in range(0, p.T, K):
+        s1 = min(s0 + K, p.T)
+        t0, t1 = (p.T - s1, p.T - s0) if p.opts["go_backwards"] else (s0, s1)
+        spans.append((s0, s1, t0, t1))
+    return spans
+
+
+def _recur(p, t0, t1, states, out0, keep, return_sequences):
+    """Projection and recurrence over input times [t0, t1): ``y, final states, kcache``."""
+    E, la, o = p.eng, p.eng.linalg, p.opts
+    xt = p.xt if (t0, t1) == (0, p.T) else p.xt[t0:t1]
+    m = None if p.mask_t is None else (p.mask_t if (t0, t1) == (0, p.T) else p.mask_t[t0:t1])
+    if p.cell == "lstm":
+        xw = la.project(xt, p.W, p.b, p.dmask, 4)
+        y, h, c, kc = E.lstm.forward(xw, p.U, p.rmask, m, states[0], states[1], o["act"],
+                                     o["ract"], o["go_backwards"], o["zero_output"],
+                                     return_sequences, keep, p.fast, p.coef, out0=out0)
+        new = (h, c)
+    elif p.cell == "gru":
+        ra = o["reset_after"]
+        b_in = None if p.b is None else (p.b[0] if ra else p.b)
+        brec = p.b[1] if (p.b is not None and ra) else la.zeros((3 * p.H,), p.dtype)
+        xw = la.project(xt, p.W, b_in, p.dmask, 3)
+        y, h, kc = E.gru.forward(xw, p.U, brec, p.rmask, m, states[0], o["act"], o["ract"],
+                                 ra, o["go_backwards"], o["zero_output"], return_sequences,
+                                 keep, p.fast, p.coef, out0=out0)
+        new = (h,)
+    else:
+        xw = la.project(xt, p.W, p.b, p.dmask, 1)
+        y, h, kc = E.simple_rnn.forward(xw, p.U, p.rmask, m, states[0], o["act"],
+                                        o["go_backwards"], o["zero_output"], return_sequences,
+                                        keep, p.fast, out0=out0)
+        new = (h,)
+    la.give_back(xw)
+    return y, new, kc
 
 
 def _run_forward(p, training):
     """Run the recurrence of a prepared call; returns a :class:`Forward`."""
-    B, T, H, dt, o = p.B, p.T, p.H, p.dtype, p.opts
+    B, T, H, dt = p.B, p.T, p.H, p.dtype
+    la = p.eng.linalg
     if B == 0:
-        y = np.zeros((0, T, H) if p.return_sequences else (0, H), dt)
+        y = la.zeros((0, T, H) if p.return_sequences else (0, H), dt)
         p.kcache = ()
-        return Forward(y, tuple(np.zeros((0, H), dt) for _ in p.states),
+        return Forward(y, tuple(la.zeros((0, H), dt) for _ in p.states),
                        p if training else None)
     keep = bool(training)
-    with np.errstate(all="ignore"), _blas_held, _ftz:   # NaN/Inf propagate as in Keras
-        return _run_forward_arrays(p, keep)
-
-
-def _run_forward_arrays(p, keep):
-    H, dt, o = p.H, p.dtype, p.opts
-    if p.cell == "lstm":
-        xw = _project(p.xt, p.W, p.b, p.dmask, 4)
-        y, h, c, kc = _cpu_lstm.forward(xw, p.U, p.rmask, p.mask_t, p.states[0], p.states[1],
-                                        o["act"], o["ract"], o["go_backwards"],
-                                        o["zero_output"], p.return_sequences, keep, p.fast,
-                                        p.coef)
-        states = (h, c)
-    elif p.cell == "gru":
-        ra = o["reset_after"]
-        b_in = None if p.b is None else (p.b[0] if ra else p.b)
-        brec = np.ascontiguousarray(p.b[1]) if (p.b is not None and ra) else np.zeros(3 * H, dt)
-        xw = _project(p.xt, p.W, b_in, p.dmask, 3)
-        y, h, kc = _cpu_gru.forward(xw, p.U, brec, p.rmask, p.mask_t, p.states[0], o["act"],
-                                    o["ract"], ra, o["go_backwards"], o["zero_output"],
-                                    p.return_sequences, keep, p.fast, p.coef)
-        states = (h,)
-    else:
-        xw = _project(p.xt, p.W, p.b, p.dmask, 1)
-        y, h, kc = _cpu_rnn.forward(xw, p.U, p.rmask, p.mask_t, p.states[0], o["act"],
-                                    o["go_backwards"], o["zero_output"], p.return_sequences,
-                                    keep, p.fast)
-        states = (h,)
-    _ws.give_back(xw)
-    p.kcache = kc
+    with _held(p.eng.name):         # NaN/Inf propagate as in Keras, without warnings
+        if p.checkpoint is None or not keep:
+            y, states, kc = _recur(p, 0, T, p.states, None, keep, p.return_sequences)
+            p.kcache = kc
+            out = la.finish_outputs(y, p.return_sequences)
+        else:
+            out, states = _run_forward_chunked(p, keep)
     if not keep:
-        _ws.give_back(p.xt)
+        la.give_back(p.xt)
         p.xt = None
-    return Forward(_finish_outputs(y, p.return_sequences), states, p if keep else None)
+    return Forward(out, states, p if keep else None)
+
+
+def _run_forward_chunked(p, keep):
+    """Forward in chunks of ``p.checkpoint`` steps, keeping only the states entering each
+    chunk (and the output a masked step would repeat) for the backward to recompute from."""
+    la = p.eng.linalg
+    B, T, H, dt = p.B, p.T, p.H, p.dtype
+    rs = p.return_sequences
+    y = la.empty((T, B, H) if rs else (1, B, H), dt)
+    states, out0 = p.states, None
+    chunks = []
+    for s0, s1, t0, t1 in _chunk_spans(p):
+        if s0 == 0:     # the caller's arrays could change before the backward
+            states = tuple(la.copy(s) for s in states)
+        chunks.append((s0, s1, t0, t1, states, out0))
+        yc, states, _ = _recur(p, t0, t1, states, out0, False, rs)
+        if rs:
+            y[s0:s1] = yc
+        else:
+            y[0] = yc[0]
+        out0 = la.copy(yc[-1])
+        la.give_back(yc)
+    p.chunks = chunks if keep else None
+    p.kcache = ()
+    return la.finish_outputs(y, rs), states
+
+
+def _backward(c, dy, dstates):
+    """Backward of a whole call: per chunk (one chunk without checkpoints), from the last,
+    recompute the chunk's cache where needed, run the backward recurrence, and accumulate
+    the weight gradients. Returns a :class:`Gradients`."""
+    la, o = c.eng.linalg, c.opts
+    B, T, H, dt = c.B, c.T, c.H, c.dtype
+    G = _GATES[c.cell]
+    dxt = None if c.chunks is None else la.empty((T, B, c.W.shape[0]), dt)
+    dW = None
+    dU = la.zeros(c.U.shape, dt)
+    nb = G * H if c.cell != "gru" else 3 * H
+    db_in = la.zeros((nb,), dt) if c.bias_shape is not None else None
+    db_rec = (la.zeros((H,), dt)
+              if c.bias_shape is not None and c.cell == "gru" and o["reset_after"] else None)
+    carry = la.zeros((B, H), dt)
+    if c.chunks is None:
+        chunks = [(0, T, 0, T, None, None)]
+    else:
+        chunks = c.chunks
+    for s0, s1, t0, t1, states0, out0 in reversed(chunks):
+        if states0 is None:
+            kc = c.kcache
+        else:                                   # recompute this chunk's cache
+            yc, _, kc = _recur(c, t0, t1, states0, out0, True, True)
+            la.give_back(yc)
+        if dy.shape[0] == T:
+            dyc = dy if (s0, s1) == (0, T) else dy[s0:s1]
+        else:
+            dyc = dy if s1 == T else la.zeros((1, B, H), dt)
+        xt = c.xt if (t0, t1) == (0, T) else c.xt[t0:t1]
+        m = None if c.mask_t is None else c.mask_t[t0:t1]
+        dz, dstates, dah_rec = _cell_backward(c, kc, m, dyc, dstates, carry)
+        dxc, dW = la.input_grads(xt, c.W, c.dmask, dz, dW)
+        _weight_grads(c, kc, dz, dah_rec, dU, db_in, db_rec)
+        la.give_back(dz, dah_rec)
+        if dxt is None:
+            dxt = dxc
+        else:
+            dxt[t0:t1] = dxc
+            la.give_back(dxc, *kc)
+    dx = la.batch_major(dxt)
+    la.give_back(dxt, dy)
+    db = None
+    if c.bias_shape is not None:
+        db = db_in
+        if db_rec is not None:      # GRU reset_after: [input bias; recurrent bias]
+            h_in, h_rec = _to_host(db_in), _to_host(db_rec)
+            db = _contiguous(np.stack([h_in, np.concatenate([h_in[:2 * H], h_rec])]), dt,
+                             c.eng.name)
+    return Gradients(dx, dW, dU, db, tuple(dstates))
+
+
+def _cell_backward(c, kc, m, dy, dstates, carry):
+    """The backward recurrence of one chunk: ``dz, gradients of the chunk's initial states,
+    dah_rec (GRU reset_after) or None``; ``carry`` is updated in place."""
+    E, o = c.eng, c.opts
+    if c.cell == "lstm":
+        dz, dh0, dc0 = E.lstm.backward(kc, c.U, c.rmask, m, dy, dstates[0], dstates[1],
+                                       o["act"], o["ract"], o["go_backwards"],
+                                       o["zero_output"], carry=carry)
+        return dz, (dh0, dc0), None
+    if c.cell == "gru":
+        dz, dah_rec, dh0 = E.gru.backward(kc, c.U, c.rmask, m, dy, dstates[0], o["act"],
+                                          o["ract"], o["reset_after"], o["go_backwards"],
+                                          o["zero_output"], carry=carry)
+        return dz, (dh0,), dah_rec
+    dz, dh0 = E.simple_rnn.backward(kc, c.U, c.rmask, m, dy, dstates[0], o["act"],
+                                    o["go_backwards"], o["zero_output"], carry=carry)
+    return dz, (dh0,), None
+
+
+def _weight_grads(c, kc, dz, dah_rec, dU, db_in, db_rec):
+    """Add one chunk's recurrent-kernel and bias gradients to dU, db_in (and db_rec)."""
+    la, H, rm = c.eng.linalg, c.H, c.rmask
+    if c.cell == "lstm":
+        la.recurrent_grad(kc[1], dz, rm, 4, out=dU)
+    elif c.cell == "simple_rnn":
+        la.recurrent_grad(kc[1], dz, None if rm is None else rm[None], 1, out=dU)
+    else:
+        _, hprev, aux = kc
+        # z and r: recurrent input h_{t-1} (* r_k), gradient the same as on the input side
+        la.recurrent_grad(hprev, dz[:, :, :2 * H], None if rm is None else rm[:2], 2,
+                          out=dU[:, :2 * H])
+        if c.opts["reset_after"]:   # h: input h_{t-1} (* r_h), gradient da_h
+            la.recurrent_grad(hprev, dah_rec, None if rm is None else rm[2:], 1,
+                              out=dU[:, 2 * H:])
+        else:                       # h: input q = r * (h * r_h), kept in the cache
+            la.recurrent_grad(aux, dz[:, :, 2 * H:], None, 1, out=dU[:, 2 * H:])
+    if db_in is not None:
+        la.column_sums(dz, out=db_in)
+    if db_rec is not None:
+        la.column_sums(dah_rec, out=db_rec)
+
+
+def _empty_grads(c, nstates):
+    la = c.eng.linalg
+    return Gradients(la.zeros(tuple(c.x.shape), c.dtype), la.zeros(tuple(c.W.shape), c.dtype),
+                     la.zeros(tuple(c.U.shape), c.dtype),
+                     None if c.bias_shape is None else la.zeros(c.bias_shape, c.dtype),
+                     tuple(la.zeros((0, c.H), c.dtype) for _ in range(nstates)))
+
+
+def _backward_op(cell, cache, d_outputs, d_states):
+    _check_cache(cache, cell)
+    dy, ds = _check_dout(cache, d_outputs, d_states)
+    if cache.B == 0:
+        return _empty_grads(cache, len(ds))
+    with _held(cache.eng.name):
+        return _backward(cache, dy, ds)
 
 
 def rebuild_cache(cell, kcache, x, kernel, recurrent_kernel, bias=None, *states, **options):
@@ -399,10 +528,11 @@ def rebuild_cache(cell, kcache, x, kernel, recurrent_kernel, bias=None, *states,
 def release_cache(cache):
     """Give a cache's memory back for reuse by later calls; the cache is unusable after.
     For bridges that know a cache's backward has run and will not run again."""
-    if isinstance(cache, _Cache) and cache.kcache:
-        _ws.give_back(*cache.kcache, cache.xt)
+    if isinstance(cache, _Cache) and cache.xt is not None:
+        cache.eng.linalg.give_back(*(cache.kcache or ()), cache.xt)
         cache.kcache = None
         cache.xt = None
+        cache.chunks = None
 
 
 def cache_arrays(cache):
@@ -410,11 +540,21 @@ def cache_arrays(cache):
     return tuple(cache.kcache)
 
 
+def cache_nbytes(cache):
+    """Bytes held by a forward cache (kernel arrays, the time-major input, checkpoints)."""
+    if not isinstance(cache, _Cache):
+        return 0
+    arrays = list(cache.kcache or ()) + ([cache.xt] if cache.xt is not None else [])
+    for *_, states, out0 in cache.chunks or ():
+        arrays += list(states) + ([out0] if out0 is not None else [])
+    return int(sum(a.nbytes for a in arrays))
+
+
 def _with_defaults(options):
     full = dict(mask=None, go_backwards=False, zero_output_for_mask=False, dropout_mask=None,
                 recurrent_dropout_mask=None, activation="tanh",
                 recurrent_activation="sigmoid", reset_after=True, training=True,
-                return_sequences=True, engine="auto")
+                return_sequences=True, engine="auto", checkpoint_steps=None)
     unknown = set(options) - set(full)
     if unknown:
         raise TypeError(f"unknown option(s) {sorted(unknown)}")
@@ -422,14 +562,23 @@ def _with_defaults(options):
     return full
 
 
-def _holding_blas(fn):
-    """Run ``fn`` with BLAS at one thread (the pool does the parallel work), denormals
-    flushed (as TensorFlow runs its ops) and NaN/Inf propagating without NumPy warnings."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with np.errstate(all="ignore"), _blas_held, _ftz:
-            return fn(*args, **kwargs)
-    return wrapper
+class _Held:
+    """For a CPU op: BLAS at one thread (the pool does the parallel work), denormals flushed
+    (as TensorFlow runs its ops) and NaN/Inf propagating without NumPy warnings."""
+
+    def __enter__(self):
+        self._stack = contextlib.ExitStack()
+        self._stack.enter_context(np.errstate(all="ignore"))
+        self._stack.enter_context(_blas_held)
+        self._stack.enter_context(_ftz)
+        return self
+
+    def __exit__(self, *exc):
+        return self._stack.__exit__(*exc)
+
+
+def _held(eng):
+    return _Held() if eng == "cpu" else contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------- LSTM
@@ -437,7 +586,7 @@ def lstm_forward(x, kernel, recurrent_kernel, bias=None, h0=None, c0=None, *, ma
                  go_backwards=False, zero_output_for_mask=False, dropout_mask=None,
                  recurrent_dropout_mask=None, activation="tanh",
                  recurrent_activation="sigmoid", training=True, return_sequences=True,
-                 engine="auto"):
+                 engine="auto", checkpoint_steps=None):
     """LSTM forward pass over a whole sequence (Keras semantics).
 
     Args:
@@ -455,7 +604,13 @@ def lstm_forward(x, kernel, recurrent_kernel, bias=None, h0=None, c0=None, *, ma
             "linear" (or a Keras activation function of that name).
         training: apply the dropout masks and keep the cache for ``lstm_backward``.
         return_sequences: outputs [B, T, H] (True) or the last output [B, H].
-        engine: "auto", "cpu" or "cuda".
+        engine: "auto" (the CUDA kernels for arrays on a GPU, the CPU kernels otherwise),
+            "cpu" or "cuda" (host arrays are copied to the GPU; results stay there).
+        checkpoint_steps: None (default) keeps the whole forward cache for the backward,
+            about (3 + gates) * B * T * H numbers. An int K keeps only the states entering
+            every K-th step; the backward recomputes each chunk's cache from them (one more
+            forward pass), bounding the cache to about (gates + 3) * B * K * H numbers plus
+            3 * B * H per chunk. Gradients equal the full-cache ones to rounding.
 
     Returns:
         ``Forward(outputs, (h, c), cache)``.
@@ -470,11 +625,10 @@ def lstm_forward(x, kernel, recurrent_kernel, bias=None, h0=None, c0=None, *, ma
                  dropout_mask=dropout_mask, recurrent_dropout_mask=recurrent_dropout_mask,
                  activation=activation, recurrent_activation=recurrent_activation,
                  reset_after=True, training=training, return_sequences=return_sequences,
-                 engine=engine)
+                 engine=engine, checkpoint_steps=checkpoint_steps)
     return _run_forward(p, training)
 
 
-@_holding_blas
 def lstm_backward(cache, d_outputs=None, d_h=None, d_c=None):
     """Gradients of an LSTM forward pass.
 
@@ -487,19 +641,7 @@ def lstm_backward(cache, d_outputs=None, d_h=None, d_c=None):
     Returns:
         ``Gradients(x, kernel, recurrent_kernel, bias, (dh0, dc0))``.
     """
-    _check_cache(cache, "lstm")
-    c = cache
-    dy, (dh, dc) = _check_dout(c, d_outputs, [("d_h", d_h), ("d_c", d_c)])
-    if c.B == 0:
-        return _empty_grads(c, 2)
-    o = c.opts
-    dz, dh0, dc0 = _cpu_lstm.backward(c.kcache, c.U, c.rmask, c.mask_t, dy, dh, dc, o["act"],
-                                      o["ract"], o["go_backwards"], o["zero_output"])
-    dx, dW = _input_grads(c, dz)
-    dU = _recurrent_grad(c.kcache[1], dz, c.rmask, 4)
-    db = None if c.bias_shape is None else _column_sums(dz)
-    _ws.give_back(dz, dy)
-    return Gradients(dx, dW, dU, db, (dh0, dc0))
+    return _backward_op("lstm", cache, d_outputs, [("d_h", d_h), ("d_c", d_c)])
 
 
 # --------------------------------------------------------------------------- GRU
@@ -507,7 +649,7 @@ def gru_forward(x, kernel, recurrent_kernel, bias=None, h0=None, *, mask=None,
                 go_backwards=False, zero_output_for_mask=False, dropout_mask=None,
                 recurrent_dropout_mask=None, activation="tanh",
                 recurrent_activation="sigmoid", reset_after=True, training=True,
-                return_sequences=True, engine="auto"):
+                return_sequences=True, engine="auto", checkpoint_steps=None):
     """GRU forward pass over a whole sequence (Keras semantics, gates z, r, h).
 
     Args are those of :func:`lstm_forward` with 3 gates, one state ``h0`` and:
@@ -528,52 +670,25 @@ def gru_forward(x, kernel, recurrent_kernel, bias=None, h0=None, *, mask=None,
                  dropout_mask=dropout_mask, recurrent_dropout_mask=recurrent_dropout_mask,
                  activation=activation, recurrent_activation=recurrent_activation,
                  reset_after=reset_after, training=training,
-                 return_sequences=return_sequences, engine=engine)
+                 return_sequences=return_sequences, engine=engine,
+                 checkpoint_steps=checkpoint_steps)
     return _run_forward(p, training)
 
 
-@_holding_blas
 def gru_backward(cache, d_outputs=None, d_h=None):
     """Gradients of a GRU forward pass; see :func:`lstm_backward`.
 
     Returns:
         ``Gradients(x, kernel, recurrent_kernel, bias, (dh0,))``.
     """
-    _check_cache(cache, "gru")
-    c = cache
-    dy, (dh,) = _check_dout(c, d_outputs, [("d_h", d_h)])
-    if c.B == 0:
-        return _empty_grads(c, 1)
-    o = c.opts
-    reset_after = o["reset_after"]
-    dz, dah_rec, dh0 = _cpu_gru.backward(c.kcache, c.U, c.rmask, c.mask_t, dy, dh, o["act"],
-                                         o["ract"], reset_after, o["go_backwards"],
-                                         o["zero_output"])
-    dx, dW = _input_grads(c, dz)
-    _, hprev, aux = c.kcache
-    H = c.H
-    rm = c.rmask
-    dU = np.empty_like(c.U)
-    # z and r: recurrent input h_{t-1} (* r_k), gradient the same as on the input side
-    dU[:, :2 * H] = _recurrent_grad(hprev, dz[:, :, :2 * H], None if rm is None else rm[:2], 2)
-    if reset_after:     # h: input h_{t-1} (* r_h), gradient da_h
-        dU[:, 2 * H:] = _recurrent_grad(hprev, dah_rec, None if rm is None else rm[2:], 1)
-    else:               # h: input q = r * (h * r_h), kept in the cache, gradient dah
-        dU[:, 2 * H:] = _recurrent_grad(aux, dz[:, :, 2 * H:], None, 1)
-    db = None
-    if c.bias_shape is not None:
-        db_in = _column_sums(dz)
-        db = (np.stack([db_in, np.concatenate([db_in[:2 * H], _column_sums(dah_rec)])])
-              if reset_after else db_in)
-    _ws.give_back(dz, dy, dah_rec)
-    return Gradients(dx, dW, dU, db, (dh0,))
+    return _backward_op("gru", cache, d_outputs, [("d_h", d_h)])
 
 
 # --------------------------------------------------------------------------- SimpleRNN
 def simple_rnn_forward(x, kernel, recurrent_kernel, bias=None, h0=None, *, mask=None,
                        go_backwards=False, zero_output_for_mask=False, dropout_mask=None,
                        recurrent_dropout_mask=None, activation="tanh", training=True,
-                       return_sequences=True, engine="auto"):
+                       return_sequences=True, engine="auto", checkpoint_steps=None):
     """SimpleRNN forward pass: h_t = act((x_t * m) @ W + b + (h_{t-1} * r) @ U).
 
     Args are those of :func:`lstm_forward` with one gate and one state ``h0``; the dropout
@@ -591,27 +706,15 @@ def simple_rnn_forward(x, kernel, recurrent_kernel, bias=None, h0=None, *, mask=
                  go_backwards=go_backwards, zero_output_for_mask=zero_output_for_mask,
                  dropout_mask=dropout_mask, recurrent_dropout_mask=recurrent_dropout_mask,
                  activation=activation, recurrent_activation=None, reset_after=True,
-                 training=training, return_sequences=return_sequences, engine=engine)
+                 training=training, return_sequences=return_sequences, engine=engine,
+                 checkpoint_steps=checkpoint_steps)
     return _run_forward(p, training)
 
 
-@_holding_blas
 def simple_rnn_backward(cache, d_outputs=None, d_h=None):
     """Gradients of a SimpleRNN forward pass; see :func:`lstm_backward`.
 
     Returns:
         ``Gradients(x, kernel, recurrent_kernel, bias, (dh0,))``.
     """
-    _check_cache(cache, "simple_rnn")
-    c = cache
-    dy, (dh,) = _check_dout(c, d_outputs, [("d_h", d_h)])
-    if c.B == 0:
-        return _empty_grads(c, 1)
-    o = c.opts
-    dz, dh0 = _cpu_rnn.backward(c.kcache, c.U, c.rmask, c.mask_t, dy, dh, o["act"],
-                                o["go_backwards"], o["zero_output"])
-    dx, dW = _input_grads(c, dz)
-    dU = _recurrent_grad(c.kcache[1], dz, None if c.rmask is None else c.rmask[None], 1)
-    db = None if c.bias_shape is None else _column_sums(dz)
-    _ws.give_back(dz, dy)
-    return Gradients(dx, dW, dU, db, (dh0,))
+    return _backward_op("simple_rnn", cache, d_outputs, [("d_h", d_h)])

@@ -20,3 +20,13 @@ def optional(array, ndim, dtype):
     if array is None:
         return np.empty((0,) * ndim, dtype), False
     return array, True
+
+
+def initial_output(out0, B, H, dtype):
+    """The output before the first step, [B, H]: ``out0`` or zeros."""
+    return np.zeros((B, H), dtype) if out0 is None else out0
+
+
+def pending_carry(carry, B, H, dtype):
+    """The in/out pending output gradient of a backward, [B, H]: ``carry`` or zeros."""
+    return np.zeros((B, H), dtype) if carry is None else carry

@@ -12,7 +12,7 @@ import numpy as np
 
 from .._workspace import workspace
 from .._math import activate, activate_grad, tanh32
-from ._common import add_output_grad, optional
+from ._common import add_output_grad, initial_output, optional, pending_carry
 from ._jit import kernel
 from ._fpstate import flush_denormals, restore
 from ._parallel import run_batch_parallel
@@ -24,7 +24,7 @@ G = 3
 @kernel
 def _forward_kernel(b0, b1, xw, U, Ug, brec, rmask, use_rmask, mask, use_mask, h0,
                     act, ract, fast, coef, fused, reset_after, go_backwards, zero_output,
-                    keep_cache, y, h_out, gates, hprev, aux):
+                    keep_cache, out0, y, h_out, gates, hprev, aux):
     # xw:    [T, B, 3H]  x @ W + input bias (input dropout already applied)
     # U:     [H, 3H]     recurrent kernel (used without recurrent dropout)
     # Ug:    [3, H, H]   recurrent kernel split per gate
@@ -41,7 +41,7 @@ def _forward_kernel(b0, b1, xw, U, Ug, brec, rmask, use_rmask, mask, use_mask, h
     full = y.shape[0] == T
     dt = xw.dtype
     h = h0[b0:b1].copy()
-    out = np.zeros((n, H), dt)
+    out = out0[b0:b1].copy()
     rec = np.empty((n, G * H), dt)
     hr = np.empty((n, H), dt)
     zk = np.empty((n, H), dt)
@@ -135,7 +135,7 @@ def _forward_kernel(b0, b1, xw, U, Ug, brec, rmask, use_rmask, mask, use_mask, h
 @kernel
 def _backward_kernel(b0, b1, gates, hprev, aux, UT, UgT, rmask, use_rmask, mask, use_mask,
                      dy, dh_in, act, ract, reset_after, go_backwards, zero_output,
-                     dz, dah_rec, dh0):
+                     carry_io, dz, dah_rec, dh0):
     # gates, hprev, aux: the forward cache, [T, B, .];  UT: [3H, H];  UgT: [3, H, H]
     # dy: [T, B, H] or [1, B, H];  dh_in: [B, H]
     # dz: [T, B, 3H] out;  dah_rec: [T, B, H] out (reset_after);  dh0: [B, H] out
@@ -146,7 +146,7 @@ def _backward_kernel(b0, b1, gates, hprev, aux, UT, UgT, rmask, use_rmask, mask,
     dt = gates.dtype
     dh = dh_in[b0:b1].copy()
     dhz = np.empty((n, H), dt)           # dh * z, the direct path to h_{t-1}
-    carry = np.zeros((n, H), dt)
+    carry = carry_io[b0:b1].copy()
     drec = np.zeros((n, G * H), dt)      # daz, dar, da_h (recurrent side)
     dq = np.empty((n, H), dt)
     dhn = np.empty((n, H), dt)
@@ -227,13 +227,15 @@ def _backward_kernel(b0, b1, gates, hprev, aux, UT, UgT, rmask, use_rmask, mask,
             if live[i]:
                 dh[i] = dhn[i]
     dh0[b0:b1] = dh
+    carry_io[b0:b1] = carry
     restore(fpmode)
 
 
 def forward(xw, U, brec, rmask, mask, h0, act, ract, reset_after, go_backwards, zero_output,
-            return_sequences, keep_cache, fast, coef):
+            return_sequences, keep_cache, fast, coef, out0=None):
     """Run the GRU recurrence (time-major). Returns ``y, h, cache`` with
-    ``cache = (gates, hprev, aux)``; ``coef`` is ``_math.gate_coefficients`` of z, r or None."""
+    ``cache = (gates, hprev, aux)``; ``coef`` is ``_math.gate_coefficients`` of z, r or None;
+    ``out0`` as in ``lstm.forward``."""
     T, B, _ = xw.shape
     H = h0.shape[1]
     dt = xw.dtype
@@ -250,12 +252,14 @@ def forward(xw, U, brec, rmask, mask, h0, act, ract, reset_after, go_backwards, 
     cf = coef if fused else np.zeros((3, 2 * H), dt)
     run_batch_parallel(_forward_kernel, B, xw, U, Ug, brec, rm, use_rmask, m, use_mask, h0,
                        act, ract, fast, cf, fused, reset_after, go_backwards, zero_output,
-                       keep_cache, y, h, gates, hprev, aux)
+                       keep_cache, initial_output(out0, B, H, dt), y, h, gates, hprev, aux)
     return y, h, ((gates, hprev, aux) if keep_cache else None)
 
 
-def backward(cache, U, rmask, mask, dy, dh, act, ract, reset_after, go_backwards, zero_output):
-    """Backward recurrence (time-major). Returns ``dz [T, B, 3H], dah_rec or None, dh0``."""
+def backward(cache, U, rmask, mask, dy, dh, act, ract, reset_after, go_backwards, zero_output,
+             carry=None):
+    """Backward recurrence (time-major). Returns ``dz [T, B, 3H], dah_rec or None, dh0``;
+    ``carry`` as in ``lstm.backward``."""
     gates, hprev, aux = cache
     T, B, _ = gates.shape
     H = U.shape[0]
@@ -270,5 +274,5 @@ def backward(cache, U, rmask, mask, dy, dh, act, ract, reset_after, go_backwards
     m, use_mask = optional(mask, 2, np.bool_)
     run_batch_parallel(_backward_kernel, B, gates, hprev, aux, UT, UgT, rm, use_rmask, m,
                        use_mask, dy, dh, act, ract, reset_after, go_backwards, zero_output,
-                       dz, dah_rec, dh0)
+                       pending_carry(carry, B, H, dt), dz, dah_rec, dh0)
     return dz, (dah_rec if reset_after else None), dh0

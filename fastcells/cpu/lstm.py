@@ -16,7 +16,7 @@ import numpy as np
 
 from .._workspace import workspace
 from .._math import activate, activate_grad, tanh32
-from ._common import add_output_grad, optional
+from ._common import add_output_grad, initial_output, optional, pending_carry
 from ._jit import kernel
 from ._fpstate import flush_denormals, restore
 from ._parallel import run_batch_parallel
@@ -27,7 +27,7 @@ G = 4
 @kernel
 def _forward_kernel(b0, b1, xw, U, Ug, rmask, use_rmask, mask, use_mask, h0, c0,
                     act, ract, fast, coef, fused, go_backwards, zero_output, keep_cache,
-                    y, h_out, c_out, gates, hprev, cprev, actc):
+                    out0, y, h_out, c_out, gates, hprev, cprev, actc):
     # xw:     [T, B, 4H]  x @ W + b (input dropout already applied)
     # U:      [H, 4H]     recurrent kernel (used without recurrent dropout)
     # Ug:     [4, H, H]   recurrent kernel split per gate (used with recurrent dropout)
@@ -35,6 +35,7 @@ def _forward_kernel(b0, b1, xw, U, Ug, rmask, use_rmask, mask, use_mask, h0, c0,
     # mask:   [T, B]      True where the step is processed
     # h0, c0: [B, H]      initial states
     # coef:   [3, 4H]     gate g_j = tanh(a_j x) * s_j + o_j, used when ``fused``
+    # out0:   [B, H]      the output before the first step (what a masked step repeats)
     # y:      [T, B, H] or [1, B, H] (last output only), in processing order
     # h_out, c_out: [B, H] final states
     # cache (keep_cache): gates [T, B, 4H] post-activation; hprev, cprev [T, B, H] the
@@ -48,7 +49,7 @@ def _forward_kernel(b0, b1, xw, U, Ug, rmask, use_rmask, mask, use_mask, h0, c0,
     dt = xw.dtype
     h = h0[b0:b1].copy()
     c = c0[b0:b1].copy()
-    out = np.zeros((n, H), dt)
+    out = out0[b0:b1].copy()
     z = np.empty((n, GH), dt)
     hr = np.empty((n, H), dt)
     zk = np.empty((n, H), dt)
@@ -128,11 +129,12 @@ def _forward_kernel(b0, b1, xw, U, Ug, rmask, use_rmask, mask, use_mask, h0, c0,
 @kernel
 def _backward_kernel(b0, b1, gates, cprev, actc, UT, UgT, rmask, use_rmask, mask, use_mask,
                      dy, dh_in, dc_in, act, ract, go_backwards, zero_output,
-                     dz, dh0, dc0):
+                     carry_io, dz, dh0, dc0):
     # gates, cprev, actc: the forward cache (see _forward_kernel), [T, B, .]
     # UT:    [4H, H]    U transposed;  UgT: [4, H, H] U_k transposed per gate
     # dy:    [T, B, H] or [1, B, H] (gradient of the last output only), processing order
     # dh_in, dc_in: [B, H] gradients of the final states
+    # carry_io: [B, H]  in/out: output gradient pending for the previous output (chunks)
     # dz:    [T, B, 4H] out: gradient of the gate pre-activations
     # dh0, dc0: [B, H] out: gradients of the initial states
     fpmode = flush_denormals()
@@ -142,7 +144,7 @@ def _backward_kernel(b0, b1, gates, cprev, actc, UT, UgT, rmask, use_rmask, mask
     dt = gates.dtype
     dh = dh_in[b0:b1].copy()
     dc = dc_in[b0:b1].copy()
-    carry = np.zeros((n, H), dt)
+    carry = carry_io[b0:b1].copy()
     dhn = np.empty((n, H), dt)
     dk = np.empty((n, H), dt)
     zk = np.empty((n, H), dt)
@@ -198,15 +200,18 @@ def _backward_kernel(b0, b1, gates, cprev, actc, UT, UgT, rmask, use_rmask, mask
                 dh[i] = dhn[i]
     dh0[b0:b1] = dh
     dc0[b0:b1] = dc
+    carry_io[b0:b1] = carry
     restore(fpmode)
 
 
 def forward(xw, U, rmask, mask, h0, c0, act, ract, go_backwards, zero_output,
-            return_sequences, keep_cache, fast, coef):
+            return_sequences, keep_cache, fast, coef, out0=None):
     """Run the LSTM recurrence over all batch slices (time-major arrays, see above).
 
     Returns ``y, h, c, cache`` with ``cache = (gates, hprev, cprev, actc)`` (or None when
-    ``keep_cache`` is False). ``coef`` is ``_math.gate_coefficients`` or None.
+    ``keep_cache`` is False). ``coef`` is ``_math.gate_coefficients`` or None. ``out0`` [B, H]
+    is the output before the first step (zeros when None): a chunk of a longer sequence
+    continues from the previous chunk's last output.
     """
     T, B, _ = xw.shape
     H = h0.shape[1]
@@ -216,7 +221,7 @@ def forward(xw, U, rmask, mask, h0, c0, act, ract, go_backwards, zero_output,
     c = np.empty((B, H), dt)
     shape = (T, B, H) if keep_cache else (0, 0, 0)
     gates = workspace.empty((T, B, G * H) if keep_cache else (0, 0, 0), dt)
-    hprev, cprev, actc = workspace.empty(shape, dt), workspace.empty(shape, dt), workspace.empty(shape, dt)
+    hprev, cprev, actc = (workspace.empty(shape, dt) for _ in range(3))
     use_rmask = rmask is not None
     Ug = split_gates(U, G) if use_rmask else np.empty((G, 0, 0), dt)
     rm = rmask if use_rmask else np.empty((G, 0, 0), dt)
@@ -225,12 +230,16 @@ def forward(xw, U, rmask, mask, h0, c0, act, ract, go_backwards, zero_output,
     cf = coef if fused else np.zeros((3, G * H), dt)
     run_batch_parallel(_forward_kernel, B, xw, U, Ug, rm, use_rmask, m, use_mask, h0, c0,
                        act, ract, fast, cf, fused, go_backwards, zero_output, keep_cache,
-                       y, h, c, gates, hprev, cprev, actc)
+                       initial_output(out0, B, H, dt), y, h, c, gates, hprev, cprev, actc)
     return y, h, c, ((gates, hprev, cprev, actc) if keep_cache else None)
 
 
-def backward(cache, U, rmask, mask, dy, dh, dc, act, ract, go_backwards, zero_output):
-    """Backward recurrence (time-major). Returns ``dz [T, B, 4H], dh0, dc0``."""
+def backward(cache, U, rmask, mask, dy, dh, dc, act, ract, go_backwards, zero_output,
+             carry=None):
+    """Backward recurrence (time-major). Returns ``dz [T, B, 4H], dh0, dc0``.
+
+    ``carry`` [B, H], when given, is read and updated in place: the output gradient that
+    flows through masked steps to the output before the first step (chunked backward)."""
     gates, hprev, cprev, actc = cache
     T, B, _ = gates.shape
     H = U.shape[0]
@@ -246,7 +255,7 @@ def backward(cache, U, rmask, mask, dy, dh, dc, act, ract, go_backwards, zero_ou
     m, use_mask = optional(mask, 2, np.bool_)
     run_batch_parallel(_backward_kernel, B, gates, cprev, actc, UT, UgT, rm, use_rmask, m,
                        use_mask, dy, dh, dc, act, ract, go_backwards, zero_output,
-                       dz, dh0, dc0)
+                       pending_carry(carry, B, H, dt), dz, dh0, dc0)
     return dz, dh0, dc0
 
 

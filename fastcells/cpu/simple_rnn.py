@@ -6,7 +6,7 @@ import numpy as np
 
 from .._workspace import workspace
 from .._math import activate, activate_grad
-from ._common import add_output_grad, optional
+from ._common import add_output_grad, initial_output, optional, pending_carry
 from ._jit import kernel
 from ._fpstate import flush_denormals, restore
 from ._parallel import run_batch_parallel
@@ -15,7 +15,7 @@ from ._parallel import run_batch_parallel
 @kernel
 def _forward_kernel(b0, b1, xw, U, rmask, use_rmask, mask, use_mask, h0,
                     act, fast, go_backwards, zero_output, keep_cache,
-                    y, h_out, hs, hprev):
+                    out0, y, h_out, hs, hprev):
     # xw:    [T, B, H]   x @ W + b (input dropout already applied)
     # U:     [H, H]      recurrent kernel
     # rmask: [B, H]      recurrent dropout mask
@@ -32,7 +32,7 @@ def _forward_kernel(b0, b1, xw, U, rmask, use_rmask, mask, use_mask, h0,
     h = h0[b0:b1].copy()
     hr = np.empty((n, H), dt)
     z = np.empty((n, H), dt)
-    out = np.zeros((n, H), dt)
+    out = out0[b0:b1].copy()
     g_scratch = np.empty((n, H), dt)
     for s in range(T):
         t = T - 1 - s if go_backwards else s
@@ -73,7 +73,7 @@ def _forward_kernel(b0, b1, xw, U, rmask, use_rmask, mask, use_mask, h0,
 # Masked steps pass dh through and have dz = 0 (output gradient handling as in lstm.py).
 @kernel
 def _backward_kernel(b0, b1, hs, UT, rmask, use_rmask, mask, use_mask, dy, dh_in,
-                     act, go_backwards, zero_output, dz, dh0):
+                     act, go_backwards, zero_output, carry_io, dz, dh0):
     # hs:   [T, B, H] forward cache;  UT: [H, H] U transposed
     # dy:   [T, B, H] or [1, B, H];   dh_in: [B, H]
     # dz:   [T, B, H] out: gradient of the pre-activation;  dh0: [B, H] out
@@ -83,7 +83,7 @@ def _backward_kernel(b0, b1, hs, UT, rmask, use_rmask, mask, use_mask, dy, dh_in
     H = dh_in.shape[1]
     dt = hs.dtype
     dh = dh_in[b0:b1].copy()
-    carry = np.zeros((n, H), dt)
+    carry = carry_io[b0:b1].copy()
     dhn = np.empty((n, H), dt)
     live = np.empty(n, np.bool_)
     for s in range(T - 1, -1, -1):
@@ -109,13 +109,14 @@ def _backward_kernel(b0, b1, hs, UT, rmask, use_rmask, mask, use_mask, dy, dh_in
                 for j in range(H):
                     dh[i, j] = dhn[i, j] * rmask[b0 + i, j] if use_rmask else dhn[i, j]
     dh0[b0:b1] = dh
+    carry_io[b0:b1] = carry
     restore(fpmode)
 
 
 def forward(xw, U, rmask, mask, h0, act, go_backwards, zero_output, return_sequences,
-            keep_cache, fast):
+            keep_cache, fast, out0=None):
     """Run the SimpleRNN recurrence (time-major). Returns ``y, h, cache`` with
-    ``cache = (hs, hprev)``."""
+    ``cache = (hs, hprev)``; ``out0`` as in ``lstm.forward``."""
     T, B, H = xw.shape
     dt = xw.dtype
     y = workspace.empty((T if return_sequences else 1, B, H), dt)
@@ -125,12 +126,14 @@ def forward(xw, U, rmask, mask, h0, act, go_backwards, zero_output, return_seque
     rm, use_rmask = optional(rmask, 2, dt)
     m, use_mask = optional(mask, 2, np.bool_)
     run_batch_parallel(_forward_kernel, B, xw, U, rm, use_rmask, m, use_mask, h0, act, fast,
-                       go_backwards, zero_output, keep_cache, y, h, hs, hprev)
+                       go_backwards, zero_output, keep_cache, initial_output(out0, B, H, dt), y, h,
+                       hs, hprev)
     return y, h, ((hs, hprev) if keep_cache else None)
 
 
-def backward(cache, U, rmask, mask, dy, dh, act, go_backwards, zero_output):
-    """Backward recurrence (time-major). Returns ``dz [T, B, H], dh0``."""
+def backward(cache, U, rmask, mask, dy, dh, act, go_backwards, zero_output, carry=None):
+    """Backward recurrence (time-major). Returns ``dz [T, B, H], dh0``; ``carry`` as in
+    ``lstm.backward``."""
     hs, _ = cache
     T, B, H = hs.shape
     dt = hs.dtype
@@ -139,5 +142,6 @@ def backward(cache, U, rmask, mask, dy, dh, act, go_backwards, zero_output):
     rm, use_rmask = optional(rmask, 2, dt)
     m, use_mask = optional(mask, 2, np.bool_)
     run_batch_parallel(_backward_kernel, B, hs, np.ascontiguousarray(U.T), rm, use_rmask, m,
-                       use_mask, dy, dh, act, go_backwards, zero_output, dz, dh0)
+                       use_mask, dy, dh, act, go_backwards, zero_output,
+                       pending_carry(carry, B, H, dt), dz, dh0)
     return dz, dh0
