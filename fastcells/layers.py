@@ -57,7 +57,8 @@ class _FastRNN:
         # the kernels run outside XLA (as the built-in cuDNN path does)
         self.supports_jit = False
         self._warned = set()
-        #: which implementation the last call traced: "cpu" or "keras" (for tests and logs)
+        #: which implementation the last call traced: "cpu", "cuda" or "keras" (for tests
+        #: and logs)
         self.last_engine = None
 
     def get_config(self):
@@ -152,7 +153,7 @@ class _FastRNN:
         reason = mod.supports(call)
         if reason is not None:
             return self._fallback(reason, sequences, initial_state, mask, training)
-        self.last_engine = "cpu"
+        self.last_engine = bridge.engine_for(mod, call)
         in_dtype = call.x.dtype
         outputs, states = mod.run(call)
         outputs = kops.cast(outputs, in_dtype)

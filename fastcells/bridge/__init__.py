@@ -3,7 +3,15 @@ and register the custom gradient that calls the backward kernels.
 
 Every bridge exposes ``run(call) -> (outputs, states)``, with ``call`` a :class:`KernelCall`
 holding backend tensors, and ``supports(call)``, which returns None when the bridge can run
-the call or a short reason why not.
+the call or a short reason why not. A bridge that can run more than one engine also exposes
+``engine_for(call)``, the engine ("cpu" or "cuda") that ``run`` will use; without it the
+engine is "cpu".
+
+Example::
+
+    mod = get("torch")                  # None for a backend without a bridge
+    if mod is not None and mod.supports(call) is None:
+        outputs, states = mod.run(call)
 """
 import collections
 import dataclasses
@@ -90,8 +98,23 @@ pending = CacheStore()
 
 
 def get(backend_name):
-    """The bridge module of a Keras backend, or None when fastcells has none."""
+    """The bridge module of a Keras backend, or None when fastcells has none (imported on
+    first use, so a backend's framework is imported only when that backend runs).
+
+    Example::
+
+        get("tensorflow").supports(call)    # None when the call can run
+    """
     if backend_name == "tensorflow":
         from . import tensorflow as mod
         return mod
+    if backend_name == "torch":
+        from . import torch as mod
+        return mod
     return None
+
+
+def engine_for(mod, call):
+    """The engine ("cpu" or "cuda") that bridge module ``mod`` runs ``call`` on."""
+    pick = getattr(mod, "engine_for", None)
+    return "cpu" if pick is None else pick(call)
