@@ -26,8 +26,29 @@ NUM_THREADS = _env_int("FASTCELLS_NUM_THREADS", os.cpu_count() or 1)
 #: handful of rows costs more in hand-off than it saves).
 MIN_ROWS_PER_THREAD = _env_int("FASTCELLS_MIN_ROWS_PER_THREAD", 8)
 
+#: Batch rows of one block of the fused kernels (LSTM and SimpleRNN without per-gate dropout
+#: masks). Each block keeps its own weight-gradient sums, which are added in block order at
+#: the end, so the gradients are bit-identical for any number of threads; threads take whole
+#: blocks, so a call uses at most ceil(batch / BLOCK_ROWS) threads.
+BLOCK_ROWS = _env_int("FASTCELLS_BLOCK_ROWS", 32)
+
+#: Time steps whose gate gradients a fused backward gathers before adding their part of the
+#: weight gradients (one GEMM of K = BLOCK_ROWS * WINDOW_STEPS while the data is in cache).
+WINDOW_STEPS = _env_int("FASTCELLS_WINDOW_STEPS", 16)
+
+#: Use the fused kernels where they apply (the input projection inside each step, the input
+#: and weight gradients inside the backward). ``FASTCELLS_FUSED=0`` turns them off.
+FUSED = os.environ.get("FASTCELLS_FUSED", "1") != "0"
+
 #: Smallest GEMM (M*N*K multiply-adds) split over the threads; smaller ones run on one.
 MIN_PARALLEL_GEMM_FLOPS = _env_int("FASTCELLS_MIN_PARALLEL_GEMM_FLOPS", 1 << 20)
+
+#: Keep SciPy's OpenBLAS (what Numba's ``np.dot`` calls inside the kernels) at one thread
+#: from the first fastcells call on, instead of restoring its thread count after every call
+#: (see ``cpu/_parallel.py``: the restore made a spinning worker thread slow the next call
+#: down 2-100x). SciPy's own linear algebra then runs on one thread too.
+#: ``FASTCELLS_HOLD_KERNEL_BLAS=0`` restores it after each call.
+HOLD_KERNEL_BLAS = os.environ.get("FASTCELLS_HOLD_KERNEL_BLAS", "1") != "0"
 
 #: Options passed to every ``numba.njit`` kernel. ``error_model='numpy'`` drops the
 #: ZeroDivisionError check on each float division, which is what lets the gate loops
@@ -42,6 +63,51 @@ FAST_FLOAT32_ACTIVATIONS = os.environ.get("FASTCELLS_EXACT_ACTIVATIONS", "0") !=
 WORKSPACE_BYTES = _env_int("FASTCELLS_WORKSPACE_BYTES", 1 << 30)
 #: ... for arrays of at least this size (small ones are cheap to allocate).
 WORKSPACE_MIN_BYTES = _env_int("FASTCELLS_WORKSPACE_MIN_BYTES", 1 << 20)
+
+# --- CUDA kernels (fastcells/cuda; see the module docstrings for how they are used) ---------
+#: Most threads in one block of a recurrence kernel. A block owns a slice of the batch and
+#: every unit for the whole sequence; its threads take (row group, unit) items in turn, so
+#: fewer threads than items is correct, only slower. A multiple of 32 on a GPU.
+CUDA_THREADS_PER_BLOCK = _env_int("FASTCELLS_CUDA_THREADS_PER_BLOCK", 256)
+
+#: Most batch rows one thread of a recurrence carries through a step (register blocking:
+#: each recurrent weight read from shared memory or L2 serves that many rows). 1, 2 or 4;
+#: a kernel is compiled for each value used.
+CUDA_ROWS_PER_THREAD = _env_int("FASTCELLS_CUDA_ROWS_PER_THREAD", 4)
+
+#: Most batch rows one block of a recurrence owns. Rows per block are otherwise chosen to
+#: spread the batch over ``CUDA_BLOCKS_PER_SM`` blocks per multiprocessor.
+CUDA_MAX_ROWS_PER_BLOCK = _env_int("FASTCELLS_CUDA_MAX_ROWS_PER_BLOCK", 32)
+
+#: Blocks per multiprocessor a recurrence aims for (more blocks: fewer rows each).
+CUDA_BLOCKS_PER_SM = _env_int("FASTCELLS_CUDA_BLOCKS_PER_SM", 1)
+
+#: Multiprocessors assumed when the device does not report them (the CUDA simulator).
+CUDA_DEFAULT_SM_COUNT = _env_int("FASTCELLS_CUDA_DEFAULT_SM_COUNT", 1)
+
+#: Dynamic shared memory one recurrence block may use, in bytes. The recurrent kernel U is
+#: kept in shared memory when it fits next to the block's state, and read from global
+#: memory (L2-resident) otherwise. 48 KiB is what every kernel may use without asking;
+#: above that the kernel opts in (cudaFuncAttributeMaxDynamicSharedMemorySize; up to
+#: 227 KiB on an H100, 99 KiB on consumer GPUs) and falls back to 48 KiB if that fails.
+CUDA_SHARED_MEMORY_BYTES = _env_int("FASTCELLS_CUDA_SHARED_MEMORY_BYTES", 48 * 1024)
+
+#: Tiles of the GEMM kernel: a block computes BLOCK_M x BLOCK_N outputs, stepping through
+#: the summed dimension BLOCK_K at a time through shared memory; each thread computes
+#: THREAD_M x THREAD_N outputs in registers, so a block has
+#: (BLOCK_M / THREAD_M) * (BLOCK_N / THREAD_N) threads (256 by default).
+CUDA_GEMM_BLOCK_M = _env_int("FASTCELLS_CUDA_GEMM_BLOCK_M", 64)
+CUDA_GEMM_BLOCK_N = _env_int("FASTCELLS_CUDA_GEMM_BLOCK_N", 64)
+CUDA_GEMM_BLOCK_K = _env_int("FASTCELLS_CUDA_GEMM_BLOCK_K", 16)
+CUDA_GEMM_THREAD_M = _env_int("FASTCELLS_CUDA_GEMM_THREAD_M", 4)
+CUDA_GEMM_THREAD_N = _env_int("FASTCELLS_CUDA_GEMM_THREAD_N", 4)
+
+#: Threads per block of the element-wise kernels (copies, layouts, masks, fills).
+CUDA_ELEMENTWISE_THREADS = _env_int("FASTCELLS_CUDA_ELEMENTWISE_THREADS", 256)
+
+#: Rows one thread sums in the first pass of a column sum (the second pass sums the
+#: partial sums; both in a fixed order, so the result is deterministic).
+CUDA_REDUCE_ROWS = _env_int("FASTCELLS_CUDA_REDUCE_ROWS", 256)
 
 # --- framework bridges --------------------------------------------------------------------
 #: Forward caches kept for their backward pass (oldest evicted first; an evicted cache is

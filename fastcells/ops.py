@@ -53,7 +53,8 @@ class _Cache:
 
     __slots__ = ("cell", "eng", "x", "xt", "W", "U", "b", "bias_shape", "states", "dmask",
                  "rmask", "mask", "mask_t", "opts", "kcache", "B", "T", "H",
-                 "return_sequences", "dtype", "fast", "coef", "checkpoint", "chunks")
+                 "return_sequences", "dtype", "fast", "coef", "checkpoint", "chunks", "fused",
+                 "V", "VT", "released")
 
     def __init__(self, **kw):
         for k, v in kw.items():
@@ -238,7 +239,7 @@ def _check_cache(cache, cell):
     if not isinstance(cache, _Cache) or cache.cell != cell:
         raise TypeError(f"cache must be the cache returned by {cell}_forward(..., training=True)"
                         f", got {type(cache).__name__}")
-    if cache.xt is None and cache.B:
+    if cache.released:
         raise ValueError(f"this {cell} cache was released (its backward already ran through a "
                          f"framework bridge); run {cell}_forward again")
 
@@ -295,9 +296,17 @@ def _prepare(cell, x, kernel, recurrent_kernel, bias, states, *, mask, go_backwa
              "simple_rnn": ("act",)}[cell]
     coef = _math.gate_coefficients([opts[k] for k in codes], H, dt) if fast else None
     la = E.linalg
-    xt = la.time_major(x) if B else None
-    if xt is not None and dmask is not None and dmask.ndim == 2:
-        la.apply_shared_mask(xt, dmask)   # once, for the projection and dW
+    fused = bool(eng == "cpu" and config.FUSED and cell == "lstm" and rmask is None and
+                 (dmask is None or dmask.ndim == 2))
+    V = VT = xt = None
+    if fused:       # the kernels read x itself and project inside each step
+        x = np.ascontiguousarray(x)
+        V = np.concatenate([W, U, (b if b is not None else np.zeros(G * H, dt))[None]])
+        VT = np.ascontiguousarray(V[:-1].T)
+    elif B:
+        xt = la.time_major(x)
+        if dmask is not None and dmask.ndim == 2:
+            la.apply_shared_mask(xt, dmask)   # once, for the projection and dW
     mask_t = None
     if mask is not None:
         mask_t = np.ascontiguousarray(mask.T)
@@ -307,7 +316,8 @@ def _prepare(cell, x, kernel, recurrent_kernel, bias, states, *, mask, go_backwa
                   bias_shape=None if b is None else tuple(b.shape), states=states,
                   dmask=dmask, rmask=rmask, mask=mask, mask_t=mask_t, opts=opts, kcache=None,
                   B=B, T=T, H=H, return_sequences=bool(return_sequences), dtype=dt, fast=fast,
-                  coef=coef, checkpoint=_check_checkpoint(checkpoint_steps, T), chunks=None)
+                  coef=coef, checkpoint=_check_checkpoint(checkpoint_steps, T), chunks=None,
+                  fused=fused, V=V, VT=VT, released=False)
 
 
 # --------------------------------------------------------------------------- the recurrence
@@ -326,8 +336,14 @@ def _chunk_spans(p):
 def _recur(p, t0, t1, states, out0, keep, return_sequences):
     """Projection and recurrence over input times [t0, t1): ``y, final states, kcache``."""
     E, la, o = p.eng, p.eng.linalg, p.opts
-    xt = p.xt if (t0, t1) == (0, p.T) else p.xt[t0:t1]
     m = None if p.mask_t is None else (p.mask_t if (t0, t1) == (0, p.T) else p.mask_t[t0:t1])
+    if p.fused:
+        y, h, c, kc = E.lstm.forward_fused(p.x, t0, t1 - t0, p.V, p.dmask, m, states[0],
+                                           states[1], o["act"], o["ract"], o["go_backwards"],
+                                           o["zero_output"], return_sequences, keep, p.fast,
+                                           p.coef, out0=out0)
+        return y, (h, c), kc
+    xt = p.xt if (t0, t1) == (0, p.T) else p.xt[t0:t1]
     if p.cell == "lstm":
         xw = la.project(xt, p.W, p.b, p.dmask, 4)
         y, h, c, kc = E.lstm.forward(xw, p.U, p.rmask, m, states[0], states[1], o["act"],
@@ -373,6 +389,7 @@ def _run_forward(p, training):
     if not keep:
         la.give_back(p.xt)
         p.xt = None
+        p.released = True
     return Forward(out, states, p if keep else None)
 
 
@@ -405,6 +422,8 @@ def _backward(c, dy, dstates):
     """Backward of a whole call: per chunk (one chunk without checkpoints), from the last,
     recompute the chunk's cache where needed, run the backward recurrence, and accumulate
     the weight gradients. Returns a :class:`Gradients`."""
+    if c.fused:
+        return _backward_fused(c, dy, dstates)
     la, o = c.eng.linalg, c.opts
     B, T, H, dt = c.B, c.T, c.H, c.dtype
     G = _GATES[c.cell]
@@ -421,15 +440,8 @@ def _backward(c, dy, dstates):
     else:
         chunks = c.chunks
     for s0, s1, t0, t1, states0, out0 in reversed(chunks):
-        if states0 is None:
-            kc = c.kcache
-        else:                                   # recompute this chunk's cache
-            yc, _, kc = _recur(c, t0, t1, states0, out0, True, True)
-            la.give_back(yc)
-        if dy.shape[0] == T:
-            dyc = dy if (s0, s1) == (0, T) else dy[s0:s1]
-        else:
-            dyc = dy if s1 == T else la.zeros((1, B, H), dt)
+        kc = _chunk_cache(c, t0, t1, states0, out0)
+        dyc = _chunk_dy(c, dy, s0, s1)
         xt = c.xt if (t0, t1) == (0, T) else c.xt[t0:t1]
         m = None if c.mask_t is None else c.mask_t[t0:t1]
         dz, dstates, dah_rec = _cell_backward(c, kc, m, dyc, dstates, carry)
@@ -451,6 +463,47 @@ def _backward(c, dy, dstates):
             db = _contiguous(np.stack([h_in, np.concatenate([h_in[:2 * H], h_rec])]), dt,
                              c.eng.name)
     return Gradients(dx, dW, dU, db, tuple(dstates))
+
+
+def _chunk_cache(c, t0, t1, states0, out0):
+    """The kernel cache of a chunk: the forward's own, or recomputed from a checkpoint."""
+    if states0 is None:
+        return c.kcache
+    yc, _, kc = _recur(c, t0, t1, states0, out0, True, True)
+    c.eng.linalg.give_back(yc)
+    return kc
+
+
+def _chunk_dy(c, dy, s0, s1):
+    """The output gradients of processing steps [s0, s1)."""
+    if dy.shape[0] == c.T:
+        return dy if (s0, s1) == (0, c.T) else dy[s0:s1]
+    return dy if s1 == c.T else c.eng.linalg.zeros((1, c.B, c.H), c.dtype)
+
+
+def _backward_fused(c, dy, dstates):
+    """Backward of the fused LSTM: dx and each batch block's share of [dW; dU; db] come out
+    of the kernel; the shares are added in block order (any thread count, same bits)."""
+    o, la = c.opts, c.eng.linalg
+    B, T, H, dt = c.B, c.T, c.H, c.dtype
+    D = c.W.shape[0]
+    dx = np.empty((B, T, D), dt)
+    acc = np.zeros((-(-B // config.BLOCK_ROWS), D + H + 1, c.U.shape[1]), dt)
+    carry = la.zeros((B, H), dt)
+    for s0, s1, t0, t1, states0, out0 in reversed(c.chunks or [(0, T, 0, T, None, None)]):
+        kc = _chunk_cache(c, t0, t1, states0, out0)
+        m = None if c.mask_t is None else c.mask_t[t0:t1]
+        dstates = c.eng.lstm.backward_fused(
+            kc, c.VT, c.dmask, m, _chunk_dy(c, dy, s0, s1), dstates[0], dstates[1],
+            o["act"], o["ract"], o["go_backwards"], o["zero_output"], carry, dx, acc, t0)
+        if states0 is not None:
+            la.give_back(*kc)
+    la.give_back(dy)
+    total = acc[0].copy()
+    for k in range(1, acc.shape[0]):
+        total += acc[k]
+    db = None if c.bias_shape is None else total[D + H].copy()
+    return Gradients(dx, total[:D].copy(), total[D:D + H].copy(), db, tuple(dstates))
 
 
 def _cell_backward(c, kc, m, dy, dstates, carry):
@@ -528,11 +581,12 @@ def rebuild_cache(cell, kcache, x, kernel, recurrent_kernel, bias=None, *states,
 def release_cache(cache):
     """Give a cache's memory back for reuse by later calls; the cache is unusable after.
     For bridges that know a cache's backward has run and will not run again."""
-    if isinstance(cache, _Cache) and cache.xt is not None:
+    if isinstance(cache, _Cache) and not cache.released:
         cache.eng.linalg.give_back(*(cache.kcache or ()), cache.xt)
         cache.kcache = None
         cache.xt = None
         cache.chunks = None
+        cache.released = True
 
 
 def cache_arrays(cache):

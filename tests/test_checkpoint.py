@@ -25,6 +25,8 @@ CASES = [
 def several_threads(monkeypatch):
     monkeypatch.setattr(config, "MIN_ROWS_PER_THREAD", 1)
     monkeypatch.setattr(config, "NUM_THREADS", 2)
+    monkeypatch.setattr(config, "BLOCK_ROWS", 2)
+    monkeypatch.setattr(config, "WINDOW_STEPS", 2)
 
 
 def _problem(rng, name, o, B, T, D, H, dtype):

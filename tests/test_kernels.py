@@ -24,6 +24,9 @@ def several_threads(monkeypatch):
     # several batch slices even for small batches, so slicing is exercised
     monkeypatch.setattr(config, "MIN_ROWS_PER_THREAD", 1)
     monkeypatch.setattr(config, "NUM_THREADS", 3)
+    # fused kernels: several batch blocks (the last one short) and windows of steps
+    monkeypatch.setattr(config, "BLOCK_ROWS", 4)
+    monkeypatch.setattr(config, "WINDOW_STEPS", 3)
 
 
 def _split(cell):

@@ -14,12 +14,13 @@ Shapes: B batch, T time steps, H units, G = 4 gates in Keras order i, f, c, o.
 """
 import numpy as np
 
+from .. import config
 from .._workspace import workspace
-from .._math import activate, activate_grad, tanh32
+from .._math import SIGMOID, TANH, activate, activate_grad, tanh32
 from ._common import add_output_grad, initial_output, optional, pending_carry
 from ._jit import kernel
 from ._fpstate import flush_denormals, restore
-from ._parallel import run_batch_parallel
+from ._parallel import run_batch_parallel, run_block_parallel
 
 G = 4
 
@@ -257,6 +258,274 @@ def backward(cache, U, rmask, mask, dy, dh, dc, act, ract, go_backwards, zero_ou
                        use_mask, dy, dh, dc, act, ract, go_backwards, zero_output,
                        pending_carry(carry, B, H, dt), dz, dh0, dc0)
     return dz, dh0, dc0
+
+
+# --------------------------------------------------------------------------- fused kernels
+# Without per-gate dropout masks the input projection moves into the step and the input and
+# weight gradients into the backward, so the projected input xw and the gate gradients dz,
+# [T, B, 4H] each, never go through memory. Step t multiplies one row block
+#   s_t = [x_t | h_{t-1} | 1]   ([n, F], F = D + H + 1, kept as the cache ``xh``)
+# by V = [W; U; b] ([F, 4H]); the backward multiplies dz_t by [W; U]^T once for dx_t and
+# dh_{t-1} together, and adds s^T dz over a window of steps to the block's share of
+# [dW; dU; db]. Batch blocks of ``config.BLOCK_ROWS`` rows each keep their own share, so the
+# sums do not depend on how many threads ran.
+@kernel
+def _forward_fused_kernel(b0, b1, R, x, t_off, T, V, dmask, use_dmask, mask, use_mask, h0, c0,
+                          act, ract, fast, coef, fused, go_backwards, zero_output, keep_cache,
+                          out0, y, h_out, c_out, gates, xh, cprev, actc):
+    # R:      rows of a batch block (each block is its own GEMM: a row's result must not
+    #         depend on how many rows a thread holds)
+    # x:      [B, Tx, D]  batch-major input; step t reads x[:, t_off + t]
+    # V:      [F, 4H]     [W; U; b] (b zeros without a bias)
+    # dmask:  [B, D]      input dropout mask (shared by the gates)
+    # mask:   [T, B]      True where the step is processed
+    # cache (keep_cache): gates [T, B, 4H]; xh [T, B, F] the rows s_t; cprev, actc [T, B, H]
+    # other arguments as in _forward_kernel
+    fpmode = flush_denormals()
+    n = b1 - b0
+    D = x.shape[2]
+    H = h0.shape[1]
+    GH = G * H
+    F = D + H + 1
+    full = y.shape[0] == T
+    dt = y.dtype
+    h = h0[b0:b1].copy()
+    c = c0[b0:b1].copy()
+    out = out0[b0:b1].copy()
+    z = np.empty((n, GH), dt)
+    s_scratch = np.empty((n, F), dt)
+    g_scratch = np.empty((n, GH), dt)
+    a_scratch = np.empty((n, H), dt)
+    ca, cs, co = coef[0], coef[1], coef[2]
+    for s in range(T):
+        t = T - 1 - s if go_backwards else s
+        if keep_cache:
+            st, g, off, ac = xh[t, b0:b1], gates[t], b0, actc[t]
+            cprev[t, b0:b1] = c
+        else:
+            st, g, off, ac = s_scratch, g_scratch, 0, a_scratch
+        for i in range(n):
+            xi = x[b0 + i, t_off + t]
+            if use_dmask:
+                for j in range(D):
+                    st[i, j] = xi[j] * dmask[b0 + i, j]
+            else:
+                for j in range(D):
+                    st[i, j] = xi[j]
+            for j in range(H):
+                st[i, D + j] = h[i, j]
+            st[i, D + H] = 1.0
+        for r0 in range(0, n, R):
+            r1 = min(n, r0 + R)
+            np.dot(st[r0:r1], V, z[r0:r1])
+        if fused:
+            for i in range(n):
+                for j in range(GH):
+                    g[off + i, j] = tanh32(ca[j] * z[i, j]) * cs[j] + co[j]
+        else:
+            for i in range(n):
+                gi = g[off + i]
+                for j in range(GH):
+                    gi[j] = z[i, j]
+                activate(ract, fast, gi, 0, 2 * H)          # i, f
+                activate(act, fast, gi, 2 * H, 3 * H)       # c~
+                activate(ract, fast, gi, 3 * H, 4 * H)      # o
+        for i in range(n):
+            gi = g[off + i]
+            ai = ac[off + i]
+            if use_mask and not mask[t, b0 + i]:
+                if zero_output:
+                    for j in range(H):
+                        out[i, j] = 0.0
+                continue
+            for j in range(H):
+                cc = gi[H + j] * c[i, j] + gi[j] * gi[2 * H + j]
+                c[i, j] = cc
+                ai[j] = cc
+            activate(act, fast, ai, 0, H)
+            for j in range(H):
+                h[i, j] = gi[3 * H + j] * ai[j]
+                out[i, j] = h[i, j]
+        if full:
+            y[s, b0:b1] = out
+    if not full:
+        y[0, b0:b1] = out
+    h_out[b0:b1] = h
+    c_out[b0:b1] = c
+    restore(fpmode)
+
+
+# The backward of the fused forward: the same per-step gate derivation as _backward_kernel;
+# then, per block of R rows,
+#   [dx_t | dh_{t-1}] = dz_t @ [W; U]^T          (dx_t times the dropout mask)
+#   acc_block += s_w^T @ dz_w                    (s_w, dz_w: the rows of a window of steps)
+# with acc = [dW; dU; db] summed over the blocks afterwards.
+@kernel
+def _backward_fused_kernel(b0, b1, R, window, gates, xh, cprev, actc, VT, dmask, use_dmask,
+                           mask, use_mask, dy, dh_in, dc_in, act, ract, go_backwards,
+                           zero_output, t_off, carry_io, dx, acc, dh0, dc0):
+    # gates, xh, cprev, actc: the cache of _forward_fused_kernel, [T, B, .]
+    # VT:    [4H, D+H]  [W; U]^T
+    # dx:    [B, Tx, D] out: rows of steps t_off + t
+    # acc:   [nblocks, F, 4H] in/out: each block's share of [dW; dU; db]
+    # other arguments as in _backward_kernel
+    fpmode = flush_denormals()
+    n = b1 - b0
+    T = gates.shape[0]
+    H = dh_in.shape[1]
+    D = dx.shape[2]
+    GH = G * H
+    F = D + H + 1
+    dt = gates.dtype
+    k0 = b0 // R
+    nb = (n + R - 1) // R
+    dh = dh_in[b0:b1].copy()
+    dc = dc_in[b0:b1].copy()
+    carry = carry_io[b0:b1].copy()
+    dzw = np.zeros((nb, window * R, GH), dt)     # rows past the batch stay zero
+    sw = np.zeros((nb, window * R, F), dt)
+    dd = np.empty((R, D + H), dt)
+    dxw = np.empty((n, window, D), dt)
+    part = np.empty((F, GH), dt)
+    da = np.empty(H, dt)
+    live = np.empty(n, np.bool_)
+    standard = act == TANH and ract == SIGMOID
+    dht = np.empty(H, dt)
+    dct = np.empty(H, dt)
+    w = 0
+    for s in range(T - 1, -1, -1):
+        t = T - 1 - s if go_backwards else s
+        add_output_grad(carry, dy, s, T, b0, b1)
+        gt = gates[t]
+        for i in range(n):
+            b = b0 + i
+            row = w * R + i % R
+            d = dzw[i // R, row]
+            sw[i // R, row] = xh[t, b]
+            live[i] = not (use_mask and not mask[t, b])
+            if not live[i]:
+                d[:] = 0.0
+                if zero_output:
+                    carry[i] = 0.0
+                continue
+            g = gt[b]
+            ac = actc[t, b]
+            cp = cprev[t, b]
+            if standard:
+                # tanh and sigmoid, derivatives from the outputs. Loops with one output
+                # array each: few enough possible overlaps for LLVM to vectorise them.
+                dhi, dci, cri = dh[i], dc[i], carry[i]
+                for j in range(H):
+                    dht[j] = dhi[j] + cri[j]
+                cri[:] = 0.0
+                for j in range(H):      # no literal constants: they would be float64
+                    a = ac[j]
+                    e = dht[j] * g[3 * H + j]
+                    dct[j] = dci[j] + (e - e * a * a)
+                for j in range(H):
+                    gi, gf, gc, go = g[j], g[H + j], g[2 * H + j], g[3 * H + j]
+                    e = dct[j] * gi
+                    d[j] = dct[j] * gc * (gi - gi * gi)
+                    d[H + j] = dct[j] * cp[j] * (gf - gf * gf)
+                    d[2 * H + j] = e - e * gc * gc
+                    d[3 * H + j] = dht[j] * ac[j] * (go - go * go)
+                for j in range(H):
+                    dci[j] = dct[j] * g[H + j]
+                continue
+            for j in range(H):
+                dhj = dh[i, j] + carry[i, j]
+                carry[i, j] = 0.0
+                d[3 * H + j] = dhj * ac[j]
+                da[j] = dhj * g[3 * H + j]
+            activate_grad(act, ac, da, 0, H)
+            for j in range(H):
+                dcj = dc[i, j] + da[j]
+                d[j] = dcj * g[2 * H + j]
+                d[H + j] = dcj * cp[j]
+                d[2 * H + j] = dcj * g[j]
+                dc[i, j] = dcj * g[H + j]
+            activate_grad(ract, g, d, 0, 2 * H)
+            activate_grad(act, g, d, 2 * H, 3 * H)
+            activate_grad(ract, g, d, 3 * H, 4 * H)
+        for k in range(nb):
+            rows = min(R, n - k * R)
+            np.dot(dzw[k, w * R:w * R + rows], VT, dd[:rows])
+            for ii in range(rows):
+                i = k * R + ii
+                dxr = dxw[i, w]
+                if use_dmask:
+                    for j in range(D):
+                        dxr[j] = dd[ii, j] * dmask[b0 + i, j]
+                else:
+                    for j in range(D):
+                        dxr[j] = dd[ii, j]
+                if live[i]:
+                    for j in range(H):
+                        dh[i, j] = dd[ii, D + j]
+        w += 1
+        if w == window or s == 0:
+            for k in range(nb):
+                np.dot(sw[k, :w * R].T, dzw[k, :w * R], part)
+                acc[k0 + k] += part
+            # dx rows of the window: a contiguous stretch of steps per batch row (batch-major
+            # rows of one step lie T*D apart, a page each)
+            for i in range(n):
+                for slot in range(w):
+                    sl = s + w - 1 - slot                   # the step held in this slot
+                    tt = T - 1 - sl if go_backwards else sl
+                    dx[b0 + i, t_off + tt] = dxw[i, slot]
+            w = 0
+    dh0[b0:b1] = dh
+    dc0[b0:b1] = dc
+    carry_io[b0:b1] = carry
+    restore(fpmode)
+
+
+def forward_fused(x, t_off, T, V, dmask, mask, h0, c0, act, ract, go_backwards, zero_output,
+                  return_sequences, keep_cache, fast, coef, out0=None):
+    """The fused forward over steps [t_off, t_off + T) of the batch-major ``x`` [B, Tx, D].
+
+    ``V`` = [W; U; b] ([D + H + 1, 4H]); ``dmask`` [B, D] or None. Returns ``y, h, c,
+    cache`` with ``cache = (gates, xh, cprev, actc)``; the rest as in :func:`forward`."""
+    B, _, D = x.shape
+    H = h0.shape[1]
+    dt = V.dtype
+    y = workspace.empty((T if return_sequences else 1, B, H), dt)
+    h = np.empty((B, H), dt)
+    c = np.empty((B, H), dt)
+    shape = (T, B, H) if keep_cache else (0, 0, 0)
+    gates = workspace.empty((T, B, G * H) if keep_cache else (0, 0, 0), dt)
+    xh = workspace.empty((T, B, D + H + 1) if keep_cache else (0, 0, 0), dt)
+    cprev, actc = workspace.empty(shape, dt), workspace.empty(shape, dt)
+    dm, use_dmask = optional(dmask, 2, dt)
+    m, use_mask = optional(mask, 2, np.bool_)
+    fused = coef is not None and fast
+    cf = coef if fused else np.zeros((3, G * H), dt)
+    run_block_parallel(_forward_fused_kernel, B, config.BLOCK_ROWS, config.BLOCK_ROWS, x,
+                       t_off, T, V, dm,
+                       use_dmask, m, use_mask, h0, c0, act, ract, fast, cf, fused,
+                       go_backwards, zero_output, keep_cache, initial_output(out0, B, H, dt),
+                       y, h, c, gates, xh, cprev, actc)
+    return y, h, c, ((gates, xh, cprev, actc) if keep_cache else None)
+
+
+def backward_fused(cache, VT, dmask, mask, dy, dh, dc, act, ract, go_backwards, zero_output,
+                   carry, dx, acc, t_off):
+    """Backward of :func:`forward_fused`: writes dx[:, t_off:t_off + T] and adds each
+    block's share of [dW; dU; db] to ``acc`` [nblocks, D + H + 1, 4H]. Returns dh0, dc0."""
+    gates, xh, cprev, actc = cache
+    T, B, _ = gates.shape
+    H = dh.shape[1]
+    dt = gates.dtype
+    dh0 = np.empty((B, H), dt)
+    dc0 = np.empty((B, H), dt)
+    dm, use_dmask = optional(dmask, 2, dt)
+    m, use_mask = optional(mask, 2, np.bool_)
+    run_block_parallel(_backward_fused_kernel, B, config.BLOCK_ROWS, config.BLOCK_ROWS,
+                       config.WINDOW_STEPS, gates, xh, cprev, actc, VT, dm, use_dmask, m,
+                       use_mask, dy, dh, dc, act, ract, go_backwards, zero_output, t_off,
+                       pending_carry(carry, B, H, dt), dx, acc, dh0, dc0)
+    return dh0, dc0
 
 
 def split_gates(U, gates):
