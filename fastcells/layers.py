@@ -52,8 +52,14 @@ class _FastRNN:
     _cell_name = None
     _gates = 1
 
-    def _init_engine(self, engine):
+    def _init_engine(self, engine, checkpoint_steps):
         self.engine = _check_engine(engine)
+        if checkpoint_steps is not None and (isinstance(checkpoint_steps, bool) or
+                                             not isinstance(checkpoint_steps, int) or
+                                             checkpoint_steps < 1):
+            raise ValueError(f"checkpoint_steps must be a positive int or None, got "
+                             f"{checkpoint_steps!r}")
+        self.checkpoint_steps = checkpoint_steps
         # the kernels run outside XLA (as the built-in cuDNN path does)
         self.supports_jit = False
         self._warned = set()
@@ -64,6 +70,7 @@ class _FastRNN:
     def get_config(self):
         config = super().get_config()
         config["engine"] = self.engine
+        config["checkpoint_steps"] = self.checkpoint_steps
         return config
 
     # ------------------------------------------------------------------ validation
@@ -141,19 +148,19 @@ class _FastRNN:
             mask = mask[0]
         if self.engine == "keras":
             return self._keras_inner_loop(sequences, initial_state, mask, training)
-        if self.engine == "cuda":
-            raise ValueError(f"{type(self).__name__}(engine='cuda'): the CUDA kernels are not "
-                             f"available in this build of fastcells; use engine='cpu' or "
-                             f"'auto'")
         mod = bridge.get(keras.backend.backend())
         reason = self._unsupported(mod)
         if reason is not None:
             return self._fallback(reason, sequences, initial_state, mask, training)
         call = self._kernel_call(sequences, initial_state, mask, training)
         reason = mod.supports(call)
+        engine = bridge.engine_for(mod, call) if reason is None else None
+        if reason is None and self.engine in ("cpu", "cuda") and engine != self.engine:
+            where = "a GPU" if engine == "cuda" else "the CPU"
+            reason = f"the inputs live on {where}, so engine={self.engine!r} cannot run them"
         if reason is not None:
             return self._fallback(reason, sequences, initial_state, mask, training)
-        self.last_engine = bridge.engine_for(mod, call)
+        self.last_engine = engine
         in_dtype = call.x.dtype
         outputs, states = mod.run(call)
         outputs = kops.cast(outputs, in_dtype)
@@ -190,7 +197,8 @@ class _FastRNN:
 
         options = dict(go_backwards=bool(self.go_backwards),
                        zero_output_for_mask=bool(self.zero_output_for_mask),
-                       activation=_math.activation_code(cell.activation))
+                       activation=_math.activation_code(cell.activation),
+                       checkpoint_steps=self.checkpoint_steps)
         if self._gates > 1:
             options["recurrent_activation"] = _math.activation_code(cell.recurrent_activation)
         if self._cell_name == "gru":
@@ -214,6 +222,11 @@ class LSTM(_FastRNN, keras.layers.LSTM):
             otherwise, the built-in implementation with one warning for configurations the
             kernels do not cover), "cpu", "cuda" (raise for such configurations) or "keras"
             (always the built-in implementation).
+        checkpoint_steps: None (default: the forward keeps its whole cache for the
+            backward) or K, to keep only the states entering every K-th step and recompute
+            each chunk in the backward: the training memory of a sequence of T steps goes
+            from about (G + 3) T to (G + 3) K + 3 T / K vectors of B x H per layer (G gates),
+            for about one more forward pass. Same gradients (to rounding).
 
     Example::
 
@@ -224,9 +237,9 @@ class LSTM(_FastRNN, keras.layers.LSTM):
     _cell_name = "lstm"
     _gates = 4
 
-    def __init__(self, units, *args, engine="auto", **kwargs):
+    def __init__(self, units, *args, engine="auto", checkpoint_steps=None, **kwargs):
         super().__init__(units, *args, **kwargs)
-        self._init_engine(engine)
+        self._init_engine(engine, checkpoint_steps)
 
 
 @keras.saving.register_keras_serializable(package="fastcells")
@@ -243,9 +256,9 @@ class GRU(_FastRNN, keras.layers.GRU):
     _cell_name = "gru"
     _gates = 3
 
-    def __init__(self, units, *args, engine="auto", **kwargs):
+    def __init__(self, units, *args, engine="auto", checkpoint_steps=None, **kwargs):
         super().__init__(units, *args, **kwargs)
-        self._init_engine(engine)
+        self._init_engine(engine, checkpoint_steps)
 
 
 @keras.saving.register_keras_serializable(package="fastcells")
@@ -262,6 +275,6 @@ class SimpleRNN(_FastRNN, keras.layers.SimpleRNN):
     _cell_name = "simple_rnn"
     _gates = 1
 
-    def __init__(self, units, *args, engine="auto", **kwargs):
+    def __init__(self, units, *args, engine="auto", checkpoint_steps=None, **kwargs):
         super().__init__(units, *args, **kwargs)
-        self._init_engine(engine)
+        self._init_engine(engine, checkpoint_steps)

@@ -204,6 +204,7 @@ def test_same_weights_layout_and_config_as_builtin():
     assert [w.path.split("/")[-1] for w in ref.weights] == [w.path.split("/")[-1] for w in fc.weights]
     cfg = fc.get_config()
     assert cfg.pop("engine") == "auto"
+    assert cfg.pop("checkpoint_steps") is None
     assert cfg == ref.get_config() | {"name": cfg["name"]}
 
 
@@ -231,5 +232,22 @@ def test_fallback_warns_once_and_matches_builtin(rng):
 def test_engine_argument_is_checked():
     with pytest.raises(ValueError, match=r"engine must be one of .* got engine='tpu'"):
         fastcells.GRU(3, engine="tpu")
-    with pytest.raises(ValueError, match="CUDA kernels are not available"):
+    # TF tensors on the CPU: the CUDA kernels cannot take them, and the error says why
+    with pytest.raises(ValueError, match=r"engine='cuda'.*the CPU"):
         fastcells.GRU(3, engine="cuda")(np.zeros((1, 2, 3), "float32"))
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="checkpoint_steps"):
+            fastcells.LSTM(3, checkpoint_steps=bad)
+
+
+@pytest.mark.parametrize("cell", range(len(CELLS)), ids=CELL_IDS)
+def test_checkpoint_steps_same_results_as_builtin(cell, rng):
+    """Chunked recomputation through the layer: outputs and gradients of the built-in layer."""
+    name, kw = CELLS[cell]
+    x = rng.standard_normal((6, 40, 3)).astype("float32")
+    mask = random_mask(rng, 6, 40)
+    ref, fc = pair(name, 5, return_sequences=True, **kw)
+    fc.checkpoint_steps = 7
+    assert_same(ref, fc, x, mask=mask, training=True)
+    clone = type(fc).from_config(fc.get_config())
+    assert clone.checkpoint_steps == 7
