@@ -26,15 +26,15 @@ NUM_THREADS = _env_int("FASTCELLS_NUM_THREADS", os.cpu_count() or 1)
 #: handful of rows costs more in hand-off than it saves).
 MIN_ROWS_PER_THREAD = _env_int("FASTCELLS_MIN_ROWS_PER_THREAD", 8)
 
-#: Batch rows of one block of the fused kernels (LSTM and SimpleRNN without per-gate dropout
-#: masks). Each block keeps its own weight-gradient sums, which are added in block order at
-#: the end, so the gradients are bit-identical for any number of threads; threads take whole
-#: blocks, so a call uses at most ceil(batch / BLOCK_ROWS) threads.
-BLOCK_ROWS = _env_int("FASTCELLS_BLOCK_ROWS", 32)
+#: Batch rows of one block. Threads take whole blocks (a call uses at most
+#: ceil(batch / BLOCK_ROWS) threads) and every in-kernel GEMM runs per block, so a row's
+#: result never depends on the thread count; the fused LSTM backward keeps each block's
+#: weight-gradient sums apart and adds them in block order at the end.
+BLOCK_ROWS = _env_int("FASTCELLS_BLOCK_ROWS", 16)
 
 #: Time steps whose gate gradients a fused backward gathers before adding their part of the
 #: weight gradients (one GEMM of K = BLOCK_ROWS * WINDOW_STEPS while the data is in cache).
-WINDOW_STEPS = _env_int("FASTCELLS_WINDOW_STEPS", 16)
+WINDOW_STEPS = _env_int("FASTCELLS_WINDOW_STEPS", 32)
 
 #: Use the fused kernels where they apply (the input projection inside each step, the input
 #: and weight gradients inside the backward). ``FASTCELLS_FUSED=0`` turns them off.

@@ -54,7 +54,7 @@ class _Cache:
     __slots__ = ("cell", "eng", "x", "xt", "W", "U", "b", "bias_shape", "states", "dmask",
                  "rmask", "mask", "mask_t", "opts", "kcache", "B", "T", "H",
                  "return_sequences", "dtype", "fast", "coef", "checkpoint", "chunks", "fused",
-                 "V", "VT", "released")
+                 "V", "VT", "released", "from_x", "Wb")
 
     def __init__(self, **kw):
         for k, v in kw.items():
@@ -298,11 +298,18 @@ def _prepare(cell, x, kernel, recurrent_kernel, bias, states, *, mask, go_backwa
     la = E.linalg
     fused = bool(eng == "cpu" and config.FUSED and cell == "lstm" and rmask is None and
                  (dmask is None or dmask.ndim == 2))
-    V = VT = xt = None
+    # GRU and SimpleRNN: the projection inside the step (the backward builds xt if needed)
+    from_x = bool(eng == "cpu" and config.FUSED and cell != "lstm" and
+                  (dmask is None or dmask.ndim == 2))
+    V = VT = xt = Wb = None
     if fused:       # the kernels read x itself and project inside each step
         x = np.ascontiguousarray(x)
         V = np.concatenate([W, U, (b if b is not None else np.zeros(G * H, dt))[None]])
         VT = np.ascontiguousarray(V[:-1].T)
+    elif from_x:
+        x = np.ascontiguousarray(x)
+        b_in = b if cell == "simple_rnn" or not reset_after else (None if b is None else b[0])
+        Wb = np.concatenate([W, (b_in if b_in is not None else np.zeros(G * H, dt))[None]])
     elif B:
         xt = la.time_major(x)
         if dmask is not None and dmask.ndim == 2:
@@ -317,7 +324,7 @@ def _prepare(cell, x, kernel, recurrent_kernel, bias, states, *, mask, go_backwa
                   dmask=dmask, rmask=rmask, mask=mask, mask_t=mask_t, opts=opts, kcache=None,
                   B=B, T=T, H=H, return_sequences=bool(return_sequences), dtype=dt, fast=fast,
                   coef=coef, checkpoint=_check_checkpoint(checkpoint_steps, T), chunks=None,
-                  fused=fused, V=V, VT=VT, released=False)
+                  fused=fused, V=V, VT=VT, released=False, from_x=from_x, Wb=Wb)
 
 
 # --------------------------------------------------------------------------- the recurrence
@@ -343,7 +350,12 @@ def _recur(p, t0, t1, states, out0, keep, return_sequences):
                                            o["zero_output"], return_sequences, keep, p.fast,
                                            p.coef, out0=out0)
         return y, (h, c), kc
-    xt = p.xt if (t0, t1) == (0, p.T) else p.xt[t0:t1]
+    if p.from_x:
+        xt = None
+        fx = dict(x=p.x, t_off=t0, T=t1 - t0, Wb=p.Wb, dmask=p.dmask)
+    else:
+        xt = p.xt if (t0, t1) == (0, p.T) else p.xt[t0:t1]
+        fx = {}
     if p.cell == "lstm":
         xw = la.project(xt, p.W, p.b, p.dmask, 4)
         y, h, c, kc = E.lstm.forward(xw, p.U, p.rmask, m, states[0], states[1], o["act"],
@@ -354,18 +366,19 @@ def _recur(p, t0, t1, states, out0, keep, return_sequences):
         ra = o["reset_after"]
         b_in = None if p.b is None else (p.b[0] if ra else p.b)
         brec = p.b[1] if (p.b is not None and ra) else la.zeros((3 * p.H,), p.dtype)
-        xw = la.project(xt, p.W, b_in, p.dmask, 3)
+        xw = None if p.from_x else la.project(xt, p.W, b_in, p.dmask, 3)
         y, h, kc = E.gru.forward(xw, p.U, brec, p.rmask, m, states[0], o["act"], o["ract"],
                                  ra, o["go_backwards"], o["zero_output"], return_sequences,
-                                 keep, p.fast, p.coef, out0=out0)
+                                 keep, p.fast, p.coef, out0=out0, **fx)
         new = (h,)
     else:
-        xw = la.project(xt, p.W, p.b, p.dmask, 1)
+        xw = None if p.from_x else la.project(xt, p.W, p.b, p.dmask, 1)
         y, h, kc = E.simple_rnn.forward(xw, p.U, p.rmask, m, states[0], o["act"],
                                         o["go_backwards"], o["zero_output"], return_sequences,
-                                        keep, p.fast, out0=out0)
+                                        keep, p.fast, out0=out0, **fx)
         new = (h,)
-    la.give_back(xw)
+    if xw is not None:
+        la.give_back(xw)
     return y, new, kc
 
 
@@ -427,6 +440,10 @@ def _backward(c, dy, dstates):
     la, o = c.eng.linalg, c.opts
     B, T, H, dt = c.B, c.T, c.H, c.dtype
     G = _GATES[c.cell]
+    if c.xt is None:        # the forward projected inside the step: dW needs x time-major
+        c.xt = la.time_major(c.x)
+        if c.dmask is not None:
+            la.apply_shared_mask(c.xt, c.dmask)
     dxt = None if c.chunks is None else la.empty((T, B, c.W.shape[0]), dt)
     dW = None
     dU = la.zeros(c.U.shape, dt)

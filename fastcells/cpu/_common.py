@@ -30,3 +30,32 @@ def initial_output(out0, B, H, dtype):
 def pending_carry(carry, B, H, dtype):
     """The in/out pending output gradient of a backward, [B, H]: ``carry`` or zeros."""
     return np.zeros((B, H), dtype) if carry is None else carry
+
+
+@njit(inline="always", **config.NJIT_OPTIONS)
+def dot_blocks(a, b, out, R):
+    """out = a @ b, one GEMM per block of R rows: a row's result must not depend on how many
+    rows a thread holds (BLAS sums differently for other shapes, e.g. one row)."""
+    n = a.shape[0]
+    for r0 in range(0, n, R):
+        r1 = min(n, r0 + R)
+        np.dot(a[r0:r1], b, out[r0:r1])
+
+
+@njit(inline="always", **config.NJIT_OPTIONS)
+def project_rows(x, t, b0, dmask, use_dmask, Wb, sx, out, R):
+    """out[i] = [x[b0 + i, t] * dmask[b0 + i] | 1] @ Wb for the rows of a slice: the input
+    projection of one step, computed where it is used (``Wb`` = [W; b], [D + 1, G*H];
+    ``sx`` [n, D + 1] scratch)."""
+    n = sx.shape[0]
+    D = x.shape[2]
+    for i in range(n):
+        xi = x[b0 + i, t]
+        if use_dmask:
+            for j in range(D):
+                sx[i, j] = xi[j] * dmask[b0 + i, j]
+        else:
+            for j in range(D):
+                sx[i, j] = xi[j]
+        sx[i, D] = 1.0
+    dot_blocks(sx, Wb, out, R)

@@ -12,20 +12,26 @@ import numpy as np
 
 from .._workspace import workspace
 from .._math import activate, activate_grad, tanh32
-from ._common import add_output_grad, initial_output, optional, pending_carry
+from .. import config
+from ._common import (add_output_grad, dot_blocks, initial_output, optional, pending_carry,
+                      project_rows)
 from ._jit import kernel
 from ._fpstate import flush_denormals, restore
-from ._parallel import run_batch_parallel
+from ._parallel import run_block_parallel
 from .lstm import split_gates
 
 G = 3
 
 
 @kernel
-def _forward_kernel(b0, b1, xw, U, Ug, brec, rmask, use_rmask, mask, use_mask, h0,
-                    act, ract, fast, coef, fused, reset_after, go_backwards, zero_output,
-                    keep_cache, out0, y, h_out, gates, hprev, aux):
-    # xw:    [T, B, 3H]  x @ W + input bias (input dropout already applied)
+def _forward_kernel(b0, b1, R, T, xw, x, t_off, Wb, dmask, use_dmask, from_x, U, Ug, brec,
+                    rmask, use_rmask, mask, use_mask, h0, act, ract, fast, coef, fused,
+                    reset_after, go_backwards, zero_output, keep_cache, out0, y, h_out, gates,
+                    hprev, aux):
+    # R:     rows per GEMM block (thread slices are whole blocks; see _common.dot_blocks)
+    # xw:    [T, B, 3H]  x @ W + input bias (input dropout already applied), unless from_x:
+    # x:     [B, Tx, D]  batch-major input, step t reads x[:, t_off + t]; with Wb [D + 1, 3H]
+    #        = [W; b_in] and dmask [B, D] the projection is made inside the step
     # U:     [H, 3H]     recurrent kernel (used without recurrent dropout)
     # Ug:    [3, H, H]   recurrent kernel split per gate
     # brec:  [3H]        recurrent bias (reset_after; zeros otherwise)
@@ -36,12 +42,13 @@ def _forward_kernel(b0, b1, xw, U, Ug, brec, rmask, use_rmask, mask, use_mask, h
     #        aux [T, B, H] = a_h (reset_after) or q (reset_after=False)
     fpmode = flush_denormals()
     n = b1 - b0
-    T = xw.shape[0]
     H = h0.shape[1]
     full = y.shape[0] == T
-    dt = xw.dtype
+    dt = y.dtype
     h = h0[b0:b1].copy()
     out = out0[b0:b1].copy()
+    sx = np.empty((n, x.shape[2] + 1), dt)
+    xs = np.empty((n, G * H), dt)
     rec = np.empty((n, G * H), dt)
     hr = np.empty((n, H), dt)
     zk = np.empty((n, H), dt)
@@ -56,15 +63,15 @@ def _forward_kernel(b0, b1, xw, U, Ug, brec, rmask, use_rmask, mask, use_mask, h
                 for i in range(n):
                     for j in range(H):
                         hr[i, j] = h[i, j] * rmask[k, b0 + i, j]
-                np.dot(hr, Ug[k], zk)
+                dot_blocks(hr, Ug[k], zk, R)
                 for i in range(n):
                     for j in range(H):
                         rec[i, k * H + j] = zk[i, j]
         elif reset_after:
-            np.dot(h, U, rec)
+            dot_blocks(h, U, rec, R)
         else:
             for k in range(2):
-                np.dot(h, Ug[k], zk)
+                dot_blocks(h, Ug[k], zk, R)
                 for i in range(n):
                     for j in range(H):
                         rec[i, k * H + j] = zk[i, j]
@@ -73,11 +80,15 @@ def _forward_kernel(b0, b1, xw, U, Ug, brec, rmask, use_rmask, mask, use_mask, h
             hprev[t, b0:b1] = h
         else:
             g, off = g_scratch, 0
-        xt = xw[t]
+        if from_x:
+            project_rows(x, t_off + t, b0, dmask, use_dmask, Wb, sx, xs, R)
+            xt, xo = xs, 0
+        else:
+            xt, xo = xw[t], b0
         # z and r for every row (masked rows too: branch-free, results unused)
         for i in range(n):
             gi = g[off + i]
-            xi = xt[b0 + i]
+            xi = xt[xo + i]
             if fused:
                 for j in range(2 * H):
                     gi[j] = tanh32(ca[j] * (xi[j] + rec[i, j] + brec[j])) * cs[j] + co[j]
@@ -95,11 +106,11 @@ def _forward_kernel(b0, b1, xw, U, Ug, brec, rmask, use_rmask, mask, use_mask, h
                     hrh = h[i, j] * rmask[2, b0 + i, j] if use_rmask else h[i, j]
                     q[i, j] = gi[H + j] * hrh
         if not reset_after:
-            np.dot(q, Ug[2], zk)
+            dot_blocks(q, Ug[2], zk, R)
             for i in range(n):
                 gi = g[off + i]
                 for j in range(H):
-                    gi[2 * H + j] = xt[b0 + i, 2 * H + j] + zk[i, j]
+                    gi[2 * H + j] = xt[xo + i, 2 * H + j] + zk[i, j]
         for i in range(n):
             gi = g[off + i]
             if use_mask and not mask[t, b0 + i]:
@@ -133,7 +144,7 @@ def _forward_kernel(b0, b1, xw, U, Ug, brec, rmask, use_rmask, mask, use_mask, h
 # Outputs: dz [T, B, 3H] = (daz, dar, dah), the gradient of the input-side pre-activations,
 # and dah_rec [T, B, H] = da_h (reset_after only), the gradient of the recurrent h term.
 @kernel
-def _backward_kernel(b0, b1, gates, hprev, aux, UT, UgT, rmask, use_rmask, mask, use_mask,
+def _backward_kernel(b0, b1, R, gates, hprev, aux, UT, UgT, rmask, use_rmask, mask, use_mask,
                      dy, dh_in, act, ract, reset_after, go_backwards, zero_output,
                      carry_io, dz, dah_rec, dh0):
     # gates, hprev, aux: the forward cache, [T, B, .];  UT: [3H, H];  UgT: [3, H, H]
@@ -188,7 +199,7 @@ def _backward_kernel(b0, b1, gates, hprev, aux, UT, UgT, rmask, use_rmask, mask,
             for i in range(n):
                 for j in range(H):
                     dk[i, j] = dzt[b0 + i, 2 * H + j]
-            np.dot(dk, UgT[2], dq)
+            dot_blocks(dk, UgT[2], dq, R)
             for i in range(n):
                 if live[i]:
                     b = b0 + i
@@ -215,13 +226,13 @@ def _backward_kernel(b0, b1, gates, hprev, aux, UT, UgT, rmask, use_rmask, mask,
                 for i in range(n):
                     for j in range(H):
                         dk[i, j] = drec[i, k * H + j]
-                np.dot(dk, UgT[k], zk)
+                dot_blocks(dk, UgT[k], zk, R)
                 for i in range(n):
                     for j in range(H):
                         r_k = rmask[k, b0 + i, j] if use_rmask else 1.0
                         dhn[i, j] += zk[i, j] * r_k
         else:
-            np.dot(drec, UT, dhn)
+            dot_blocks(drec, UT, dhn, R)
             dhn += dhz
         for i in range(n):
             if live[i]:
@@ -232,13 +243,21 @@ def _backward_kernel(b0, b1, gates, hprev, aux, UT, UgT, rmask, use_rmask, mask,
 
 
 def forward(xw, U, brec, rmask, mask, h0, act, ract, reset_after, go_backwards, zero_output,
-            return_sequences, keep_cache, fast, coef, out0=None):
+            return_sequences, keep_cache, fast, coef, out0=None, x=None, t_off=0, T=None,
+            Wb=None, dmask=None):
     """Run the GRU recurrence (time-major). Returns ``y, h, cache`` with
     ``cache = (gates, hprev, aux)``; ``coef`` is ``_math.gate_coefficients`` of z, r or None;
-    ``out0`` as in ``lstm.forward``."""
-    T, B, _ = xw.shape
-    H = h0.shape[1]
-    dt = xw.dtype
+    ``out0`` as in ``lstm.forward``. With ``x`` [B, Tx, D] instead of ``xw`` (None), steps
+    [t_off, t_off + T) of x are projected inside the step by ``Wb`` = [W; b_in] (and the
+    shared input dropout mask ``dmask`` [B, D]), so xw never goes through memory."""
+    from_x = x is not None
+    dt = U.dtype
+    B, H = h0.shape
+    if from_x:
+        xw = np.empty((0, 0, 0), dt)
+    else:
+        T = xw.shape[0]
+        x, Wb = np.empty((0, 0, 0), dt), np.empty((0, 0), dt)
     y = workspace.empty((T if return_sequences else 1, B, H), dt)
     h = np.empty((B, H), dt)
     shape = (T, B, H) if keep_cache else (0, 0, 0)
@@ -250,7 +269,10 @@ def forward(xw, U, brec, rmask, mask, h0, act, ract, reset_after, go_backwards, 
     m, use_mask = optional(mask, 2, np.bool_)
     fused = coef is not None and fast
     cf = coef if fused else np.zeros((3, 2 * H), dt)
-    run_batch_parallel(_forward_kernel, B, xw, U, Ug, brec, rm, use_rmask, m, use_mask, h0,
+    dm, use_dmask = optional(dmask, 2, dt)
+    R = config.BLOCK_ROWS
+    run_block_parallel(_forward_kernel, B, R, R, T, xw, x, t_off, Wb, dm, use_dmask, from_x,
+                       U, Ug, brec, rm, use_rmask, m, use_mask, h0,
                        act, ract, fast, cf, fused, reset_after, go_backwards, zero_output,
                        keep_cache, initial_output(out0, B, H, dt), y, h, gates, hprev, aux)
     return y, h, ((gates, hprev, aux) if keep_cache else None)
@@ -272,7 +294,7 @@ def backward(cache, U, rmask, mask, dy, dh, act, ract, reset_after, go_backwards
     UgT = np.ascontiguousarray(split_gates(U, G).transpose(0, 2, 1))
     rm = rmask if use_rmask else np.empty((G, 0, 0), dt)
     m, use_mask = optional(mask, 2, np.bool_)
-    run_batch_parallel(_backward_kernel, B, gates, hprev, aux, UT, UgT, rm, use_rmask, m,
+    run_block_parallel(_backward_kernel, B, config.BLOCK_ROWS, config.BLOCK_ROWS, gates, hprev, aux, UT, UgT, rm, use_rmask, m,
                        use_mask, dy, dh, act, ract, reset_after, go_backwards, zero_output,
                        pending_carry(carry, B, H, dt), dz, dah_rec, dh0)
     return dz, (dah_rec if reset_after else None), dh0

@@ -6,17 +6,22 @@ import numpy as np
 
 from .._workspace import workspace
 from .._math import activate, activate_grad
-from ._common import add_output_grad, initial_output, optional, pending_carry
+from .. import config
+from ._common import (add_output_grad, dot_blocks, initial_output, optional, pending_carry,
+                      project_rows)
 from ._jit import kernel
 from ._fpstate import flush_denormals, restore
-from ._parallel import run_batch_parallel
+from ._parallel import run_block_parallel
 
 
 @kernel
-def _forward_kernel(b0, b1, xw, U, rmask, use_rmask, mask, use_mask, h0,
-                    act, fast, go_backwards, zero_output, keep_cache,
-                    out0, y, h_out, hs, hprev):
-    # xw:    [T, B, H]   x @ W + b (input dropout already applied)
+def _forward_kernel(b0, b1, R, T, xw, x, t_off, Wb, dmask, use_dmask, from_x, U, rmask,
+                    use_rmask, mask, use_mask, h0, act, fast, go_backwards, zero_output,
+                    keep_cache, out0, y, h_out, hs, hprev):
+    # R:     rows per GEMM block (thread slices are whole blocks; see _common.dot_blocks)
+    # xw:    [T, B, H]   x @ W + b (input dropout already applied), unless from_x:
+    # x:     [B, Tx, D]  batch-major input, step t reads x[:, t_off + t]; Wb [D + 1, H] =
+    #        [W; b] and dmask [B, D] project it inside the step
     # U:     [H, H]      recurrent kernel
     # rmask: [B, H]      recurrent dropout mask
     # mask:  [T, B]      True where the step is processed
@@ -25,10 +30,11 @@ def _forward_kernel(b0, b1, xw, U, rmask, use_rmask, mask, use_mask, h0,
     # cache: hs [T, B, H] = act(pre) of the step; hprev [T, B, H] the state entering step t
     fpmode = flush_denormals()
     n = b1 - b0
-    T = xw.shape[0]
     H = h0.shape[1]
     full = y.shape[0] == T
-    dt = xw.dtype
+    dt = y.dtype
+    sx = np.empty((n, x.shape[2] + 1), dt)
+    xs = np.empty((n, H), dt)
     h = h0[b0:b1].copy()
     hr = np.empty((n, H), dt)
     z = np.empty((n, H), dt)
@@ -40,19 +46,23 @@ def _forward_kernel(b0, b1, xw, U, rmask, use_rmask, mask, use_mask, h0,
             for i in range(n):
                 for j in range(H):
                     hr[i, j] = h[i, j] * rmask[b0 + i, j]
-            np.dot(hr, U, z)
+            dot_blocks(hr, U, z, R)
         else:
-            np.dot(h, U, z)
+            dot_blocks(h, U, z, R)
         if keep_cache:
             g, off = hs[t], b0
             hprev[t, b0:b1] = h
         else:
             g, off = g_scratch, 0
-        xt = xw[t]
+        if from_x:
+            project_rows(x, t_off + t, b0, dmask, use_dmask, Wb, sx, xs, R)
+            xt, xo = xs, 0
+        else:
+            xt, xo = xw[t], b0
         for i in range(n):
             gi = g[off + i]
             for j in range(H):
-                gi[j] = xt[b0 + i, j] + z[i, j]
+                gi[j] = xt[xo + i, j] + z[i, j]
             activate(act, fast, gi, 0, H)
         for i in range(n):
             if use_mask and not mask[t, b0 + i]:
@@ -72,7 +82,7 @@ def _forward_kernel(b0, b1, xw, U, rmask, use_rmask, mask, use_mask, h0,
 # Backward per processed step: dz = (dh + dout) * act'(h_t);  dh_{t-1} = (dz @ U^T) * r.
 # Masked steps pass dh through and have dz = 0 (output gradient handling as in lstm.py).
 @kernel
-def _backward_kernel(b0, b1, hs, UT, rmask, use_rmask, mask, use_mask, dy, dh_in,
+def _backward_kernel(b0, b1, R, hs, UT, rmask, use_rmask, mask, use_mask, dy, dh_in,
                      act, go_backwards, zero_output, carry_io, dz, dh0):
     # hs:   [T, B, H] forward cache;  UT: [H, H] U transposed
     # dy:   [T, B, H] or [1, B, H];   dh_in: [B, H]
@@ -103,7 +113,7 @@ def _backward_kernel(b0, b1, hs, UT, rmask, use_rmask, mask, use_mask, dy, dh_in
                 d[j] = dh[i, j] + carry[i, j]
                 carry[i, j] = 0.0
             activate_grad(act, hs[t, b], d, 0, H)
-        np.dot(dzt[b0:b1], UT, dhn)
+        dot_blocks(dzt[b0:b1], UT, dhn, R)
         for i in range(n):
             if live[i]:
                 for j in range(H):
@@ -114,18 +124,28 @@ def _backward_kernel(b0, b1, hs, UT, rmask, use_rmask, mask, use_mask, dy, dh_in
 
 
 def forward(xw, U, rmask, mask, h0, act, go_backwards, zero_output, return_sequences,
-            keep_cache, fast, out0=None):
+            keep_cache, fast, out0=None, x=None, t_off=0, T=None, Wb=None, dmask=None):
     """Run the SimpleRNN recurrence (time-major). Returns ``y, h, cache`` with
-    ``cache = (hs, hprev)``; ``out0`` as in ``lstm.forward``."""
-    T, B, H = xw.shape
-    dt = xw.dtype
+    ``cache = (hs, hprev)``; ``out0`` as in ``lstm.forward``; ``x``, ``t_off``, ``T``, ``Wb``,
+    ``dmask``: the projection inside the step, as in ``gru.forward``."""
+    from_x = x is not None
+    dt = U.dtype
+    B, H = h0.shape
+    if from_x:
+        xw = np.empty((0, 0, 0), dt)
+    else:
+        T = xw.shape[0]
+        x, Wb = np.empty((0, 0, 0), dt), np.empty((0, 0), dt)
     y = workspace.empty((T if return_sequences else 1, B, H), dt)
     h = np.empty((B, H), dt)
     shape = (T, B, H) if keep_cache else (0, 0, 0)
     hs, hprev = workspace.empty(shape, dt), workspace.empty(shape, dt)
     rm, use_rmask = optional(rmask, 2, dt)
     m, use_mask = optional(mask, 2, np.bool_)
-    run_batch_parallel(_forward_kernel, B, xw, U, rm, use_rmask, m, use_mask, h0, act, fast,
+    dm, use_dmask = optional(dmask, 2, dt)
+    R = config.BLOCK_ROWS
+    run_block_parallel(_forward_kernel, B, R, R, T, xw, x, t_off, Wb, dm, use_dmask, from_x,
+                       U, rm, use_rmask, m, use_mask, h0, act, fast,
                        go_backwards, zero_output, keep_cache, initial_output(out0, B, H, dt), y, h,
                        hs, hprev)
     return y, h, ((hs, hprev) if keep_cache else None)
@@ -141,7 +161,7 @@ def backward(cache, U, rmask, mask, dy, dh, act, go_backwards, zero_output, carr
     dh0 = np.empty((B, H), dt)
     rm, use_rmask = optional(rmask, 2, dt)
     m, use_mask = optional(mask, 2, np.bool_)
-    run_batch_parallel(_backward_kernel, B, hs, np.ascontiguousarray(U.T), rm, use_rmask, m,
+    run_block_parallel(_backward_kernel, B, config.BLOCK_ROWS, config.BLOCK_ROWS, hs, np.ascontiguousarray(U.T), rm, use_rmask, m,
                        use_mask, dy, dh, act, go_backwards, zero_output,
                        pending_carry(carry, B, H, dt), dz, dh0)
     return dz, dh0
