@@ -7,7 +7,7 @@ import tensorflow as tf
 import fastcells
 from fastcells import ops
 
-CALLS = int(os.environ.get("FASTCELLS_MEMORY_CALLS", "2000"))
+CALLS = int(os.environ.get("FASTCELLS_MEMORY_CALLS", "10000"))
 
 
 def _rss_mb():
