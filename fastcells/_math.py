@@ -1,8 +1,12 @@
-"""Activations and their derivatives, written once for every kernel.
+"""Activations and their derivatives, written once for every kernel, CPU and CUDA.
 
-Each function works in place on ``a[lo:hi]`` of a 1-D array, with the choice of activation
-made *outside* the element loop so that every loop is a plain, vectorisable sweep.
-Derivatives are written in terms of the activation's output ``y``:
+Each formula is a one-element ``njit`` function (``tanh32``, ``sigmoid32``, ``relu``, ...,
+``d_tanh``, ...). The CPU kernels use them through ``activate``/``activate_grad``, which work
+in place on ``a[lo:hi]`` of a 1-D array with the choice of activation made *outside* the
+element loop so that every loop is a plain, vectorisable sweep. The CUDA kernels call the
+same functions per element (numba-cuda compiles an ``njit`` function called from a kernel as
+a device function), picked when the kernel is compiled by ``scalar_activation`` and
+``scalar_derivative``. Derivatives are written in terms of the activation's output ``y``:
 ``d_tanh(y) = 1 - y*y``, ``d_sigmoid(y) = y * (1 - y)``.
 
 float32 arrays use a rational approximation of tanh (sigmoid(x) = 0.5 * tanh(0.5 x) + 0.5)
@@ -13,6 +17,8 @@ absolute when evaluated in float32 (about 3 ulp of 1.0). Beyond |x| = 9, tanh ro
 +-1 in float32. The coefficients are float32 constants so that float32 arithmetic stays
 float32 (a float64 literal would promote every operation).
 """
+import math
+
 import numpy as np
 from numba import njit
 
@@ -51,34 +57,113 @@ def tanh32(x):
     return x * p / q
 
 
+# --- one element: the formulas, written once ---------------------------------------------
+# Plain scalar functions, inlined into the CPU loops below and compiled as device functions
+# when a CUDA kernel calls them (numba-cuda turns an ``njit`` dispatcher called from a kernel
+# into a device function of the same Python source).
+@_jit
+def sigmoid32(x):
+    """sigmoid(x) = 0.5 * tanh(0.5 x) + 0.5 with the float32 tanh above."""
+    return _HALF * tanh32(_HALF * x) + _HALF
+
+
+# ``math`` rather than ``np`` functions: the same machine code on the CPU (checked bit for
+# bit), and numba-cuda has no scalar NumPy exp/tanh on the device.
+@_jit
+def sigmoid(x):
+    return 1.0 / (1.0 + math.exp(-x))
 
 
 @_jit
+def exact_tanh(x):
+    return math.tanh(x)
+
+
+@_jit
+def relu(x):
+    return 0.0 if x < 0.0 else x          # NaN stays NaN
+
+
+@_jit
+def hard_sigmoid(x):
+    # Keras 3: relu6(x + 3) / 6
+    v = x + 3.0
+    v = 0.0 if v < 0.0 else (6.0 if v > 6.0 else v)   # NaN stays NaN
+    return v / 6.0
+
+
+@_jit
+def linear(x):
+    return x
+
+
+# d * act'(x) from the activation's output y = act(x)
+@_jit
+def d_tanh(d, y):
+    return d - d * y * y
+
+
+@_jit
+def d_sigmoid(d, y):
+    return d * (y - y * y)
+
+
+@_jit
+def d_relu(d, y):
+    return d if y > 0.0 else 0.0
+
+
+@_jit
+def d_hard_sigmoid(d, y):
+    return d / 6.0 if 0.0 < y < 1.0 else 0.0
+
+
+@_jit
+def d_linear(d, y):
+    return d
+
+
+def scalar_activation(code, fast):
+    """The one-element function of an activation code (``fast``: the float32 tanh), for
+    kernels that fix the activation when they are compiled (the CUDA kernels)."""
+    if code == TANH:
+        return tanh32 if fast else exact_tanh
+    if code == SIGMOID:
+        return sigmoid32 if fast else sigmoid
+    return {RELU: relu, HARD_SIGMOID: hard_sigmoid, LINEAR: linear}[code]
+
+
+def scalar_derivative(code):
+    """``d(d, y) = d * act'(x)`` for an activation code, y = act(x)."""
+    return {TANH: d_tanh, SIGMOID: d_sigmoid, RELU: d_relu, HARD_SIGMOID: d_hard_sigmoid,
+            LINEAR: d_linear}[code]
+
+
+# --- a range of a 1-D array: the CPU kernels' loops ---------------------------------------
+@_jit
 def activate(code, fast, a, lo, hi):
-    """a[lo:hi] = act(a[lo:hi]) in place. ``fast``: use the float32 approximation."""
+    """a[lo:hi] = act(a[lo:hi]) in place. ``fast``: use the float32 approximation. The
+    choice is made outside the element loops so that every loop is a plain sweep."""
     if code == TANH:
         if fast:
             for j in range(lo, hi):
                 a[j] = tanh32(a[j])
         else:
             for j in range(lo, hi):
-                a[j] = np.tanh(a[j])
+                a[j] = exact_tanh(a[j])
     elif code == SIGMOID:
         if fast:
             for j in range(lo, hi):
-                a[j] = _HALF * tanh32(_HALF * a[j]) + _HALF
+                a[j] = sigmoid32(a[j])
         else:
             for j in range(lo, hi):
-                a[j] = 1.0 / (1.0 + np.exp(-a[j]))
+                a[j] = sigmoid(a[j])
     elif code == RELU:
         for j in range(lo, hi):
-            a[j] = 0.0 if a[j] < 0.0 else a[j]          # NaN stays NaN
+            a[j] = relu(a[j])
     elif code == HARD_SIGMOID:
-        # Keras 3: relu6(x + 3) / 6
         for j in range(lo, hi):
-            v = a[j] + 3.0
-            v = 0.0 if v < 0.0 else (6.0 if v > 6.0 else v)   # NaN stays NaN
-            a[j] = v / 6.0
+            a[j] = hard_sigmoid(a[j])
 
 
 @_jit
@@ -87,16 +172,16 @@ def activate_grad(code, y, d, lo, hi):
     constants so that float32 stays float32."""
     if code == TANH:
         for j in range(lo, hi):
-            d[j] = d[j] - d[j] * y[j] * y[j]
+            d[j] = d_tanh(d[j], y[j])
     elif code == SIGMOID:
         for j in range(lo, hi):
-            d[j] = d[j] * (y[j] - y[j] * y[j])
+            d[j] = d_sigmoid(d[j], y[j])
     elif code == RELU:
         for j in range(lo, hi):
-            d[j] = d[j] if y[j] > 0.0 else 0.0
+            d[j] = d_relu(d[j], y[j])
     elif code == HARD_SIGMOID:
         for j in range(lo, hi):
-            d[j] = d[j] / 6.0 if 0.0 < y[j] < 1.0 else 0.0
+            d[j] = d_hard_sigmoid(d[j], y[j])
 
 
 def gate_coefficients(codes, units, dtype):

@@ -1,5 +1,18 @@
+import ctypes.util
 import os
 import sys
+
+
+def _has_gpu():
+    """An NVIDIA driver is installed (device nodes or the driver library)."""
+    return os.path.exists("/dev/nvidiactl") or ctypes.util.find_library("cuda") is not None
+
+
+# Without a GPU the CUDA kernels run under Numba's CUDA simulator. This must happen before
+# anything imports numba.cuda (numba reads the variable once); set NUMBA_ENABLE_CUDASIM=0
+# to keep it off, =1 to force it on a GPU machine.
+if not _has_gpu():
+    os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.dirname(__file__))   # tests import reference.py directly

@@ -1,0 +1,217 @@
+"""Pieces shared by the CUDA recurrence kernels and their drivers: the launch shape, shared
+memory, kernel variants and optional arguments.
+
+Launch shape of a recurrence (``plan``)
+---------------------------------------
+One launch runs a whole sequence. Block ``k`` owns batch rows ``[k*rows, (k+1)*rows)`` and
+every unit for all time steps, so blocks never wait for each other; inside a block the
+threads meet at ``syncthreads`` once or twice per step. A thread takes *items*: one unit j
+of a group of ``R`` rows (``R`` = rows per thread, a compile-time constant so that its
+accumulators live in registers), and a block's items are dealt to its threads round-robin,
+the same way at every step, so each (row, unit) pair of the state belongs to one thread for
+the whole sequence.
+
+- rows per block = ceil(B / (multiprocessors * ``CUDA_BLOCKS_PER_SM``)), at most
+  ``CUDA_MAX_ROWS_PER_BLOCK``: the batch is spread over the whole GPU first.
+- R = the largest power of two <= min(``CUDA_ROWS_PER_THREAD``, rows per block).
+- threads = min(``CUDA_THREADS_PER_BLOCK``, items rounded up to a warp), items =
+  H * ceil(rows / R).
+- Shared memory holds the block's state (double-buffered recurrent input h or h * r_k,
+  cell state, outputs, step gradients; a few times rows * H numbers) and, when it fits
+  next to it within ``CUDA_SHARED_MEMORY_BYTES``, the recurrent kernel U ([H, G*H]; its
+  transpose in the backward). Otherwise U is read from global memory, where it stays in
+  L2 (50 MB on an H100), and rows per block is raised to at least R so that each weight
+  read serves several rows. A limit above 48 KiB makes the kernel opt in to the larger
+  dynamic shared memory (up to the device's opt-in maximum, 227 KiB on an H100).
+- If the state alone does not fit at one row per block (H in the thousands) the call raises
+  ``ValueError``; splitting units over blocks with a grid-wide barrier per step is the path
+  for such sizes and is not written yet.
+"""
+import functools
+import warnings
+from typing import NamedTuple
+
+import numba
+import numpy as np
+from numba import cuda
+
+from .. import config
+
+#: True under Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1).
+SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
+
+# numba-cuda warns at every launch of fewer than 128 blocks. A persistent recurrence kernel
+# runs one block per batch slice by design (fewer blocks than that for most batches), so
+# this one message is silenced once fastcells.cuda is in use.
+warnings.filterwarnings("ignore", message=r"Grid size \d+ will likely result in GPU "
+                        r"under-utilization")
+
+#: Cast of an index known to be >= 0: numba wraps negative signed indices around (three
+#: 64-bit integer operations per access), unsigned ones it takes as they are. Used on the
+#: indices of the inner loops (shared-memory reads of the dot products).
+IDX = numba.uint64
+
+#: Dynamic shared memory every kernel may use without opting in.
+DEFAULT_SHARED_BYTES = 48 * 1024
+
+
+def numba_type(dtype):
+    """The numba scalar type of a NumPy dtype (for local and shared arrays)."""
+    return numba.from_dtype(np.dtype(dtype))
+
+
+def kernel_variant(factory):
+    """Memoise a kernel factory: one compiled kernel family per compile-time key."""
+    return functools.lru_cache(maxsize=None)(factory)
+
+
+def row_stride(n):
+    """Row stride of a shared [rows, n] buffer whose rows are read by different threads of
+    a warp at the same column: odd, so that they fall in different banks."""
+    return n | 1
+
+
+def sm_count():
+    """Multiprocessors of the current device (``CUDA_DEFAULT_SM_COUNT`` where unknown)."""
+    try:
+        return int(cuda.get_current_device().MULTIPROCESSOR_COUNT)
+    except Exception:  # the simulator's device has no attributes
+        return config.CUDA_DEFAULT_SM_COUNT
+
+
+def shared_limit():
+    """Dynamic shared memory a block may use: the configured limit, clipped to what the
+    device allows with opt-in."""
+    limit = config.CUDA_SHARED_MEMORY_BYTES
+    if SIMULATOR:
+        return limit
+    try:
+        return min(limit, int(cuda.get_current_device().MAX_SHARED_MEMORY_PER_BLOCK_OPTIN))
+    except Exception:  # attribute unknown: stay within what needs no opt-in
+        return min(limit, DEFAULT_SHARED_BYTES)
+
+
+class Plan(NamedTuple):
+    rows: int           # batch rows per block
+    R: int              # rows per thread (compile-time)
+    threads: int        # threads per block
+    blocks: int         # blocks (ceil(B / rows))
+    u_shared: bool      # U (or U^T) kept in shared memory
+    shared_bytes: int   # dynamic shared memory per block
+    padded_rows: int    # ceil(rows / R) * R: rows of the shared state buffers
+
+
+def _rows_per_thread(rows):
+    R = 1
+    while R * 2 <= min(config.CUDA_ROWS_PER_THREAD, rows, 4):
+        R *= 2
+    return R
+
+
+def padded(rows, R):
+    return -(-rows // R) * R
+
+
+def plan(B, H, dtype, u_elems, state_elems):
+    """The launch shape of a recurrence over B rows and H units (see the module docstring).
+
+    ``u_elems``: elements of the recurrent weights a block would keep in shared memory;
+    ``state_elems(padded_rows)``: elements of its state buffers."""
+    itemsize = np.dtype(dtype).itemsize
+    limit = shared_limit()
+    target = max(1, sm_count() * config.CUDA_BLOCKS_PER_SM)
+    rows = max(1, min(-(-B // target), config.CUDA_MAX_ROWS_PER_BLOCK, B))
+    R = _rows_per_thread(rows)
+    u_shared = (u_elems + state_elems(padded(rows, R))) * itemsize <= limit
+    if not u_shared:
+        rows = max(1, min(max(rows, config.CUDA_ROWS_PER_THREAD),
+                          config.CUDA_MAX_ROWS_PER_BLOCK, B))
+        R = _rows_per_thread(rows)
+    while state_elems(padded(rows, R)) * itemsize > limit and rows > 1:
+        rows = (rows + 1) // 2
+        R = _rows_per_thread(rows)
+    state = state_elems(padded(rows, R)) * itemsize
+    if state > limit:
+        raise ValueError(f"fastcells.cuda: {H} units need {state} bytes of shared memory per "
+                         f"block for the recurrent state, more than the {limit} allowed "
+                         f"(config.CUDA_SHARED_MEMORY_BYTES, clipped to the device's limit)")
+    items = H * (padded(rows, R) // R)
+    threads = max(1, min(config.CUDA_THREADS_PER_BLOCK, -(-items // 32) * 32))
+    nbytes = state + (u_elems * itemsize if u_shared else 0)
+    return Plan(rows, R, threads, -(-B // rows), u_shared, nbytes, padded(rows, R))
+
+
+def _compiled(dispatcher, args):
+    """The compiled kernel a launch with ``args`` runs (compiling it if needed)."""
+    return dispatcher.compile(tuple(dispatcher.typeof_pyval(a) for a in args))
+
+
+def _allow_shared(kernel, nbytes):
+    """Opt a compiled kernel in to more than 48 KiB of dynamic shared memory."""
+    from numba.cuda.cudadrv import driver as drv
+    cufunc = kernel._codelibrary.get_cufunc()
+    attr = drv.binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    drv.driver.cuKernelSetAttribute(attr, int(nbytes), cufunc.handle, cufunc.device.id)
+
+
+def launch(kernel, p, *args):
+    """Launch a recurrence kernel with the shape of plan ``p``. More than 256 threads are
+    clipped to what the compiled kernel allows (its register use bounds them; the kernels
+    are correct for any thread count); more than 48 KiB of shared memory is opted in to."""
+    threads = p.threads
+    if not SIMULATOR and (threads > 256 or p.shared_bytes > DEFAULT_SHARED_BYTES):
+        compiled = _compiled(kernel, args)
+        if threads > 256:
+            threads = max(32, min(threads, compiled.max_threads_per_block) // 32 * 32)
+        if p.shared_bytes > DEFAULT_SHARED_BYTES:
+            _allow_shared(compiled, p.shared_bytes)
+    kernel[p.blocks, threads, 0, p.shared_bytes](*args)
+
+
+# --------------------------------------------------------------------------- arguments
+_EMPTY = {}
+
+
+def empty_stand_in(ndim, dtype):
+    """A zero-size device array: kernels take arrays, not None."""
+    key = (ndim, np.dtype(dtype).str)
+    a = _EMPTY.get(key)
+    if a is None:
+        a = _EMPTY[key] = cuda.device_array((0,) * ndim, dtype)
+    return a
+
+
+def optional(array, ndim, dtype):
+    """``(array or an empty stand-in, present?)``; a host array is copied to the device."""
+    if array is None:
+        return empty_stand_in(ndim, dtype), False
+    from . import _linalg
+    return _linalg.to_device(array), True
+
+
+def initial_output(out0, B, H, dtype):
+    """The output before the first step, [B, H]: ``out0`` or zeros."""
+    from . import _linalg
+    return _linalg.zeros((B, H), dtype) if out0 is None else _linalg.to_device(out0)
+
+
+def pending_carry(carry, B, H, dtype):
+    """The in/out pending output gradient of a backward, [B, H]: ``carry`` or zeros."""
+    from . import _linalg
+    return _linalg.zeros((B, H), dtype) if carry is None else carry
+
+
+# --------------------------------------------------------------------------- device helpers
+@cuda.jit(device=True)
+def stage_matrix(sm, off, M, tid, nt):
+    """sm[off + r * M.shape[1] + c] = M[r, c] for the whole matrix (block-cooperative)."""
+    cols = M.shape[1]
+    for e in range(tid, M.shape[0] * cols, nt):
+        sm[off + e] = M[e // cols, e % cols]
+
+
+@cuda.jit(device=True)
+def zero_range(sm, lo, hi, zero, tid, nt):
+    """sm[lo:hi] = 0 (block-cooperative)."""
+    for e in range(lo + tid, hi, nt):
+        sm[e] = zero

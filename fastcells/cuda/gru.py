@@ -1,0 +1,482 @@
+"""GRU recurrence on the GPU, both Keras variants (reset_after True and False), with the
+signatures of ``fastcells.cpu.gru``.
+
+Gate order z, r, h (G = 3). With ``xw = x @ W + b_in`` and recurrent dropout masks r_k:
+  reset_after=True:   a_k = (h * r_k) @ U_k + b_rec_k      for k in z, r, h
+                      z = s(xw_z + a_z)   r = s(xw_r + a_r)   hh = act(xw_h + r * a_h)
+  reset_after=False:  z = s(xw_z + (h*r_z) @ U_z)   r = s(xw_r + (h*r_r) @ U_r)
+                      q = r * (h * r_h)   hh = act(xw_h + q @ U_h)
+  h_t = z * h_{t-1} + (1 - z) * hh  =  hh + z * (h_{t-1} - hh)
+
+Parallel decomposition as in ``fastcells.cuda.lstm``: a block owns batch rows for the whole
+sequence, a thread owns (unit j, R rows) items and computes the three gates of its unit.
+reset_after=True needs one ``syncthreads`` per step. reset_after=False needs two: q of the
+whole row must be in shared memory before ``q @ U_h``. The backward takes one barrier per
+step with reset_after (dz of the step, then dh_{t-1}) and two without (dah of the row, then
+dq = dah @ U_h^T and the z, r gradients, then dh_{t-1}).
+"""
+import numpy as np
+from numba import cuda
+
+from .. import _math
+from . import _linalg
+from ._common import (IDX, initial_output, kernel_variant, launch, numba_type, optional,
+                      pending_carry, plan, row_stride, stage_matrix, zero_range)
+
+G = 3
+
+
+def _forward_state(NR, H, use_rmask, reset_after):
+    """Shared elements of a forward block's state: two buffers of the recurrent input
+    [NH, NR, HS], own h and output [NR, H]; without reset_after also q [NR, HS] and z
+    [NR, H]."""
+    nh = G if use_rmask else 1
+    n = 2 * nh * NR * row_stride(H) + 2 * NR * H
+    return n if reset_after else n + NR * row_stride(H) + NR * H
+
+
+@kernel_variant
+def _forward_kernel(dtype, R, u_shared, act, ract, fast, reset_after):
+    DT = numba_type(dtype)
+    NPT = np.dtype(dtype).type
+    zero = NPT(0)
+    f_act = _math.scalar_activation(act, fast)
+    f_ract = _math.scalar_activation(ract, fast)
+    NACC = R * G
+
+    @cuda.jit
+    def forward(xw, U, brec, rmask, use_rmask, mask, use_mask, h0, out0, go_backwards,
+                zero_output, keep_cache, rows, NR, y, h_out, gates, hprev, aux):
+        # xw:    [T, B, 3H]  x @ W + input bias (input dropout already applied)
+        # U:     [H, 3H]     recurrent kernel
+        # brec:  [3H]        recurrent bias (reset_after; zeros otherwise)
+        # rmask: [3, B, H]   recurrent dropout mask per gate;  mask: [T, B]
+        # h0, out0: [B, H];  y: [T, B, H] or [1, B, H];  h_out: [B, H]
+        # rows: batch rows per block;  NR: rows of the shared state buffers
+        # cache: gates [T, B, 3H] (z, r, hh); hprev [T, B, H];
+        #        aux [T, B, H] = a_h (reset_after) or q (reset_after=False), 0 where masked
+        T = xw.shape[0]
+        B = h0.shape[0]
+        H = h0.shape[1]
+        GH = G * H
+        HS = H | 1
+        full = y.shape[0] == T
+        tid = cuda.threadIdx.x
+        nt = cuda.blockDim.x
+        b0 = cuda.blockIdx.x * rows
+        n = min(rows, B - b0)
+        items = H * (NR // R)
+        # shared: [U] | 2 x [NH, NR, HS] recurrent input | h, out [NR, H] | q [NR, HS], z [NR, H]
+        sm = cuda.shared.array(0, DT)
+        hb = H * GH if u_shared else 0
+        plane = NR * HS
+        buf = (G if use_rmask else 1) * plane
+        own = hb + 2 * buf
+        outs = own + NR * H
+        qs = outs + NR * H
+        zsv = qs + plane
+        hplane = 2 * plane if use_rmask else 0         # the plane holding h * r_h
+        acc = cuda.local.array(NACC, DT)
+        if u_shared:
+            stage_matrix(sm, 0, U, tid, nt)
+        zero_range(sm, hb, own, zero, tid, nt)
+        if not reset_after:
+            zero_range(sm, qs, zsv, zero, tid, nt)
+        cuda.syncthreads()
+        for e in range(tid, n * H, nt):
+            i = e // H
+            j = e % H
+            b = b0 + i
+            h = h0[b, j]
+            sm[own + e] = h
+            sm[outs + e] = out0[b, j]
+            if use_rmask:
+                for k in range(G):
+                    sm[hb + k * plane + i * HS + j] = h * rmask[k, b, j]
+            else:
+                sm[hb + i * HS + j] = h
+        cuda.syncthreads()
+        for s in range(T):
+            t = T - 1 - s if go_backwards else s
+            cur = hb + (s % 2) * buf
+            nxt = hb + ((s + 1) % 2) * buf
+            # phase A: the recurrent terms of z, r (and h with reset_after) of each item
+            for it in range(tid, items, nt):
+                j = it % H
+                r0 = (it // H) * R
+                for q in range(NACC):
+                    acc[q] = zero
+                for l in range(H):
+                    if u_shared:
+                        p = l * GH + j
+                        u0 = sm[IDX(p)]
+                        u1 = sm[IDX(p + H)]
+                        u2 = sm[IDX(p + 2 * H)] if reset_after else zero
+                    else:
+                        lu = IDX(l)
+                        u0 = U[lu, IDX(j)]
+                        u1 = U[lu, IDX(H + j)]
+                        u2 = U[lu, IDX(2 * H + j)] if reset_after else zero
+                    if use_rmask:
+                        for r in range(R):
+                            p = cur + (r0 + r) * HS + l
+                            acc[r * G] += sm[IDX(p)] * u0
+                            acc[r * G + 1] += sm[IDX(p + plane)] * u1
+                            if reset_after:
+                                acc[r * G + 2] += sm[IDX(p + 2 * plane)] * u2
+                    else:
+                        for r in range(R):
+                            hv = sm[IDX(cur + (r0 + r) * HS + l)]
+                            acc[r * G] += hv * u0
+                            acc[r * G + 1] += hv * u1
+                            if reset_after:
+                                acc[r * G + 2] += hv * u2
+                for r in range(R):
+                    i = r0 + r
+                    if i < n:
+                        b = b0 + i
+                        e = i * H + j
+                        gz = NPT(f_ract(xw[t, b, j] + acc[r * G] + brec[j]))
+                        gr = NPT(f_ract(xw[t, b, H + j] + acc[r * G + 1] + brec[H + j]))
+                        hp = sm[own + e]
+                        live = not (use_mask and not mask[t, b])
+                        if keep_cache:
+                            gates[t, b, j] = gz
+                            gates[t, b, H + j] = gr
+                            hprev[t, b, j] = hp
+                        if reset_after:
+                            a_h = acc[r * G + 2] + brec[2 * H + j]
+                            pre = xw[t, b, 2 * H + j] + gr * a_h
+                            h = hp
+                            g_h = pre               # cached: hh, or the pre-activation
+                            if live:
+                                g_h = NPT(f_act(pre))
+                                h = g_h + gz * (hp - g_h)
+                                sm[own + e] = h
+                                sm[outs + e] = h
+                            elif zero_output:
+                                sm[outs + e] = zero
+                            if keep_cache:
+                                gates[t, b, 2 * H + j] = g_h
+                                aux[t, b, j] = a_h if live else zero
+                            if use_rmask:
+                                for k in range(G):
+                                    sm[nxt + k * plane + i * HS + j] = h * rmask[k, b, j]
+                            else:
+                                sm[nxt + i * HS + j] = h
+                            if full:
+                                y[s, b, j] = sm[outs + e]
+                        else:
+                            q = gr * sm[cur + hplane + i * HS + j]    # r * (h * r_h)
+                            sm[qs + i * HS + j] = q
+                            sm[zsv + e] = gz
+                            if keep_cache:
+                                # aux feeds the dU GEMM, where 0 * garbage could be NaN
+                                aux[t, b, j] = q if live else zero
+            if not reset_after:
+                cuda.syncthreads()
+                # phase B: hh = act(xw_h + q @ U_h) and the state update
+                for it in range(tid, items, nt):
+                    j = it % H
+                    r0 = (it // H) * R
+                    for r in range(R):
+                        acc[r * G] = zero
+                    for l in range(H):
+                        u = sm[IDX(l * GH + 2 * H + j)] if u_shared else U[IDX(l), IDX(2 * H + j)]
+                        for r in range(R):
+                            acc[r * G] += sm[IDX(qs + (r0 + r) * HS + l)] * u
+                    for r in range(R):
+                        i = r0 + r
+                        if i < n:
+                            b = b0 + i
+                            e = i * H + j
+                            pre = xw[t, b, 2 * H + j] + acc[r * G]
+                            hp = sm[own + e]
+                            h = hp
+                            if use_mask and not mask[t, b]:
+                                if zero_output:
+                                    sm[outs + e] = zero
+                                if keep_cache:
+                                    gates[t, b, 2 * H + j] = pre
+                            else:
+                                hh = NPT(f_act(pre))
+                                h = hh + sm[zsv + e] * (hp - hh)
+                                sm[own + e] = h
+                                sm[outs + e] = h
+                                if keep_cache:
+                                    gates[t, b, 2 * H + j] = hh
+                            if use_rmask:
+                                for k in range(G):
+                                    sm[nxt + k * plane + i * HS + j] = h * rmask[k, b, j]
+                            else:
+                                sm[nxt + i * HS + j] = h
+                            if full:
+                                y[s, b, j] = sm[outs + e]
+            cuda.syncthreads()
+        for e in range(tid, n * H, nt):
+            b = b0 + e // H
+            j = e % H
+            h_out[b, j] = sm[own + e]
+            if not full:
+                y[0, b, j] = sm[outs + e]
+
+    return forward
+
+
+def _backward_state(NR, H, reset_after):
+    """Shared elements of a backward block's state. reset_after: two buffers of the
+    recurrent-side gradients (daz, dar, da_h) [NR, ZS], own dh, carry, dh*z [NR, H].
+    Otherwise: dah [NR, HS], (daz, dar) [NR, ZS], own dh, carry, dh*z, dz_z [NR, H]."""
+    if reset_after:
+        return 2 * NR * row_stride(G * H) + 3 * NR * H
+    return NR * row_stride(H) + NR * row_stride(2 * H) + 4 * NR * H
+
+
+# Backward per processed step, dh the gradient reaching h_t (state and output):
+#   dz  = dh * (h_{t-1} - hh)          dah = dh * (1 - z) * act'(hh)     dh_{t-1} = dh * z + ...
+#   reset_after:  dr = dah * a_h       da_h = dah * r
+#   otherwise:    dq = dah @ U_h^T     dr = dq * (h_{t-1} * r_h)        dh_{t-1} += dq * r * r_h
+#   daz = dz * s'(z)   dar = dr * s'(r)
+#   dh_{t-1} += sum_k (da_k @ U_k^T) * r_k   over z, r (and h with da_h when reset_after)
+# Outputs: dz [T, B, 3H] = (daz, dar, dah), the gradient of the input-side pre-activations,
+# and dah_rec [T, B, H] = da_h (reset_after only), the gradient of the recurrent h term.
+# Masked steps pass dh through and have dz = 0; output gradients as in lstm.py (carry).
+@kernel_variant
+def _backward_kernel(dtype, R, u_shared, act, ract, reset_after):
+    DT = numba_type(dtype)
+    NPT = np.dtype(dtype).type
+    zero = NPT(0)
+    d_act = _math.scalar_derivative(act)
+    d_ract = _math.scalar_derivative(ract)
+    NACC = R * G
+
+    @cuda.jit
+    def backward(gates, hprev, aux, UT, rmask, use_rmask, mask, use_mask, dy, dh_in,
+                 go_backwards, zero_output, rows, NR, carry_io, dz, dah_rec, dh0):
+        # gates, hprev, aux: the forward cache, [T, B, .];  UT: [3H, H] U transposed
+        # rmask: [3, B, H];  mask: [T, B];  dy: [T, B, H] or [1, B, H];  dh_in: [B, H]
+        # carry_io: [B, H] in/out pending output gradient (chunks)
+        # dz: [T, B, 3H] out;  dah_rec: [T, B, H] out (reset_after);  dh0: [B, H] out
+        T = gates.shape[0]
+        B = dh_in.shape[0]
+        H = dh_in.shape[1]
+        GH = G * H
+        HS = H | 1
+        full = dy.shape[0] == T
+        tid = cuda.threadIdx.x
+        nt = cuda.blockDim.x
+        b0 = cuda.blockIdx.x * rows
+        n = min(rows, B - b0)
+        items = H * (NR // R)
+        sm = cuda.shared.array(0, DT)
+        ut = GH * H if u_shared else 0
+        if reset_after:
+            # shared: [U^T] | 2 x (daz, dar, da_h) [NR, ZS] | dh, carry, dh*z [NR, H]
+            ZS = GH | 1
+            zbuf = NR * ZS
+            dab = 0                       # (unused)
+            dhs = ut + 2 * zbuf
+        else:
+            # shared: [U^T] | dah [NR, HS] | (daz, dar) [NR, ZS] | dh, carry, dh*z, dz_z [NR, H]
+            ZS = (2 * H) | 1
+            zbuf = NR * ZS
+            dab = ut
+            dhs = ut + NR * HS + zbuf
+        car = dhs + NR * H
+        dhz = car + NR * H
+        dzz = dhz + NR * H
+        acc = cuda.local.array(NACC, DT)
+        if u_shared:
+            stage_matrix(sm, 0, UT, tid, nt)
+        zero_range(sm, ut, dhs, zero, tid, nt)
+        for e in range(tid, n * H, nt):
+            b = b0 + e // H
+            j = e % H
+            sm[dhs + e] = dh_in[b, j]
+            sm[car + e] = carry_io[b, j]
+        cuda.syncthreads()
+        for s in range(T - 1, -1, -1):
+            t = T - 1 - s if go_backwards else s
+            # the buffer of the recurrent-side gradients this step
+            zb = ut + (s % 2) * zbuf if reset_after else ut + NR * HS
+            # phase 1: dz, dah (and with reset_after da_h) of the thread's items
+            for it in range(tid, items, nt):
+                j = it % H
+                r0 = (it // H) * R
+                for r in range(R):
+                    i = r0 + r
+                    if i < n:
+                        b = b0 + i
+                        e = i * H + j
+                        cr = sm[car + e]
+                        if full:
+                            cr += dy[s, b, j]
+                        elif s == T - 1:
+                            cr += dy[0, b, j]
+                        if use_mask and not mask[t, b]:
+                            for k in range(G):
+                                dz[t, b, k * H + j] = zero
+                            if reset_after:
+                                dah_rec[t, b, j] = zero
+                                for k in range(G):
+                                    sm[zb + i * ZS + k * H + j] = zero
+                            else:
+                                sm[dab + i * HS + j] = zero
+                            sm[car + e] = zero if zero_output else cr
+                        else:
+                            dhj = sm[dhs + e] + cr
+                            sm[car + e] = zero
+                            gz = gates[t, b, j]
+                            gr = gates[t, b, H + j]
+                            hh = gates[t, b, 2 * H + j]
+                            d_z = dhj * (hprev[t, b, j] - hh)
+                            dah = NPT(d_act(dhj - dhj * gz, hh))
+                            sm[dhz + e] = dhj * gz
+                            dz[t, b, 2 * H + j] = dah
+                            if reset_after:
+                                daz = NPT(d_ract(d_z, gz))
+                                dar = NPT(d_ract(dah * aux[t, b, j], gr))
+                                drh = dah * gr
+                                dz[t, b, j] = daz
+                                dz[t, b, H + j] = dar
+                                dah_rec[t, b, j] = drh
+                                sm[zb + i * ZS + j] = daz
+                                sm[zb + i * ZS + H + j] = dar
+                                sm[zb + i * ZS + 2 * H + j] = drh
+                            else:
+                                sm[dab + i * HS + j] = dah
+                                sm[dzz + e] = d_z
+            cuda.syncthreads()
+            if not reset_after:
+                # phase 2: dq = dah @ U_h^T, then dr, daz, dar and the direct dh_{t-1} terms
+                for it in range(tid, items, nt):
+                    j = it % H
+                    r0 = (it // H) * R
+                    for r in range(R):
+                        acc[r * G] = zero
+                    for l in range(H):
+                        col = 2 * H + l
+                        u = sm[IDX(col * H + j)] if u_shared else UT[IDX(col), IDX(j)]
+                        for r in range(R):
+                            acc[r * G] += sm[IDX(dab + (r0 + r) * HS + l)] * u
+                    for r in range(R):
+                        i = r0 + r
+                        if i < n:
+                            b = b0 + i
+                            e = i * H + j
+                            if use_mask and not mask[t, b]:
+                                sm[zb + i * ZS + j] = zero
+                                sm[zb + i * ZS + H + j] = zero
+                            else:
+                                dq = acc[r * G]
+                                gr = gates[t, b, H + j]
+                                if use_rmask:
+                                    rh = rmask[2, b, j]
+                                    d_r = dq * (hprev[t, b, j] * rh)
+                                    sm[dhz + e] += dq * gr * rh
+                                else:
+                                    d_r = dq * hprev[t, b, j]
+                                    sm[dhz + e] += dq * gr
+                                daz = NPT(d_ract(sm[dzz + e], gates[t, b, j]))
+                                dar = NPT(d_ract(d_r, gr))
+                                dz[t, b, j] = daz
+                                dz[t, b, H + j] = dar
+                                sm[zb + i * ZS + j] = daz
+                                sm[zb + i * ZS + H + j] = dar
+                cuda.syncthreads()
+            # last phase: dh_{t-1} = dh * z (+ dq terms) + sum_k (da_k @ U_k^T) * r_k
+            NK = G if reset_after else 2
+            for it in range(tid, items, nt):
+                j = it % H
+                r0 = (it // H) * R
+                for q in range(NACC):
+                    acc[q] = zero
+                if use_rmask or not reset_after:
+                    for k in range(NK):
+                        for l in range(H):
+                            col = k * H + l
+                            u = sm[IDX(col * H + j)] if u_shared else UT[IDX(col), IDX(j)]
+                            for r in range(R):
+                                acc[r * G + k] += sm[IDX(zb + (r0 + r) * ZS + col)] * u
+                else:
+                    for col in range(GH):
+                        u = sm[IDX(col * H + j)] if u_shared else UT[IDX(col), IDX(j)]
+                        for r in range(R):
+                            acc[r * G] += sm[IDX(zb + (r0 + r) * ZS + col)] * u
+                for r in range(R):
+                    i = r0 + r
+                    if i < n:
+                        b = b0 + i
+                        e = i * H + j
+                        if not (use_mask and not mask[t, b]):
+                            if use_rmask or not reset_after:
+                                v = sm[dhz + e]
+                                for k in range(NK):
+                                    if use_rmask:
+                                        v += acc[r * G + k] * rmask[k, b, j]
+                                    else:
+                                        v += acc[r * G + k]
+                            else:
+                                v = acc[r * G] + sm[dhz + e]
+                            sm[dhs + e] = v
+        cuda.syncthreads()
+        for e in range(tid, n * H, nt):
+            b = b0 + e // H
+            j = e % H
+            dh0[b, j] = sm[dhs + e]
+            carry_io[b, j] = sm[car + e]
+
+    return backward
+
+
+def forward(xw, U, brec, rmask, mask, h0, act, ract, reset_after, go_backwards, zero_output,
+            return_sequences, keep_cache, fast, coef, out0=None):
+    """Run the GRU recurrence (time-major device arrays). Returns ``y, h, cache`` with
+    ``cache = (gates, hprev, aux)``; ``coef`` is accepted for parity with the CPU driver
+    (unused); ``out0`` as in ``lstm.forward``."""
+    xw, U, brec, h0 = (_linalg.to_device(a) for a in (xw, U, brec, h0))
+    T, B, _ = xw.shape
+    H = h0.shape[1]
+    dt = np.dtype(xw.dtype)
+    y = _linalg.empty((T if return_sequences else 1, B, H), dt)
+    h = _linalg.empty((B, H), dt)
+    shape = (T, B, H) if keep_cache else (0, 0, 0)
+    gates = _linalg.empty((T, B, G * H) if keep_cache else (0, 0, 0), dt)
+    hprev, aux = _linalg.empty(shape, dt), _linalg.empty(shape, dt)
+    rm, use_rmask = optional(rmask, 3, dt)
+    m, use_mask = optional(mask, 2, np.bool_)
+    o0 = initial_output(out0, B, H, dt)
+    ra = bool(reset_after)
+    if B:
+        p = plan(B, H, dt, H * G * H, lambda NR: _forward_state(NR, H, use_rmask, ra))
+        kern = _forward_kernel(dt.str, p.R, p.u_shared, int(act), int(ract), bool(fast), ra)
+        launch(kern, p, xw, U, brec, rm, use_rmask, m, use_mask, h0, o0, bool(go_backwards),
+               bool(zero_output), bool(keep_cache), p.rows, p.padded_rows, y, h, gates, hprev,
+               aux)
+    return y, h, ((gates, hprev, aux) if keep_cache else None)
+
+
+def backward(cache, U, rmask, mask, dy, dh, act, ract, reset_after, go_backwards, zero_output,
+             carry=None):
+    """Backward recurrence (time-major device arrays). Returns ``dz [T, B, 3H], dah_rec or
+    None, dh0``; ``carry`` as in ``lstm.backward``."""
+    gates, hprev, aux = cache
+    U, dy, dh = (_linalg.to_device(a) for a in (U, dy, dh))
+    T, B, _ = gates.shape
+    H = U.shape[0]
+    dt = np.dtype(gates.dtype)
+    ra = bool(reset_after)
+    dz = _linalg.empty((T, B, G * H), dt)
+    dah_rec = _linalg.empty((T, B, H) if ra else (0, 0, 0), dt)
+    dh0 = _linalg.empty((B, H), dt)
+    rm, use_rmask = optional(rmask, 3, dt)
+    m, use_mask = optional(mask, 2, np.bool_)
+    cr = pending_carry(carry, B, H, dt)
+    if B:
+        UT = _linalg.transpose(U)
+        p = plan(B, H, dt, G * H * H, lambda NR: _backward_state(NR, H, ra))
+        kern = _backward_kernel(dt.str, p.R, p.u_shared, int(act), int(ract), ra)
+        launch(kern, p, gates, hprev, aux, UT, rm, use_rmask, m, use_mask, dy, dh,
+               bool(go_backwards), bool(zero_output), p.rows, p.padded_rows, cr, dz, dah_rec,
+               dh0)
+    return dz, (dah_rec if ra else None), dh0
