@@ -67,7 +67,8 @@ WORKSPACE_MIN_BYTES = _env_int("FASTCELLS_WORKSPACE_MIN_BYTES", 1 << 20)
 # --- CUDA kernels (fastcells/cuda; see the module docstrings for how they are used) ---------
 #: Most threads in one block of a recurrence kernel. A block owns a slice of the batch and
 #: every unit for the whole sequence; its threads take (row group, unit) items in turn, so
-#: fewer threads than items is correct, only slower. A multiple of 32 on a GPU.
+#: fewer threads than items is correct, only slower. A multiple of 32 on a GPU; above 256
+#: it is clipped to what the compiled kernel's register use allows (up to ~150 registers).
 CUDA_THREADS_PER_BLOCK = _env_int("FASTCELLS_CUDA_THREADS_PER_BLOCK", 256)
 
 #: Most batch rows one thread of a recurrence carries through a step (register blocking:

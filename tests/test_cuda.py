@@ -228,6 +228,14 @@ def test_to_device_wraps_device_arrays_and_copies_host_ones(small, rng):
             return self._a.__dlpack_device__()
 
     np.testing.assert_array_equal(host(la.to_device(DLPackOnly(x))), x)
+    # the CUDA-array-interface description of a DLPack view (what numba then wraps)
+    smv = pytest.importorskip("cuda.core.utils").StridedMemoryView
+    xs = x[:, ::2]
+    cai = la._DLPackView(xs, smv.from_dlpack(xs, stream_ptr=-1)).__cuda_array_interface__
+    ai = xs.__array_interface__
+    assert (cai["data"][0], cai["shape"], cai["typestr"]) == (ai["data"][0], ai["shape"],
+                                                               ai["typestr"])
+    assert cai["strides"] == xs.strides
     if not SIM:                 # a foreign object with __cuda_array_interface__: a view
         class Foreign:
             def __init__(self, a):
