@@ -72,7 +72,10 @@ def cuda_available():
 
 
 def _on_device(a):
-    return a is not None and hasattr(a, "__cuda_array_interface__")
+    """A GPU array: anything with ``__cuda_array_interface__`` (torch, cupy, numba), or a
+    numba device array (also the CUDA simulator's stand-in)."""
+    return a is not None and (hasattr(a, "__cuda_array_interface__") or
+                              bool(getattr(a, "__cuda_ndarray__", False)))
 
 
 _ENGINE_MODULES = {}
@@ -548,7 +551,7 @@ def _weight_grads(c, kc, dz, dah_rec, dU, db_in, db_rec):
     if c.cell == "lstm":
         la.recurrent_grad(kc[1], dz, rm, 4, out=dU)
     elif c.cell == "simple_rnn":
-        la.recurrent_grad(kc[1], dz, None if rm is None else rm[None], 1, out=dU)
+        la.recurrent_grad(kc[1], dz, rm, 1, out=dU)      # rm: [B, H], one per sample
     else:
         _, hprev, aux = kc
         # z and r: recurrent input h_{t-1} (* r_k), gradient the same as on the input side

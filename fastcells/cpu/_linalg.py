@@ -93,9 +93,12 @@ def input_grads(xt, W, dmask, dz, dW=None):
 
 def recurrent_grad(src, dz, rmask, gates, out=None):
     """dU[:, k] = (src * r_k)^T dz_k, with src [T, B, H] the recurrent input of each step
-    and dz [T, B, gates*H] (time-major, may be a column slice); rmask [gates, B, H] or None.
-    With ``out`` ([H, gates*H], may be a view) the result is added to it."""
+    and dz [T, B, gates*H] (time-major, may be a column slice); rmask [gates, B, H] (or
+    [B, H] for one gate) or None. With ``out`` ([H, gates*H], may be a view) the result is
+    added to it."""
     T, B, H = src.shape
+    if rmask is not None and rmask.ndim == 2:
+        rmask = rmask[None]
     n = dz.shape[2] // gates
     if rmask is None:
         d = gemm(src.reshape(T * B, H).T, dz.reshape(T * B, -1))

@@ -1,0 +1,123 @@
+"""fastcells.ops with engine="cuda" (and "auto" on device arrays) against engine="cpu".
+
+Without a GPU this runs under Numba's CUDA simulator (tests/conftest.py) on tiny shapes with
+the launch tunables patched small, so several blocks take part; on a GPU the same tests run
+with the default tunables.
+"""
+import numba
+import numpy as np
+import pytest
+
+from fastcells import config, ops
+from helpers import NSTATES, make_problem, random_mask
+
+pytestmark = pytest.mark.skipif(not ops.cuda_available(),
+                                reason="no GPU and the CUDA simulator is off")
+if ops.cuda_available():
+    from numba import cuda
+
+SIM = bool(numba.config.ENABLE_CUDASIM)
+SMALL = dict(CUDA_THREADS_PER_BLOCK=4, CUDA_MAX_ROWS_PER_BLOCK=2, CUDA_ROWS_PER_THREAD=2,
+             CUDA_BLOCKS_PER_SM=1, CUDA_GEMM_BLOCK_M=8, CUDA_GEMM_BLOCK_N=8,
+             CUDA_GEMM_BLOCK_K=8, CUDA_GEMM_THREAD_M=4, CUDA_GEMM_THREAD_N=4,
+             CUDA_ELEMENTWISE_THREADS=16, CUDA_REDUCE_ROWS=3)
+OPTIONS = {
+    "plain": dict(),
+    "mask_backwards": dict(use_mask=True, go_backwards=True),
+    "mask_zero_output_last": dict(use_mask=True, zero_output_for_mask=True,
+                                  return_sequences=False),
+    "dropout_per_gate": dict(dropout=True, recurrent_dropout=True, use_mask=True),
+    "dropout_shared_no_bias": dict(dropout=True, per_gate=False, bias=False),
+    "checkpoints": dict(use_mask=True, checkpoint_steps=2),
+}
+CELLS = ["lstm", "gru", "gru_rb", "simple_rnn"]
+
+
+@pytest.fixture(autouse=True)
+def small_launches(monkeypatch):
+    if SIM:
+        for k, v in SMALL.items():
+            monkeypatch.setattr(config, k, v)
+
+
+def _on_device(a):
+    return hasattr(a, "__cuda_array_interface__") or bool(getattr(a, "__cuda_ndarray__", False))
+
+
+def _pointer(a):
+    if hasattr(a, "__cuda_array_interface__"):
+        return a.__cuda_array_interface__["data"][0]
+    return a._ary.__array_interface__["data"][0]       # the simulator's device array
+
+
+def _host(a):
+    return a.copy_to_host() if hasattr(a, "copy_to_host") else np.asarray(a)
+
+
+def _problem(rng, name, option, B, T, D, H, dtype):
+    cell, reset_after = ("gru", False) if name == "gru_rb" else (name, True)
+    o = dict(OPTIONS[option])
+    mask = random_mask(rng, B, T) if o.pop("use_mask", False) else None
+    p, opts = make_problem(rng, cell, B, T, D, H, reset_after=reset_after, mask=mask,
+                           bias=o.pop("bias", True), dropout=o.pop("dropout", False),
+                           recurrent_dropout=o.pop("recurrent_dropout", False),
+                           per_gate=o.pop("per_gate", True), dtype=dtype)
+    opts.update(o)
+    return cell, p, opts
+
+
+def _run(cell, p, opts, dy, ds, engine, device_inputs=False):
+    args = [p["x"], p["kernel"], p["recurrent_kernel"], p["bias"], *p["states"]]
+    if device_inputs:
+        args = [None if a is None else cuda.to_device(a) for a in args]
+    f = getattr(ops, cell + "_forward")(*args, engine=engine, **opts)
+    g = getattr(ops, cell + "_backward")(f.cache, dy, *ds)
+    flat = [f.outputs, *f.states, g.x, g.kernel, g.recurrent_kernel, *g.states]
+    return f, g, flat + ([g.bias] if g.bias is not None else [])
+
+
+@pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.parametrize("name", CELLS)
+def test_cuda_engine_equals_cpu_engine(name, option, rng):
+    B, T, D, H = (3, 5, 2, 3) if SIM else (37, 29, 11, 45)
+    cell, p, opts = _problem(rng, name, option, B, T, D, H, np.float64)
+    rs = opts.get("return_sequences", True)
+    dy = rng.standard_normal((B, T, H) if rs else (B, H))
+    ds = [rng.standard_normal((B, H)) for _ in range(NSTATES[cell])]
+    _, _, want = _run(cell, p, opts, dy, ds, "cpu")
+    f, g, got = _run(cell, p, opts, dy, ds, "cuda")
+    assert _on_device(f.outputs) and _on_device(g.kernel), "results stay on the device"
+    for k, (a, b) in enumerate(zip(want, got)):
+        np.testing.assert_allclose(_host(b), a, rtol=0, atol=config.TOL_F64, err_msg=str(k))
+
+
+@pytest.mark.parametrize("name", ["lstm", "gru"])
+def test_device_inputs_pick_cuda_under_auto_float32(name, rng):
+    B, T, D, H = (3, 4, 2, 3) if SIM else (64, 50, 16, 32)
+    cell, p, opts = _problem(rng, name, "mask_backwards", B, T, D, H, np.float32)
+    dy = rng.standard_normal((B, T, H)).astype(np.float32)
+    _, _, want = _run(cell, p, opts, dy, [], "cpu")
+    f, _, got = _run(cell, p, opts, cuda.to_device(dy), [], "auto", device_inputs=True)
+    assert _on_device(f.outputs)
+    for k, (a, b) in enumerate(zip(want, got)):
+        err = np.abs(_host(b) - a).max() / max(np.abs(a).max(), 1.0)
+        assert err <= config.TOL_GRAD_F32, (k, err)
+
+
+def test_device_arrays_are_taken_without_a_copy(rng):
+    x = cuda.to_device(rng.standard_normal((2, 3, 4)))
+    got = ops._as_float_array("x", x, "cuda")
+    assert _pointer(got) == _pointer(x)
+
+
+def test_device_input_with_cpu_engine_is_a_clear_error(rng):
+    _, p, _ = _problem(rng, "lstm", "plain", 2, 3, 2, 2, np.float32)
+    x = cuda.to_device(p["x"])
+    with pytest.raises(ValueError, match=r"x lives on a GPU.*engine='cpu'"):
+        ops.lstm_forward(x, p["kernel"], p["recurrent_kernel"], engine="cpu")
+    W = cuda.to_device(p["kernel"])
+    with pytest.raises(ValueError, match=r"kernel lives on a GPU"):
+        ops.lstm_forward(p["x"], W, p["recurrent_kernel"], engine="cpu")
+    with pytest.raises(ValueError, match=r"x must have shape|x must be 3-D"):
+        ops.lstm_forward(cuda.to_device(np.zeros((2, 3), np.float32)), p["kernel"],
+                         p["recurrent_kernel"], engine="cuda")
