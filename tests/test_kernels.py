@@ -190,3 +190,26 @@ def test_long_sequences_match_reference(cell, rng):
     f = getattr(ops, cell + "_forward")(*args, training=False, return_sequences=False, **opts)
     yr, _ = getattr(R, cell + "_forward")(*args, **opts)
     np.testing.assert_allclose(f.outputs, yr[:, -1], atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("option", ["plain", "mask_backwards", "shared_dropout",
+                                    "no_bias_last_only"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_unfused_paths_match_the_reference(cell, option, rng, monkeypatch):
+    """The paths with the projection as one GEMM before the loop (what large weights use)."""
+    monkeypatch.setattr(config, "FUSED", False)
+    got, want = run_both(rng, cell, (17, 13, 7, 11), option)
+    for name in want:
+        if want[name] is not None:
+            np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-10,
+                                       err_msg=name)
+
+
+def test_large_weights_take_the_unfused_path(rng, monkeypatch):
+    monkeypatch.setattr(config, "FUSED_MAX_WEIGHT_BYTES", 1000)
+    p, opts = make_problem(rng, "lstm", 3, 4, 5, 6)
+    f = ops.lstm_forward(p["x"], p["kernel"], p["recurrent_kernel"], p["bias"])
+    assert not f.cache.fused
+    monkeypatch.setattr(config, "FUSED_MAX_WEIGHT_BYTES", 1 << 20)
+    f = ops.lstm_forward(p["x"], p["kernel"], p["recurrent_kernel"], p["bias"])
+    assert f.cache.fused
