@@ -440,7 +440,7 @@ def _backward(c, dy, dstates):
     """Backward of a whole call: per chunk (one chunk without checkpoints), from the last,
     recompute the chunk's cache where needed, run the backward recurrence, and accumulate
     the weight gradients. Returns a :class:`Gradients`."""
-    if c.fused:
+    if c.fused or (c.from_x and c.cell == "simple_rnn"):
         return _backward_fused(c, dy, dstates)
     la, o = c.eng.linalg, c.opts
     B, T, H, dt = c.B, c.T, c.H, c.dtype
@@ -504,20 +504,28 @@ def _chunk_dy(c, dy, s0, s1):
 
 
 def _backward_fused(c, dy, dstates):
-    """Backward of the fused LSTM: dx and each batch block's share of [dW; dU; db] come out
-    of the kernel; the shares are added in block order (any thread count, same bits)."""
+    """Backward of the fused LSTM and SimpleRNN: dx and each batch block's share of
+    [dW; dU; db] come out of the kernel; the shares are added in block order (any thread
+    count, same bits)."""
     o, la = c.opts, c.eng.linalg
     B, T, H, dt = c.B, c.T, c.H, c.dtype
     D = c.W.shape[0]
     dx = np.empty((B, T, D), dt)
     acc = np.zeros((-(-B // config.BLOCK_ROWS), D + H + 1, c.U.shape[1]), dt)
     carry = la.zeros((B, H), dt)
+    VT = c.VT if c.fused else np.ascontiguousarray(np.concatenate([c.W, c.U]).T)
     for s0, s1, t0, t1, states0, out0 in reversed(c.chunks or [(0, T, 0, T, None, None)]):
         kc = _chunk_cache(c, t0, t1, states0, out0)
         m = None if c.mask_t is None else c.mask_t[t0:t1]
-        dstates = c.eng.lstm.backward_fused(
-            kc, c.VT, c.dmask, m, _chunk_dy(c, dy, s0, s1), dstates[0], dstates[1],
-            o["act"], o["ract"], o["go_backwards"], o["zero_output"], carry, dx, acc, t0)
+        dyc = _chunk_dy(c, dy, s0, s1)
+        if c.cell == "lstm":
+            dstates = c.eng.lstm.backward_fused(
+                kc, VT, c.dmask, m, dyc, dstates[0], dstates[1], o["act"], o["ract"],
+                o["go_backwards"], o["zero_output"], carry, dx, acc, t0)
+        else:
+            dstates = (c.eng.simple_rnn.backward_fused(
+                kc, c.x, t0, VT, c.dmask, c.rmask, m, dyc, dstates[0], o["act"],
+                o["go_backwards"], o["zero_output"], carry, dx, acc),)
         if states0 is not None:
             la.give_back(*kc)
     la.give_back(dy)

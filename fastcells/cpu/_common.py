@@ -59,3 +59,52 @@ def project_rows(x, t, b0, dmask, use_dmask, Wb, sx, out, R):
                 sx[i, j] = xi[j]
         sx[i, D] = 1.0
     dot_blocks(sx, Wb, out, R)
+
+
+@njit(inline="always", **config.NJIT_OPTIONS)
+def input_and_state_grads(dzw, w, R, VT, dd, dxw, dh, live, n, dmask, use_dmask, rmask,
+                          use_rmask, b0):
+    """After the gate gradients dz_t of a step are in the window buffers: per batch block,
+    [dx_t | dh_{t-1}] = dz_t @ [W; U]^T. dx_t (times the dropout mask) goes to the window
+    buffer ``dxw`` [n, window, D]; dh_{t-1} (times the recurrent mask ``rmask`` [B, H])
+    replaces ``dh`` for the rows the step processed."""
+    D = dxw.shape[2]
+    H = dh.shape[1]
+    nb = (n + R - 1) // R
+    for k in range(nb):
+        rows = min(R, n - k * R)
+        np.dot(dzw[k, w * R:w * R + rows], VT, dd[:rows])
+        for ii in range(rows):
+            i = k * R + ii
+            b = b0 + i
+            dxr = dxw[i, w]
+            if use_dmask:
+                for j in range(D):
+                    dxr[j] = dd[ii, j] * dmask[b, j]
+            else:
+                for j in range(D):
+                    dxr[j] = dd[ii, j]
+            if live[i]:
+                if use_rmask:
+                    for j in range(H):
+                        dh[i, j] = dd[ii, D + j] * rmask[b, j]
+                else:
+                    for j in range(H):
+                        dh[i, j] = dd[ii, D + j]
+
+
+@njit(inline="always", **config.NJIT_OPTIONS)
+def flush_window(sw, dzw, acc, part, k0, R, w, n, dxw, dx, b0, s, T, t_off, go_backwards):
+    """End of a window of ``w`` steps (the last processed one is step s): add each block's
+    s_w^T @ dz_w to its share of the weight gradients, and write the window's dx rows,
+    a contiguous stretch of steps per batch row (batch-major rows of one step lie a page
+    apart)."""
+    nb = (n + R - 1) // R
+    for k in range(nb):
+        np.dot(sw[k, :w * R].T, dzw[k, :w * R], part)
+        acc[k0 + k] += part
+    for i in range(n):
+        for slot in range(w):
+            sl = s + w - 1 - slot                   # the step held in this slot
+            tt = T - 1 - sl if go_backwards else sl
+            dx[b0 + i, t_off + tt] = dxw[i, slot]

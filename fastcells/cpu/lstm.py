@@ -17,7 +17,8 @@ import numpy as np
 from .. import config
 from .._workspace import workspace
 from .._math import SIGMOID, TANH, activate, activate_grad, tanh32
-from ._common import add_output_grad, initial_output, optional, pending_carry
+from ._common import (add_output_grad, flush_window, initial_output, input_and_state_grads,
+                      optional, pending_carry)
 from ._jit import kernel
 from ._fpstate import flush_denormals, restore
 from ._parallel import run_batch_parallel, run_block_parallel
@@ -447,33 +448,12 @@ def _backward_fused_kernel(b0, b1, R, window, gates, xh, cprev, actc, VT, dmask,
             activate_grad(ract, g, d, 0, 2 * H)
             activate_grad(act, g, d, 2 * H, 3 * H)
             activate_grad(ract, g, d, 3 * H, 4 * H)
-        for k in range(nb):
-            rows = min(R, n - k * R)
-            np.dot(dzw[k, w * R:w * R + rows], VT, dd[:rows])
-            for ii in range(rows):
-                i = k * R + ii
-                dxr = dxw[i, w]
-                if use_dmask:
-                    for j in range(D):
-                        dxr[j] = dd[ii, j] * dmask[b0 + i, j]
-                else:
-                    for j in range(D):
-                        dxr[j] = dd[ii, j]
-                if live[i]:
-                    for j in range(H):
-                        dh[i, j] = dd[ii, D + j]
+        input_and_state_grads(dzw, w, R, VT, dd, dxw, dh, live, n, dmask, use_dmask,
+                              dmask, False, b0)
         w += 1
         if w == window or s == 0:
-            for k in range(nb):
-                np.dot(sw[k, :w * R].T, dzw[k, :w * R], part)
-                acc[k0 + k] += part
-            # dx rows of the window: a contiguous stretch of steps per batch row (batch-major
-            # rows of one step lie T*D apart, a page each)
-            for i in range(n):
-                for slot in range(w):
-                    sl = s + w - 1 - slot                   # the step held in this slot
-                    tt = T - 1 - sl if go_backwards else sl
-                    dx[b0 + i, t_off + tt] = dxw[i, slot]
+            flush_window(sw, dzw, acc, part, k0, R, w, n, dxw, dx, b0, s, T, t_off,
+                         go_backwards)
             w = 0
     dh0[b0:b1] = dh
     dc0[b0:b1] = dc

@@ -7,8 +7,8 @@ import numpy as np
 from .._workspace import workspace
 from .._math import activate, activate_grad
 from .. import config
-from ._common import (add_output_grad, dot_blocks, initial_output, optional, pending_carry,
-                      project_rows)
+from ._common import (add_output_grad, dot_blocks, flush_window, initial_output,
+                      input_and_state_grads, optional, pending_carry, project_rows)
 from ._jit import kernel
 from ._fpstate import flush_denormals, restore
 from ._parallel import run_block_parallel
@@ -121,6 +121,92 @@ def _backward_kernel(b0, b1, R, hs, UT, rmask, use_rmask, mask, use_mask, dy, dh
     dh0[b0:b1] = dh
     carry_io[b0:b1] = carry
     restore(fpmode)
+
+
+# The fused backward (the forward projected inside the step): per step and batch block,
+#   [dx_t | dh_{t-1}] = dz_t @ [W; U]^T        (times the dropout masks)
+# and, per window of steps, acc_block += s_w^T @ dz_w with s = [x_t * m | h_{t-1} * r | 1],
+# so acc = [dW; dU; db] with nothing of size [T, B, H] but the cache going through memory.
+@kernel
+def _backward_fused_kernel(b0, b1, R, window, hs, hprev, x, t_off, dmask, use_dmask, VT,
+                           rmask, use_rmask, mask, use_mask, dy, dh_in, act, go_backwards,
+                           zero_output, carry_io, dx, acc, dh0):
+    # hs, hprev: the forward cache [T, B, H];  x: [B, Tx, D] the input (steps t_off + t)
+    # VT:   [H, D + H] = [W; U]^T;  dmask [B, D], rmask [B, H]: the dropout masks
+    # dx:   [B, Tx, D] out;  acc: [nblocks, D + H + 1, H] in/out, each block's share of
+    #       [dW; dU; db];  other arguments as in _backward_kernel
+    fpmode = flush_denormals()
+    n = b1 - b0
+    T = hs.shape[0]
+    H = dh_in.shape[1]
+    D = dx.shape[2]
+    F = D + H + 1
+    dt = hs.dtype
+    k0 = b0 // R
+    nb = (n + R - 1) // R
+    dh = dh_in[b0:b1].copy()
+    carry = carry_io[b0:b1].copy()
+    dzw = np.zeros((nb, window * R, H), dt)      # rows past the batch stay zero
+    sw = np.zeros((nb, window * R, F), dt)
+    dd = np.empty((R, D + H), dt)
+    dxw = np.empty((n, window, D), dt)
+    part = np.empty((F, H), dt)
+    live = np.empty(n, np.bool_)
+    w = 0
+    for s in range(T - 1, -1, -1):
+        t = T - 1 - s if go_backwards else s
+        add_output_grad(carry, dy, s, T, b0, b1)
+        for i in range(n):
+            b = b0 + i
+            row = w * R + i % R
+            d = dzw[i // R, row]
+            si = sw[i // R, row]
+            xi = x[b, t_off + t]
+            hp = hprev[t, b]
+            for j in range(D):
+                si[j] = xi[j] * dmask[b, j] if use_dmask else xi[j]
+            for j in range(H):
+                si[D + j] = hp[j] * rmask[b, j] if use_rmask else hp[j]
+            si[D + H] = 1.0
+            live[i] = not (use_mask and not mask[t, b])
+            if not live[i]:
+                d[:] = 0.0
+                if zero_output:
+                    carry[i] = 0.0
+                continue
+            for j in range(H):
+                d[j] = dh[i, j] + carry[i, j]
+                carry[i, j] = 0.0
+            activate_grad(act, hs[t, b], d, 0, H)
+        input_and_state_grads(dzw, w, R, VT, dd, dxw, dh, live, n, dmask, use_dmask, rmask,
+                              use_rmask, b0)
+        w += 1
+        if w == window or s == 0:
+            flush_window(sw, dzw, acc, part, k0, R, w, n, dxw, dx, b0, s, T, t_off,
+                         go_backwards)
+            w = 0
+    dh0[b0:b1] = dh
+    carry_io[b0:b1] = carry
+    restore(fpmode)
+
+
+def backward_fused(cache, x, t_off, VT, dmask, rmask, mask, dy, dh, act, go_backwards,
+                   zero_output, carry, dx, acc):
+    """Backward of a forward that projected inside the step (``forward(x=...)``): writes
+    dx[:, t_off:t_off + T] and adds each block's share of [dW; dU; db] to ``acc``
+    [nblocks, D + H + 1, H]. Returns dh0."""
+    hs, hprev = cache
+    B, H = dh.shape
+    dt = hs.dtype
+    dh0 = np.empty((B, H), dt)
+    dm, use_dmask = optional(dmask, 2, dt)
+    rm, use_rmask = optional(rmask, 2, dt)
+    m, use_mask = optional(mask, 2, np.bool_)
+    run_block_parallel(_backward_fused_kernel, B, config.BLOCK_ROWS, config.BLOCK_ROWS,
+                       config.WINDOW_STEPS, hs, hprev, x, t_off, dm, use_dmask, VT, rm,
+                       use_rmask, m, use_mask, dy, dh, act, go_backwards, zero_output,
+                       pending_carry(carry, B, H, dt), dx, acc, dh0)
+    return dh0
 
 
 def forward(xw, U, rmask, mask, h0, act, go_backwards, zero_output, return_sequences,
