@@ -442,6 +442,8 @@ def _backward(c, dy, dstates):
     the weight gradients. Returns a :class:`Gradients`."""
     if c.fused or (c.from_x and c.cell == "simple_rnn"):
         return _backward_fused(c, dy, dstates)
+    if c.from_x and c.cell == "gru" and c.opts["reset_after"] and c.rmask is None:
+        return _backward_fused_gru(c, dy, dstates)
     la, o = c.eng.linalg, c.opts
     B, T, H, dt = c.B, c.T, c.H, c.dtype
     G = _GATES[c.cell]
@@ -487,6 +489,41 @@ def _backward(c, dy, dstates):
     return Gradients(dx, dW, dU, db, tuple(dstates))
 
 
+def _backward_fused_gru(c, dy, dstates):
+    """Backward of the GRU (reset_after, no recurrent dropout) whose forward projected
+    inside the step: dx, [dW; db_in] and [dU; db_rec] per batch block from the kernel."""
+    o, la = c.opts, c.eng.linalg
+    B, T, H, dt = c.B, c.T, c.H, c.dtype
+    D = c.W.shape[0]
+    nblocks = -(-B // config.BLOCK_ROWS)
+    dx = np.empty((B, T, D), dt)
+    acc_in = np.zeros((nblocks, D + 1, 3 * H), dt)
+    acc_rec = np.zeros((nblocks, H + 1, 3 * H), dt)
+    carry = la.zeros((B, H), dt)
+    WT, UT = np.ascontiguousarray(c.W.T), np.ascontiguousarray(c.U.T)
+    for s0, s1, t0, t1, states0, out0 in reversed(c.chunks or [(0, T, 0, T, None, None)]):
+        kc = _chunk_cache(c, t0, t1, states0, out0)
+        m = None if c.mask_t is None else c.mask_t[t0:t1]
+        dstates = (c.eng.gru.backward_fused(
+            kc, c.x, t0, WT, UT, c.dmask, m, _chunk_dy(c, dy, s0, s1), dstates[0],
+            o["act"], o["ract"], o["go_backwards"], o["zero_output"], carry, dx, acc_in,
+            acc_rec),)
+        if states0 is not None:
+            la.give_back(*kc)
+    la.give_back(dy)
+    tin, trec = _block_sum(acc_in), _block_sum(acc_rec)
+    db = None if c.bias_shape is None else np.stack([tin[D], trec[H]])
+    return Gradients(dx, tin[:D].copy(), trec[:H].copy(), db, tuple(dstates))
+
+
+def _block_sum(acc):
+    """Sum of the blocks' shares, in block order (the same bits for any thread count)."""
+    total = acc[0].copy()
+    for k in range(1, acc.shape[0]):
+        total += acc[k]
+    return total
+
+
 def _chunk_cache(c, t0, t1, states0, out0):
     """The kernel cache of a chunk: the forward's own, or recomputed from a checkpoint."""
     if states0 is None:
@@ -529,9 +566,7 @@ def _backward_fused(c, dy, dstates):
         if states0 is not None:
             la.give_back(*kc)
     la.give_back(dy)
-    total = acc[0].copy()
-    for k in range(1, acc.shape[0]):
-        total += acc[k]
+    total = _block_sum(acc)
     db = None if c.bias_shape is None else total[D + H].copy()
     return Gradients(dx, total[:D].copy(), total[D:D + H].copy(), db, tuple(dstates))
 

@@ -13,8 +13,8 @@ import numpy as np
 from .._workspace import workspace
 from .._math import activate, activate_grad, tanh32
 from .. import config
-from ._common import (add_output_grad, dot_blocks, initial_output, optional, pending_carry,
-                      project_rows)
+from ._common import (add_output_grad, dot_blocks, flush_window, initial_output, optional,
+                      pending_carry, project_rows)
 from ._jit import kernel
 from ._fpstate import flush_denormals, restore
 from ._parallel import run_block_parallel
@@ -240,6 +240,132 @@ def _backward_kernel(b0, b1, R, gates, hprev, aux, UT, UgT, rmask, use_rmask, ma
     dh0[b0:b1] = dh
     carry_io[b0:b1] = carry
     restore(fpmode)
+
+
+# The fused backward (reset_after, no recurrent dropout; the forward projected inside the
+# step): the gate gradients of _backward_kernel, then per step and batch block
+#   dx_t = dz_t @ W^T (times the dropout mask)     dh_{t-1} = dh * z + drec_t @ U^T
+# and per window of steps
+#   acc_in += [x_t * m | 1]^T dz       acc_rec += [h_{t-1} | 1]^T drec
+# which hold [dW; db_in] and [dU; db_rec]: neither dz nor the projection goes through memory.
+@kernel
+def _backward_fused_kernel(b0, b1, R, window, gates, hprev, aux, x, t_off, dmask, use_dmask,
+                           WT, UT, mask, use_mask, dy, dh_in, act, ract, go_backwards,
+                           zero_output, carry_io, dx, acc_in, acc_rec, dh0):
+    # gates, hprev, aux: the forward cache [T, B, .];  x: [B, Tx, D] (steps t_off + t)
+    # WT: [3H, D], UT: [3H, H] the kernels transposed;  dmask: [B, D]
+    # dx: [B, Tx, D] out;  acc_in: [nblocks, D + 1, 3H], acc_rec: [nblocks, H + 1, 3H]
+    #     in/out, each block's share of [dW; db_in] and [dU; db_rec]
+    fpmode = flush_denormals()
+    n = b1 - b0
+    T = gates.shape[0]
+    H = dh_in.shape[1]
+    D = dx.shape[2]
+    GH = G * H
+    dt = gates.dtype
+    k0 = b0 // R
+    nb = (n + R - 1) // R
+    dh = dh_in[b0:b1].copy()
+    carry = carry_io[b0:b1].copy()
+    dhz = np.empty((n, H), dt)
+    dzw = np.zeros((nb, window * R, GH), dt)     # input side (daz, dar, dah)
+    drw = np.zeros((nb, window * R, GH), dt)     # recurrent side (daz, dar, da_h)
+    sxw = np.zeros((nb, window * R, D + 1), dt)
+    shw = np.zeros((nb, window * R, H + 1), dt)
+    ddx = np.empty((R, D), dt)
+    ddh = np.empty((R, H), dt)
+    dxw = np.empty((n, window, D), dt)
+    part_in = np.empty((D + 1, GH), dt)
+    part_rec = np.empty((H + 1, GH), dt)
+    live = np.empty(n, np.bool_)
+    w = 0
+    for s in range(T - 1, -1, -1):
+        t = T - 1 - s if go_backwards else s
+        add_output_grad(carry, dy, s, T, b0, b1)
+        for i in range(n):
+            b = b0 + i
+            k, row = i // R, w * R + i % R
+            d = dzw[k, row]
+            dr = drw[k, row]
+            sx = sxw[k, row]
+            sh = shw[k, row]
+            xi = x[b, t_off + t]
+            hp = hprev[t, b]
+            for j in range(D):
+                sx[j] = xi[j] * dmask[b, j] if use_dmask else xi[j]
+            sx[D] = 1.0
+            for j in range(H):
+                sh[j] = hp[j]
+            sh[H] = 1.0
+            live[i] = not (use_mask and not mask[t, b])
+            if not live[i]:
+                d[:] = 0.0
+                dr[:] = 0.0
+                if zero_output:
+                    carry[i] = 0.0
+                continue
+            g = gates[t, b]
+            ax = aux[t, b]
+            for j in range(H):
+                dhj = dh[i, j] + carry[i, j]
+                carry[i, j] = 0.0
+                z = g[j]
+                d[j] = dhj * (hp[j] - g[2 * H + j])
+                d[2 * H + j] = dhj - dhj * z
+                dhz[i, j] = dhj * z
+            activate_grad(act, g, d, 2 * H, 3 * H)
+            for j in range(H):
+                d[H + j] = d[2 * H + j] * ax[j]
+                dr[2 * H + j] = d[2 * H + j] * g[H + j]
+            activate_grad(ract, g, d, 0, 2 * H)
+            for j in range(2 * H):
+                dr[j] = d[j]
+        for k in range(nb):
+            rows = min(R, n - k * R)
+            np.dot(dzw[k, w * R:w * R + rows], WT, ddx[:rows])
+            np.dot(drw[k, w * R:w * R + rows], UT, ddh[:rows])
+            for ii in range(rows):
+                i = k * R + ii
+                dxr = dxw[i, w]
+                if use_dmask:
+                    for j in range(D):
+                        dxr[j] = ddx[ii, j] * dmask[b0 + i, j]
+                else:
+                    for j in range(D):
+                        dxr[j] = ddx[ii, j]
+                if live[i]:
+                    for j in range(H):
+                        dh[i, j] = dhz[i, j] + ddh[ii, j]
+        w += 1
+        if w == window or s == 0:
+            for k in range(nb):
+                np.dot(shw[k, :w * R].T, drw[k, :w * R], part_rec)
+                acc_rec[k0 + k] += part_rec
+            flush_window(sxw, dzw, acc_in, part_in, k0, R, w, n, dxw, dx, b0, s, T, t_off,
+                         go_backwards)
+            w = 0
+    dh0[b0:b1] = dh
+    carry_io[b0:b1] = carry
+    restore(fpmode)
+
+
+def backward_fused(cache, x, t_off, WT, UT, dmask, mask, dy, dh, act, ract, go_backwards,
+                   zero_output, carry, dx, acc_in, acc_rec):
+    """Backward of a reset_after forward that projected inside the step, without recurrent
+    dropout: writes dx[:, t_off:t_off + T], adds each block's share of [dW; db_in] to
+    ``acc_in`` [nblocks, D + 1, 3H] and of [dU; db_rec] to ``acc_rec`` [nblocks, H + 1, 3H].
+    Returns dh0."""
+    gates, hprev, aux = cache
+    B, H = dh.shape
+    dt = gates.dtype
+    dh0 = np.empty((B, H), dt)
+    dm, use_dmask = optional(dmask, 2, dt)
+    m, use_mask = optional(mask, 2, np.bool_)
+    run_block_parallel(_backward_fused_kernel, B, config.BLOCK_ROWS, config.BLOCK_ROWS,
+                       config.WINDOW_STEPS, gates, hprev, aux, x, t_off, dm, use_dmask, WT,
+                       UT, m, use_mask, dy, dh, act, ract, go_backwards, zero_output,
+                       pending_carry(carry, B, H, dt), dx, acc_in, acc_rec, dh0)
+    return dh0
 
 
 def forward(xw, U, brec, rmask, mask, h0, act, ract, reset_after, go_backwards, zero_output,
