@@ -14,7 +14,8 @@ def _env_int(name, default):
     try:
         return max(1, int(value))
     except ValueError:
-        raise ValueError(f"environment variable {name} must be a positive integer, got {value!r}") from None
+        raise ValueError(f"environment variable {name} must be a positive integer, "
+                         f"got {value!r}") from None
 
 
 # --- CPU kernels -------------------------------------------------------------------------

@@ -171,7 +171,8 @@ class _FastRNN:
 
     def _kernel_call(self, sequences, initial_state, mask, training):
         cell = self.cell
-        states = list(initial_state) if isinstance(initial_state, (list, tuple)) else [initial_state]
+        states = (list(initial_state) if isinstance(initial_state, (list, tuple))
+                  else [initial_state])
         dmask = rmask = None
         training = bool(training)
         if training:

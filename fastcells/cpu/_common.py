@@ -108,3 +108,18 @@ def flush_window(sw, dzw, acc, part, k0, R, w, n, dxw, dx, b0, s, T, t_off, go_b
             sl = s + w - 1 - slot                   # the step held in this slot
             tt = T - 1 - sl if go_backwards else sl
             dx[b0 + i, t_off + tt] = dxw[i, slot]
+
+
+@njit(inline="always", **config.NJIT_OPTIONS)
+def masked_row(d, carry, live, i, mask, use_mask, t, b, zero_output):
+    """Backward bookkeeping of row i (batch row b) at input step t: records in live[i]
+    whether the step was processed; a masked row gets a zero gate gradient d, passes its
+    state gradients through, and with zero_output_for_mask drops the pending output
+    gradient (its output was a constant zero). Returns True for a masked row."""
+    live[i] = not (use_mask and not mask[t, b])
+    if live[i]:
+        return False
+    d[:] = 0.0
+    if zero_output:
+        carry[i] = 0.0
+    return True

@@ -152,7 +152,10 @@ def gemm(a, b, out=None):
 
 def run_batch_parallel(kernel, batch, *args):
     """Call ``kernel(b0, b1, *args)`` for each batch slice, the slices in parallel."""
-    slices = batch_slices(batch)
+    _run_slices(kernel, batch_slices(batch), args)
+
+
+def _run_slices(kernel, slices, args):
     if len(slices) <= 1:
         for b0, b1 in slices:
             kernel(b0, b1, *args)
@@ -172,10 +175,4 @@ def block_slices(batch, rows):
 
 def run_block_parallel(kernel, batch, rows, *args):
     """Call ``kernel(b0, b1, *args)`` for slices of whole blocks, in parallel."""
-    slices = block_slices(batch, rows)
-    if len(slices) <= 1:
-        for b0, b1 in slices:
-            kernel(b0, b1, *args)
-        return
-    with single_threaded_blas:
-        run_tasks([lambda b0=b0, b1=b1: kernel(b0, b1, *args) for b0, b1 in slices])
+    _run_slices(kernel, block_slices(batch, rows), args)

@@ -9,12 +9,14 @@ Gate order z, r, h (G = 3). With ``xw = x @ W + b_in`` and recurrent dropout mas
 Same conventions (time-major arrays) as ``fastcells.cpu.lstm``.
 """
 import numpy as np
+from numba import njit
 
-from .._workspace import workspace
-from .._math import activate, activate_grad, tanh32
 from .. import config
-from ._common import (add_output_grad, dot_blocks, flush_window, initial_output, optional,
-                      pending_carry, project_rows)
+from .._math import activate, activate_grad, tanh32
+from .._workspace import workspace
+from ..config import NJIT_OPTIONS
+from ._common import (add_output_grad, dot_blocks, flush_window, initial_output,
+                      masked_row, optional, pending_carry, project_rows)
 from ._jit import kernel
 from ._fpstate import flush_denormals, restore
 from ._parallel import run_block_parallel
@@ -135,6 +137,20 @@ def _forward_kernel(b0, b1, R, T, xw, x, t_off, Wb, dmask, use_dmask, from_x, U,
     restore(fpmode)
 
 
+@njit(inline="always", **NJIT_OPTIONS)
+def _state_grads(d, g, hp, dh, carry, dhz, i, H, act):
+    """Of one processed row: dz (into d[:H]), dah (into d[2H:]) and dh * z, the direct
+    path to h_{t-1} (into dhz[i]), from dh[i] plus the pending output gradient."""
+    for j in range(H):
+        dhj = dh[i, j] + carry[i, j]
+        carry[i, j] = 0.0
+        z = g[j]
+        d[j] = dhj * (hp[j] - g[2 * H + j])
+        d[2 * H + j] = dhj - dhj * z
+        dhz[i, j] = dhj * z
+    activate_grad(act, g, d, 2 * H, 3 * H)
+
+
 # Backward per processed step, dh the gradient reaching h_t (state and output):
 #   dz  = dh * (h_{t-1} - hh)          dah = dh * (1 - z) * act'(hh)     dh_{t-1} = dh * z + ...
 #   reset_after:  dr = dah * a_h       da_h = dah * r
@@ -171,25 +187,13 @@ def _backward_kernel(b0, b1, R, gates, hprev, aux, UT, UgT, rmask, use_rmask, ma
         for i in range(n):
             b = b0 + i
             d = dzt[b]
-            live[i] = not (use_mask and not mask[t, b])
-            if not live[i]:
-                d[:] = 0.0
+            if masked_row(d, carry, live, i, mask, use_mask, t, b, zero_output):
                 drec[i] = 0.0
                 if reset_after:
                     dah_rec[t, b] = 0.0
-                if zero_output:
-                    carry[i] = 0.0
                 continue
             g = gates[t, b]
-            hp = hprev[t, b]
-            for j in range(H):
-                dhj = dh[i, j] + carry[i, j]
-                carry[i, j] = 0.0
-                z = g[j]
-                d[j] = dhj * (hp[j] - g[2 * H + j])
-                d[2 * H + j] = dhj - dhj * z
-                dhz[i, j] = dhj * z
-            activate_grad(act, g, d, 2 * H, 3 * H)
+            _state_grads(d, g, hprev[t, b], dh, carry, dhz, i, H, act)
             if reset_after:
                 ax = aux[t, b]
                 for j in range(H):
@@ -297,23 +301,12 @@ def _backward_fused_kernel(b0, b1, R, window, gates, hprev, aux, x, t_off, dmask
             for j in range(H):
                 sh[j] = hp[j]
             sh[H] = 1.0
-            live[i] = not (use_mask and not mask[t, b])
-            if not live[i]:
-                d[:] = 0.0
+            if masked_row(d, carry, live, i, mask, use_mask, t, b, zero_output):
                 dr[:] = 0.0
-                if zero_output:
-                    carry[i] = 0.0
                 continue
             g = gates[t, b]
             ax = aux[t, b]
-            for j in range(H):
-                dhj = dh[i, j] + carry[i, j]
-                carry[i, j] = 0.0
-                z = g[j]
-                d[j] = dhj * (hp[j] - g[2 * H + j])
-                d[2 * H + j] = dhj - dhj * z
-                dhz[i, j] = dhj * z
-            activate_grad(act, g, d, 2 * H, 3 * H)
+            _state_grads(d, g, hp, dh, carry, dhz, i, H, act)
             for j in range(H):
                 d[H + j] = d[2 * H + j] * ax[j]
                 dr[2 * H + j] = d[2 * H + j] * g[H + j]
@@ -420,7 +413,8 @@ def backward(cache, U, rmask, mask, dy, dh, act, ract, reset_after, go_backwards
     UgT = np.ascontiguousarray(split_gates(U, G).transpose(0, 2, 1))
     rm = rmask if use_rmask else np.empty((G, 0, 0), dt)
     m, use_mask = optional(mask, 2, np.bool_)
-    run_block_parallel(_backward_kernel, B, config.BLOCK_ROWS, config.BLOCK_ROWS, gates, hprev, aux, UT, UgT, rm, use_rmask, m,
+    R = config.BLOCK_ROWS
+    run_block_parallel(_backward_kernel, B, R, R, gates, hprev, aux, UT, UgT, rm, use_rmask, m,
                        use_mask, dy, dh, act, ract, reset_after, go_backwards, zero_output,
                        pending_carry(carry, B, H, dt), dz, dah_rec, dh0)
     return dz, (dah_rec if reset_after else None), dh0

@@ -13,17 +13,81 @@ indexed by input time t; outputs y and their gradients dy by processing step s
 Shapes: B batch, T time steps, H units, G = 4 gates in Keras order i, f, c, o.
 """
 import numpy as np
+from numba import njit
 
 from .. import config
+from ..config import NJIT_OPTIONS
 from .._workspace import workspace
 from .._math import SIGMOID, TANH, activate, activate_grad, tanh32
-from ._common import (add_output_grad, flush_window, initial_output, input_and_state_grads,
-                      optional, pending_carry)
+from ._common import (add_output_grad, dot_blocks, flush_window, initial_output,
+                      input_and_state_grads, masked_row, optional, pending_carry)
 from ._jit import kernel
 from ._fpstate import flush_denormals, restore
 from ._parallel import run_batch_parallel, run_block_parallel
 
 G = 4
+
+
+@njit(inline="always", **NJIT_OPTIONS)
+def _gates(z, g, off, n, H, fused, coef, act, ract, fast):
+    """g[off + i] = the activated gates of the pre-activations z[i] (i, f, c~, o)."""
+    GH = G * H
+    if fused:
+        ca, cs, co = coef[0], coef[1], coef[2]
+        for i in range(n):
+            for j in range(GH):
+                g[off + i, j] = tanh32(ca[j] * z[i, j]) * cs[j] + co[j]
+    else:
+        for i in range(n):
+            gi = g[off + i]
+            for j in range(GH):
+                gi[j] = z[i, j]
+            activate(ract, fast, gi, 0, 2 * H)          # i, f
+            activate(act, fast, gi, 2 * H, 3 * H)       # c~
+            activate(ract, fast, gi, 3 * H, 4 * H)      # o
+
+
+@njit(inline="always", **NJIT_OPTIONS)
+def _cell_update(g, ac, off, c, h, out, mask, use_mask, t, b0, n, H, act, fast, zero_output):
+    """c = f c + i c~, h = o act(c) for the processed rows (ac[off + i] = act(c)); a masked
+    row keeps its state and repeats its output (or outputs zeros)."""
+    for i in range(n):
+        gi = g[off + i]
+        ai = ac[off + i]
+        if use_mask and not mask[t, b0 + i]:
+            if zero_output:
+                for j in range(H):
+                    out[i, j] = 0.0
+            continue
+        for j in range(H):
+            cc = gi[H + j] * c[i, j] + gi[j] * gi[2 * H + j]
+            c[i, j] = cc
+            ai[j] = cc
+        activate(act, fast, ai, 0, H)
+        for j in range(H):
+            h[i, j] = gi[3 * H + j] * ai[j]
+            out[i, j] = h[i, j]
+
+
+@njit(inline="always", **NJIT_OPTIONS)
+def _gate_grads(d, g, ac, cp, dh, dc, carry, i, H, act, ract, da):
+    """The gate pre-activation gradients d (di, df, dc~, do) of one processed row; dc[i]
+    becomes the gradient reaching c_{t-1} (see the derivation above _backward_kernel)."""
+    for j in range(H):
+        dhj = dh[i, j] + carry[i, j]
+        carry[i, j] = 0.0
+        d[3 * H + j] = dhj * ac[j]
+        da[j] = dhj * g[3 * H + j]              # gradient reaching a(c_t)
+    activate_grad(act, ac, da, 0, H)
+    for j in range(H):
+        dcj = dc[i, j] + da[j]
+        d[j] = dcj * g[2 * H + j]
+        d[H + j] = dcj * cp[j]
+        d[2 * H + j] = dcj * g[j]
+        dc[i, j] = dcj * g[H + j]
+    activate_grad(ract, g, d, 0, 2 * H)
+    activate_grad(act, g, d, 2 * H, 3 * H)
+    activate_grad(ract, g, d, 3 * H, 4 * H)
 
 
 @kernel
@@ -57,7 +121,6 @@ def _forward_kernel(b0, b1, xw, U, Ug, rmask, use_rmask, mask, use_mask, h0, c0,
     zk = np.empty((n, H), dt)
     g_scratch = np.empty((n, GH), dt)
     a_scratch = np.empty((n, H), dt)
-    ca, cs, co = coef[0], coef[1], coef[2]
     for s in range(T):
         t = T - 1 - s if go_backwards else s
         # recurrent projection z = (h * r_k) @ U_k for every gate k
@@ -79,36 +142,13 @@ def _forward_kernel(b0, b1, xw, U, Ug, rmask, use_rmask, mask, use_mask, h0, c0,
         else:
             g, off, ac = g_scratch, 0, a_scratch
         xt = xw[t]
-        # gates of every row (masked rows too: branch-free, their results are not used)
-        if fused:
-            for i in range(n):
-                for j in range(GH):
-                    g[off + i, j] = tanh32(ca[j] * (xt[b0 + i, j] + z[i, j])) * cs[j] + co[j]
-        else:
-            for i in range(n):
-                gi = g[off + i]
-                for j in range(GH):
-                    gi[j] = xt[b0 + i, j] + z[i, j]
-                activate(ract, fast, gi, 0, 2 * H)          # i, f
-                activate(act, fast, gi, 2 * H, 3 * H)       # c~
-                activate(ract, fast, gi, 3 * H, 4 * H)      # o
         for i in range(n):
-            gi = g[off + i]
-            ai = ac[off + i]
-            if use_mask and not mask[t, b0 + i]:
-                # masked step: the state is kept, the output repeats (or is zero)
-                if zero_output:
-                    for j in range(H):
-                        out[i, j] = 0.0
-                continue
-            for j in range(H):
-                cc = gi[H + j] * c[i, j] + gi[j] * gi[2 * H + j]
-                c[i, j] = cc
-                ai[j] = cc
-            activate(act, fast, ai, 0, H)
-            for j in range(H):
-                h[i, j] = gi[3 * H + j] * ai[j]
-                out[i, j] = h[i, j]
+            for j in range(GH):
+                z[i, j] += xt[b0 + i, j]
+        # gates of every row (masked rows too: branch-free, their results are not used)
+        _gates(z, g, off, n, H, fused, coef, act, ract, fast)
+        _cell_update(g, ac, off, c, h, out, mask, use_mask, t, b0, n, H, act, fast,
+                     zero_output)
         if full:
             y[s, b0:b1] = out
     if not full:
@@ -160,30 +200,9 @@ def _backward_kernel(b0, b1, gates, cprev, actc, UT, UgT, rmask, use_rmask, mask
         for i in range(n):
             b = b0 + i
             d = dzt[b]
-            live[i] = not (use_mask and not mask[t, b])
-            if not live[i]:
-                d[:] = 0.0
-                if zero_output:
-                    carry[i] = 0.0
+            if masked_row(d, carry, live, i, mask, use_mask, t, b, zero_output):
                 continue
-            g = gt[b]
-            ac = actc[t, b]
-            cp = cprev[t, b]
-            for j in range(H):
-                dhj = dh[i, j] + carry[i, j]
-                carry[i, j] = 0.0
-                d[3 * H + j] = dhj * ac[j]
-                da[j] = dhj * g[3 * H + j]          # gradient reaching a(c_t)
-            activate_grad(act, ac, da, 0, H)
-            for j in range(H):
-                dcj = dc[i, j] + da[j]
-                d[j] = dcj * g[2 * H + j]
-                d[H + j] = dcj * cp[j]
-                d[2 * H + j] = dcj * g[j]
-                dc[i, j] = dcj * g[H + j]
-            activate_grad(ract, g, d, 0, 2 * H)
-            activate_grad(act, g, d, 2 * H, 3 * H)
-            activate_grad(ract, g, d, 3 * H, 4 * H)
+            _gate_grads(d, gt[b], actc[t, b], cprev[t, b], dh, dc, carry, i, H, act, ract, da)
         # dh_{t-1} = sum_k (dz_k @ U_k^T) * r_k
         if use_rmask:
             dhn[:] = 0.0
@@ -297,7 +316,6 @@ def _forward_fused_kernel(b0, b1, R, x, t_off, T, V, dmask, use_dmask, mask, use
     s_scratch = np.empty((n, F), dt)
     g_scratch = np.empty((n, GH), dt)
     a_scratch = np.empty((n, H), dt)
-    ca, cs, co = coef[0], coef[1], coef[2]
     for s in range(T):
         t = T - 1 - s if go_backwards else s
         if keep_cache:
@@ -316,37 +334,10 @@ def _forward_fused_kernel(b0, b1, R, x, t_off, T, V, dmask, use_dmask, mask, use
             for j in range(H):
                 st[i, D + j] = h[i, j]
             st[i, D + H] = 1.0
-        for r0 in range(0, n, R):
-            r1 = min(n, r0 + R)
-            np.dot(st[r0:r1], V, z[r0:r1])
-        if fused:
-            for i in range(n):
-                for j in range(GH):
-                    g[off + i, j] = tanh32(ca[j] * z[i, j]) * cs[j] + co[j]
-        else:
-            for i in range(n):
-                gi = g[off + i]
-                for j in range(GH):
-                    gi[j] = z[i, j]
-                activate(ract, fast, gi, 0, 2 * H)          # i, f
-                activate(act, fast, gi, 2 * H, 3 * H)       # c~
-                activate(ract, fast, gi, 3 * H, 4 * H)      # o
-        for i in range(n):
-            gi = g[off + i]
-            ai = ac[off + i]
-            if use_mask and not mask[t, b0 + i]:
-                if zero_output:
-                    for j in range(H):
-                        out[i, j] = 0.0
-                continue
-            for j in range(H):
-                cc = gi[H + j] * c[i, j] + gi[j] * gi[2 * H + j]
-                c[i, j] = cc
-                ai[j] = cc
-            activate(act, fast, ai, 0, H)
-            for j in range(H):
-                h[i, j] = gi[3 * H + j] * ai[j]
-                out[i, j] = h[i, j]
+        dot_blocks(st, V, z, R)
+        _gates(z, g, off, n, H, fused, coef, act, ract, fast)
+        _cell_update(g, ac, off, c, h, out, mask, use_mask, t, b0, n, H, act, fast,
+                     zero_output)
         if full:
             y[s, b0:b1] = out
     if not full:
@@ -403,11 +394,7 @@ def _backward_fused_kernel(b0, b1, R, window, gates, xh, cprev, actc, VT, dmask,
             row = w * R + i % R
             d = dzw[i // R, row]
             sw[i // R, row] = xh[t, b]
-            live[i] = not (use_mask and not mask[t, b])
-            if not live[i]:
-                d[:] = 0.0
-                if zero_output:
-                    carry[i] = 0.0
+            if masked_row(d, carry, live, i, mask, use_mask, t, b, zero_output):
                 continue
             g = gt[b]
             ac = actc[t, b]
@@ -433,21 +420,7 @@ def _backward_fused_kernel(b0, b1, R, window, gates, xh, cprev, actc, VT, dmask,
                 for j in range(H):
                     dci[j] = dct[j] * g[H + j]
                 continue
-            for j in range(H):
-                dhj = dh[i, j] + carry[i, j]
-                carry[i, j] = 0.0
-                d[3 * H + j] = dhj * ac[j]
-                da[j] = dhj * g[3 * H + j]
-            activate_grad(act, ac, da, 0, H)
-            for j in range(H):
-                dcj = dc[i, j] + da[j]
-                d[j] = dcj * g[2 * H + j]
-                d[H + j] = dcj * cp[j]
-                d[2 * H + j] = dcj * g[j]
-                dc[i, j] = dcj * g[H + j]
-            activate_grad(ract, g, d, 0, 2 * H)
-            activate_grad(act, g, d, 2 * H, 3 * H)
-            activate_grad(ract, g, d, 3 * H, 4 * H)
+            _gate_grads(d, g, ac, cp, dh, dc, carry, i, H, act, ract, da)
         input_and_state_grads(dzw, w, R, VT, dd, dxw, dh, live, n, dmask, use_dmask,
                               dmask, False, b0)
         w += 1

@@ -8,7 +8,8 @@ from .._workspace import workspace
 from .._math import activate, activate_grad
 from .. import config
 from ._common import (add_output_grad, dot_blocks, flush_window, initial_output,
-                      input_and_state_grads, optional, pending_carry, project_rows)
+                      input_and_state_grads, masked_row, optional, pending_carry,
+                      project_rows)
 from ._jit import kernel
 from ._fpstate import flush_denormals, restore
 from ._parallel import run_block_parallel
@@ -103,11 +104,7 @@ def _backward_kernel(b0, b1, R, hs, UT, rmask, use_rmask, mask, use_mask, dy, dh
         for i in range(n):
             b = b0 + i
             d = dzt[b]
-            live[i] = not (use_mask and not mask[t, b])
-            if not live[i]:
-                d[:] = 0.0
-                if zero_output:
-                    carry[i] = 0.0
+            if masked_row(d, carry, live, i, mask, use_mask, t, b, zero_output):
                 continue
             for j in range(H):
                 d[j] = dh[i, j] + carry[i, j]
@@ -168,11 +165,7 @@ def _backward_fused_kernel(b0, b1, R, window, hs, hprev, x, t_off, dmask, use_dm
             for j in range(H):
                 si[D + j] = hp[j] * rmask[b, j] if use_rmask else hp[j]
             si[D + H] = 1.0
-            live[i] = not (use_mask and not mask[t, b])
-            if not live[i]:
-                d[:] = 0.0
-                if zero_output:
-                    carry[i] = 0.0
+            if masked_row(d, carry, live, i, mask, use_mask, t, b, zero_output):
                 continue
             for j in range(H):
                 d[j] = dh[i, j] + carry[i, j]
@@ -247,7 +240,8 @@ def backward(cache, U, rmask, mask, dy, dh, act, go_backwards, zero_output, carr
     dh0 = np.empty((B, H), dt)
     rm, use_rmask = optional(rmask, 2, dt)
     m, use_mask = optional(mask, 2, np.bool_)
-    run_block_parallel(_backward_kernel, B, config.BLOCK_ROWS, config.BLOCK_ROWS, hs, np.ascontiguousarray(U.T), rm, use_rmask, m,
+    R = config.BLOCK_ROWS
+    run_block_parallel(_backward_kernel, B, R, R, hs, np.ascontiguousarray(U.T), rm, use_rmask, m,
                        use_mask, dy, dh, act, go_backwards, zero_output,
                        pending_carry(carry, B, H, dt), dz, dh0)
     return dz, dh0
