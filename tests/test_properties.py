@@ -1,5 +1,8 @@
 """Property-based tests: random cell, shape and options, kernels against the reference.
 
+Also drawn: the thread count, the batch block and window sizes of the fused kernels, fused
+or unfused paths, and chunked recomputation (checkpoint_steps).
+
 A bounded number of examples in CI; set FASTCELLS_HYPOTHESIS_EXAMPLES for more.
 """
 import os
@@ -35,6 +38,10 @@ def problems(draw):
         return_sequences=draw(st.booleans()),
         dtype=draw(st.sampled_from([np.float32, np.float64])),
         threads=draw(st.integers(1, 3)),
+        block_rows=draw(st.integers(1, 5)),
+        window=draw(st.integers(1, 4)),
+        fused=draw(st.booleans()),
+        checkpoint=draw(st.one_of(st.none(), st.integers(1, 5))),
     )
     return cell, (B, T, D, H), seed, opts
 
@@ -52,10 +59,13 @@ def test_kernels_equal_reference(problem):
                            per_gate=o["per_gate"], dtype=o["dtype"])
     opts.update(go_backwards=o["go_backwards"], zero_output_for_mask=o["zero_output_for_mask"])
     args = (p["x"], p["kernel"], p["recurrent_kernel"], p["bias"], *p["states"])
-    old = config.NUM_THREADS, config.MIN_ROWS_PER_THREAD
-    config.NUM_THREADS, config.MIN_ROWS_PER_THREAD = o["threads"], 1
+    names = ("NUM_THREADS", "MIN_ROWS_PER_THREAD", "BLOCK_ROWS", "WINDOW_STEPS", "FUSED")
+    old = [getattr(config, n) for n in names]
+    for n, v in zip(names, (o["threads"], 1, o["block_rows"], o["window"], o["fused"])):
+        setattr(config, n, v)
     try:
-        f = getattr(ops, cell + "_forward")(*args, return_sequences=o["return_sequences"], **opts)
+        f = getattr(ops, cell + "_forward")(*args, return_sequences=o["return_sequences"],
+                                            checkpoint_steps=o["checkpoint"], **opts)
         yr, sr = getattr(R, cell + "_forward")(*args, **opts)
         dy = rng.standard_normal(yr.shape)
         if not o["return_sequences"]:
@@ -66,14 +76,16 @@ def test_kernels_equal_reference(problem):
         else:
             g = getattr(ops, cell + "_backward")(f.cache, dy.astype(o["dtype"]))
     finally:
-        config.NUM_THREADS, config.MIN_ROWS_PER_THREAD = old
+        for n, v in zip(names, old):
+            setattr(config, n, v)
     gr = getattr(R, cell + "_backward")(*args, d_outputs=dy, **opts)
     f64 = o["dtype"] == np.float64
     tol_out = 1e-10 if f64 else 1e-5
     np.testing.assert_allclose(f.outputs, yr, atol=tol_out, rtol=0)
     for a, b in zip(f.states, sr):
         np.testing.assert_allclose(a, b, atol=tol_out, rtol=0)
-    pairs = [(g.x, gr["x"]), (g.kernel, gr["kernel"]), (g.recurrent_kernel, gr["recurrent_kernel"])]
+    pairs = [(g.x, gr["x"]), (g.kernel, gr["kernel"]),
+             (g.recurrent_kernel, gr["recurrent_kernel"])]
     if p["bias"] is not None:
         pairs.append((g.bias, gr["bias"]))
     pairs += list(zip(g.states, gr["states"]))
