@@ -9,10 +9,18 @@ time step, the speed-up over the built-in layer of the same run and the errors.
     pytest benchmarks --benchmark-only                       # default grid (no heavy shapes)
     pytest benchmarks --benchmark-only -k "imdb and lstm"    # one workload
     pytest benchmarks --benchmark-only --bench-heavy         # with the large shape
+
+Unlike ``python -m fastcells bench``, which runs PyTorch in a worker process of its own
+(:class:`fastcells.bench.TorchWorker`), the torch cases here run in the pytest process,
+next to TensorFlow and the fastcells kernels (pytest-benchmark times callables in its own
+process): their threads share the cores with the threads those leave behind. Denormals are
+flushed in torch's threads as in the worker (:func:`fastcells._bench_torch.flush_denormals`,
+called before the first torch case starts torch's thread pool). For torch numbers measured
+on their own, use ``python -m fastcells bench``.
 """
 import pytest
 
-from fastcells import bench
+from fastcells import _bench_torch, bench
 
 
 def _cases():
@@ -37,6 +45,8 @@ def test_layer(benchmark, bench_session, bench_settings, bench_rounds, shape_nam
     key = (shape_name, cell, mode)
     benchmark.group = f"{shape_name} {bench.CELL_NAMES[cell]} {mode}: {shape.describe()}"
 
+    if engine == "torch" and s.torch_flush_denormal:
+        _bench_torch.flush_denormals()            # before torch starts its threads
     case = bench.make_case(engine, cell, shape, mode, s.seed, s.dtype, s.torch_threads)
     out = case.first_call()                       # compile + trace, outside the timing
     if engine == bench.BASELINE:

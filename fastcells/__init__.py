@@ -3,16 +3,18 @@
     from fastcells import LSTM, GRU, SimpleRNN    # instead of keras.layers.LSTM / GRU / ...
     from fastcells import ops                     # the array-level kernels
 """
-import os as _os
 import sys as _sys
 
 __version__ = "0.1.0"
 
-# `python -m fastcells ...` imports this package (and so TensorFlow, through the layers)
-# before __main__ runs; quieten TensorFlow's C++ logging for the command line only (runpy
-# sets argv[0] to "-m" while it imports the package). Users' own processes are untouched.
-if _sys.argv[:1] == ["-m"]:
-    _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# `python -m fastcells ...` imports this package (and so Keras, through the layers) before
+# __main__ runs; for the command line only, quieten TensorFlow's C++ logging and, where
+# TensorFlow is missing (or for `bench --gpu`), start Keras on the torch backend.
+# Users' own processes are untouched.
+from . import _startup  # noqa: E402
+
+if _startup.is_command_line(_sys.argv):
+    _startup.setup_command_line(_sys.argv)
 
 from . import ops  # noqa: E402
 from .layers import GRU, LSTM, SimpleRNN  # noqa: E402

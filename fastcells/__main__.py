@@ -3,7 +3,11 @@
     python -m fastcells bench             # tables: us per time step, speed-up, max error
     python -m fastcells bench --quick     # a small subset, under two minutes
     python -m fastcells bench --json out.json --plot out.png
+    python -m fastcells bench --gpu       # CUDA engines vs cuDNN and Keras on torch (no TF)
     python -m fastcells demo              # train the IMDB-style model a few batches
+
+Without TensorFlow, ``bench`` runs the GPU comparison (``fastcells.bench_gpu``); the package
+then starts Keras on the torch backend (see ``fastcells/_startup.py``).
 
 The measuring is done by :mod:`fastcells.bench`; this module only parses flags and prints.
 """
@@ -36,8 +40,7 @@ def _quiet_stderr(enabled=True):
 
 def _import_quietly(verbose):
     with _quiet_stderr(not verbose):
-        import tensorflow  # noqa: F401
-        import keras  # noqa: F401
+        import keras  # noqa: F401  (TensorFlow too, where it is Keras's backend)
 
         import fastcells  # noqa: F401
     if not verbose:
@@ -59,7 +62,7 @@ def _csv(choices):
 
 
 def _parser():
-    from fastcells import bench
+    from fastcells import bench, bench_gpu
     p = argparse.ArgumentParser(prog="python -m fastcells",
                                 description="fastcells: benchmarks and a demo")
     sub = p.add_subparsers(dest="command", required=True)
@@ -73,7 +76,8 @@ def _parser():
     default_shapes = [n for n, s in bench.SHAPES.items() if not s.heavy]
     b.add_argument("--quick", action="store_true",
                    help="imdb shape only, fewer repeats, model.fit and cold start for the "
-                        "LSTM only (under a minute on 2 cores)")
+                        "LSTM only (under a minute on 2 cores); with --gpu: imdb and "
+                        "streaming")
     b.add_argument("--shapes", type=_csv(list(bench.SHAPES)), default=None,
                    help=f"comma-separated workloads from {', '.join(bench.SHAPES)} or 'all' "
                         f"(default: {','.join(default_shapes)})")
@@ -84,9 +88,11 @@ def _parser():
                    help="comma-separated cells (default: all)")
     b.add_argument("--modes", type=_csv(bench.MODES), default=None,
                    help="forward (inference), train (forward+backward); default both")
-    b.add_argument("--engines", type=_csv(bench.ENGINES), default=None,
-                   help=f"comma-separated engines from {', '.join(bench.ENGINES)} (default: "
-                        f"every one available here; {bench.BASELINE} always runs)")
+    all_engines = list(dict.fromkeys(bench.ENGINES + bench_gpu.GPU_ENGINES))
+    b.add_argument("--engines", type=_csv(all_engines), default=None,
+                   help=f"comma-separated engines from {', '.join(bench.ENGINES)} (with "
+                        f"--gpu: {', '.join(bench_gpu.GPU_ENGINES)}) (default: every one "
+                        f"available here; {bench.BASELINE} always runs)")
     b.add_argument("--repeats", type=int, default=None,
                    help=f"timed calls per case at least, median reported (default "
                         f"{d.repeats}, --quick {bench.quick_settings().repeats})")
@@ -106,6 +112,22 @@ def _parser():
                    help="fastcells.config.NUM_THREADS for the CPU kernels")
     b.add_argument("--torch-threads", type=int, default=None,
                    help="torch.set_num_threads for the PyTorch engine")
+    b.add_argument("--torch-in-process", action="store_true",
+                   help="run the PyTorch engine in this process, next to TensorFlow and the "
+                        "kernels (default: a worker process of its own)")
+    b.add_argument("--torch-denormals", action="store_true",
+                   help="let PyTorch's threads compute with denormal floats (default: "
+                        "flushed to zero, as TensorFlow and the kernels run; with denormals "
+                        "the IMDB-shape LSTM training step of torch takes 5x longer)")
+    b.add_argument("--gpu", action="store_true",
+                   help="the GPU comparison: fastcells engine='cuda' against cuDNN "
+                        "(torch.nn) and the built-in Keras layers on the torch backend, on "
+                        "torch CUDA tensors; no TensorFlow needed (the default where "
+                        "TensorFlow is not installed). Engines: "
+                        + ", ".join(bench_gpu.GPU_ENGINES) + "; shapes by default: "
+                        + ",".join(bench_gpu.GPU_SHAPES))
+    b.add_argument("--tf32", action="store_true",
+                   help="GPU comparison: let cuDNN and torch matmuls use TF32 (default off)")
     b.add_argument("--no-fit", action="store_true", help="skip the model.fit workload")
     b.add_argument("--fit-batches", type=int, default=None,
                    help=f"timed train_on_batch calls (default {d.fit_batches})")
@@ -132,8 +154,8 @@ def _parser():
     return p
 
 
-def bench_command(args):
-    """``python -m fastcells bench``: run, print the tables, save JSON / plot."""
+def _settings(args):
+    """The :class:`fastcells.bench.Settings` of the command line's flags."""
     from fastcells import bench, config
 
     if args.threads:
@@ -146,6 +168,23 @@ def bench_command(args):
         if getattr(args, flag) is not None:
             setattr(settings, field, getattr(args, flag))
     settings.seed, settings.dtype = args.seed, args.dtype
+    settings.torch_isolated = not args.torch_in_process
+    settings.torch_flush_denormal = not args.torch_denormals
+    settings.allow_tf32 = args.tf32
+    return settings
+
+
+def bench_command(args):
+    """``python -m fastcells bench``: run, print the tables, save JSON / plot."""
+    import keras
+
+    from fastcells import _startup, bench, bench_gpu
+
+    path, note = bench_gpu.choose_bench(args.gpu, _startup.module_found("tensorflow"),
+                                        keras.backend.backend())
+    if path == "gpu":
+        return gpu_bench_command(args, note)
+    settings = _settings(args)
 
     if args.shapes is not None:
         shapes = args.shapes
@@ -160,7 +199,11 @@ def bench_command(args):
     requested = args.engines or list(bench.ENGINES)
     if bench.BASELINE not in requested:          # every ratio is taken against it
         requested = [bench.BASELINE] + requested
+    gpu_only = [e for e in requested if e not in bench.ENGINES]
+    requested = [e for e in requested if e in bench.ENGINES]
     engines, unavailable = bench.available_engines(requested)
+    for e in gpu_only:
+        unavailable[e] = "an engine of the GPU comparison (python -m fastcells bench --gpu)"
     if bench.BASELINE not in engines:
         print(f"fastcells bench: the built-in layer ({bench.BASELINE}) cannot run: "
               f"{unavailable.get(bench.BASELINE)}", file=sys.stderr)
@@ -179,19 +222,32 @@ def bench_command(args):
     start = time.perf_counter()
     report = bench.Report(machine=bench.machine_info(), unavailable=unavailable)
     report.settings = dict(vars(settings), shapes=shapes, cells=cells, modes=modes,
-                           engines=engines, quick=args.quick)
+                           engines=engines, quick=args.quick, comparison="cpu")
+    worker = bench.TorchWorker(settings.subprocess_timeout,
+                               flush_denormal=settings.torch_flush_denormal)
     try:
         report.layers = bench.run_layer_benchmarks(shapes, cells, modes, engines, settings,
-                                                   progress)
+                                                   progress, torch_worker=worker)
+        worker.close()                          # before the other workloads are timed
         if fit_cells:
             report.fit = bench.run_fit_benchmarks(fit_cells, engines, settings, progress)
         if cold_cells:
             report.cold = bench.run_cold_start(cold_cells, engines, args.cold, settings,
                                                progress)
     finally:
+        worker.close()
         progress.close()
     report.elapsed_s = time.perf_counter() - start
     report.machine = bench.machine_info()       # now with the torch threads, if it ran
+    if worker.info:
+        report.machine["torch_worker"] = worker.info
+    return _finish(args, report)
+
+
+def _finish(args, report):
+    """Print the report, save JSON / plot; the exit status (1 when a result is out of the
+    equivalence bounds)."""
+    from fastcells import bench
 
     bench.write_report(report, sys.stdout)
     if args.json:
@@ -208,6 +264,61 @@ def bench_command(args):
                   f"{getattr(r, 'mode', 'train')} {r.engine}: {r.status}", file=sys.stderr)
         return 1
     return 0
+
+
+def gpu_bench_command(args, note=None):
+    """``python -m fastcells bench --gpu`` (or ``bench`` without TensorFlow): the CUDA
+    engines against cuDNN and the built-in Keras layers on the torch backend."""
+    from fastcells import bench, bench_gpu
+
+    if note:
+        print(f"fastcells bench: {note}")
+    settings = _settings(args)
+    report = bench.Report(machine=bench.machine_info())
+    report.settings = dict(vars(settings), quick=args.quick, comparison="gpu")
+    reason = bench_gpu.no_gpu_reason()
+    if reason is not None:
+        print(f"fastcells bench (GPU comparison): skipped: {reason}")
+        report.unavailable = {e: reason for e in bench_gpu.GPU_ENGINES}
+        report.settings["skipped"] = reason
+        if args.json:
+            bench.save_json(args.json, report)
+            print(f"saved {args.json}")
+        return 0
+
+    if args.shapes is not None:
+        shapes = args.shapes
+    else:
+        shapes = list(bench_gpu.QUICK_GPU_SHAPES if args.quick else bench_gpu.GPU_SHAPES)
+    cells = args.cells or list(bench.CELLS)
+    modes = args.modes or list(bench.MODES)
+    requested = ["torch-cudnn" if e == "torch" else e
+                 for e in (args.engines or list(bench_gpu.GPU_ENGINES))]
+    if bench.BASELINE not in requested:
+        requested = [bench.BASELINE] + requested
+    unavailable = {e: "a CPU engine; the GPU comparison runs "
+                      + ", ".join(bench_gpu.GPU_ENGINES)
+                   for e in requested if e not in bench_gpu.GPU_ENGINES}
+    requested = [e for e in requested if e in bench_gpu.GPU_ENGINES]
+    engines, missing = bench_gpu.available_gpu_engines(requested)
+    unavailable.update(missing)
+    report.unavailable = unavailable             # printed with the tables ("not run: ...")
+    if not [e for e in engines if e != bench.BASELINE]:
+        print("fastcells bench (GPU comparison): no GPU engine to compare can run here")
+    total = bench.count_layer_cases(shapes, cells, modes, engines)
+    progress = bench.Progress(total, enabled=not args.no_progress)
+    report.settings.update(shapes=shapes, cells=cells, modes=modes, engines=engines)
+    start = time.perf_counter()
+    try:
+        report.layers = bench_gpu.run_gpu_benchmarks(shapes, cells, modes, engines, settings,
+                                                     progress)
+    finally:
+        progress.close()
+    report.elapsed_s = time.perf_counter() - start
+    report.machine = bench.machine_info()
+    report.machine["gpu"] = bench_gpu.gpu_info()
+    print(f"\nGPU comparison on {report.machine['gpu']['name']}: {bench_gpu.LEGEND}")
+    return _finish(args, report)
 
 
 def demo_command(args):

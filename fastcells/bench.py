@@ -6,10 +6,15 @@ The command line (``python -m fastcells bench``) and the pytest-benchmark suite 
 - :data:`SHAPES` are the workloads (the examples' shapes and two larger ones),
 - :func:`make_case` builds one engine running one workload, with weights shared by all
   engines, and wraps the call in ``tf.function`` (graph mode, as ``model.fit`` runs it),
+- :class:`TorchWorker` runs the PyTorch engine in a process of its own
+  (``fastcells/_bench_torch.py``, which also holds the timing routine :func:`time_calls`),
 - :func:`compare` / :func:`check_equivalence` check a case against the built-in layer,
 - :func:`run_layer_benchmarks`, :func:`run_fit_benchmarks` and :func:`run_cold_start` time
   the grid, an IMDB-style ``model.fit`` and the first call in a fresh process,
 - :func:`write_report`, :func:`save_json` and :func:`save_plot` present the results.
+
+The GPU comparison (CUDA engines against cuDNN and Keras on the torch backend, no
+TensorFlow) is :mod:`fastcells.bench_gpu`; it reuses the shapes, results and reports here.
 
 Times are ``time.perf_counter`` medians of repeated calls after a first (compiling, tracing)
 call and a warm-up; ratios are always between engines measured in the same run.
@@ -23,6 +28,8 @@ Example::
 """
 import dataclasses
 import datetime
+import importlib.metadata
+import importlib.util
 import json
 import math
 import os
@@ -34,14 +41,16 @@ import time
 
 import numpy as np
 
-from . import config
+from . import _bench_torch, config
+from ._bench_torch import keras_to_torch, time_calls, torch_grads_to_keras  # noqa: F401
 
 __all__ = ["Shape", "SHAPES", "CELLS", "MODES", "ENGINES", "BASELINE", "Settings", "Case",
            "make_case", "make_weights", "make_inputs", "compare", "check_equivalence",
            "engine_unavailable", "available_engines", "time_calls", "Result", "FitResult",
            "ColdResult", "Report", "run_layer_benchmarks", "run_fit_benchmarks",
            "run_cold_start", "machine_info", "write_report", "save_json", "save_plot",
-           "Progress", "quick_settings"]
+           "Progress", "quick_settings", "TorchWorker", "timing_kwargs", "keras_to_torch",
+           "torch_grads_to_keras"]
 
 # --------------------------------------------------------------------------- the grid
 CELLS = ("lstm", "gru", "simple_rnn")
@@ -119,6 +128,14 @@ class Settings:
     fit_batches: timed ``train_on_batch`` calls of the model.fit workload.
     fit_warmup: untimed ``train_on_batch`` calls before those (the first one traces).
     torch_threads: ``torch.set_num_threads`` for the PyTorch engine (None: its default).
+    torch_isolated: run the PyTorch engine in a worker process of its own (see
+        :class:`TorchWorker`); False runs it in this process, next to TensorFlow.
+    torch_flush_denormal: torch's threads flush denormals to zero, as TensorFlow's and the
+        fastcells kernels' threads do (in this process too with ``torch_isolated=False``:
+        then this thread flushes them from then on, and torch's threads only if it had not
+        started them yet).
+    allow_tf32: let cuDNN and torch matmuls use TF32 in the GPU comparison (off by default:
+        every engine then computes in float32, as the fastcells kernels do).
     cold_shape: (B, T, D, H) of the cold-start measurement.
     subprocess_timeout: seconds allowed to one cold-start subprocess.
     """
@@ -133,6 +150,9 @@ class Settings:
     fit_batches: int = 5
     fit_warmup: int = 2
     torch_threads: int = None
+    torch_isolated: bool = True
+    torch_flush_denormal: bool = True
+    allow_tf32: bool = False
     cold_shape: tuple = (16, 50, 16, 32)
     subprocess_timeout: float = 300.0
 
@@ -195,9 +215,8 @@ def engine_unavailable(engine):
             reason = (f"the benchmarks run on the TensorFlow Keras backend, this process uses "
                       f"'{keras.backend.backend()}' (set KERAS_BACKEND=tensorflow)")
     if reason is None and engine == "torch":
-        try:
-            import torch  # noqa: F401
-        except ImportError:
+        # found, not imported: the torch engine runs in a worker process of its own
+        if importlib.util.find_spec("torch") is None:
             reason = "PyTorch is not installed"
     if reason is None and engine == "fastcells-cuda":
         from . import ops
@@ -353,84 +372,168 @@ def _tf_case(engine, cell, shape, mode, weights, x_np):
     return Case(engine, cell, shape, mode, run, fetch, check)
 
 
-def _gate_perm(cell, H):
-    """Indices taking Keras's gate order to PyTorch's (GRU: z, r, h -> r, z, n)."""
-    G = GATES[cell]
-    if cell == "gru":
-        order = (1, 0, 2)
-    else:
-        order = tuple(range(G))     # LSTM: i, f, c(g), o in both
-    return np.concatenate([np.arange(k * H, (k + 1) * H) for k in order])
-
-
-def keras_to_torch(cell, layer_weights):
-    """Convert ``[kernel, recurrent_kernel, bias]`` of one Keras layer to the parameters of a
-    PyTorch layer: ``[weight_ih, weight_hh, bias_ih, bias_hh]``."""
-    W, U, b = layer_weights
-    H = U.shape[0]
-    p = _gate_perm(cell, H)
-    if cell == "gru":
-        b_ih, b_hh = b[0][p], b[1][p]
-    else:
-        b_ih, b_hh = b[p], np.zeros_like(b)
-    return [np.ascontiguousarray(a) for a in (W[:, p].T, U[:, p].T, b_ih, b_hh)]
-
-
-def torch_grads_to_keras(cell, grads, H):
-    """Inverse of :func:`keras_to_torch` for the gradients of one layer."""
-    g_ih, g_hh, gb_ih, gb_hh = grads
-    inv = np.argsort(_gate_perm(cell, H))
-    dW, dU = g_ih.T[:, inv], g_hh.T[:, inv]
-    db = np.stack([gb_ih[inv], gb_hh[inv]]) if cell == "gru" else gb_ih[inv]
-    return [dW, dU, db]
-
-
 def _torch_case(cell, shape, mode, weights, x_np, threads):
-    import torch
-
-    if threads:
-        torch.set_num_threads(int(threads))
-    cls = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "simple_rnn": torch.nn.RNN}[cell]
-    tdtype = {"float32": torch.float32, "float64": torch.float64}[str(x_np.dtype)]
-    module = cls(shape.features, shape.units, num_layers=shape.layers, batch_first=True).to(tdtype)
-    with torch.no_grad():
-        for layer, w in enumerate(weights):
-            names = [f"weight_ih_l{layer}", f"weight_hh_l{layer}", f"bias_ih_l{layer}",
-                     f"bias_hh_l{layer}"]
-            for name, value in zip(names, keras_to_torch(cell, w)):
-                getattr(module, name).copy_(torch.from_numpy(value))
-    params = [getattr(module, f"{kind}_l{layer}") for layer in range(shape.layers)
-              for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
-    x = torch.from_numpy(x_np)
-
-    def select(out):
-        return out if shape.return_sequences else out[:, -1]
-
-    if mode == "forward":
-        def run():
-            with torch.inference_mode():
-                return select(module(x)[0]), ()
-    else:
-        xg = x.clone().requires_grad_(True)
-
-        def run():
-            y = select(module(xg)[0])
-            grads = torch.autograd.grad(y.sum(), [xg] + params)
-            return y, grads
-
-    def fetch(out):
-        y, grads = out
-        y = y.detach().numpy()
-        if mode == "forward":
-            return y, None
-        g = [t.detach().numpy() for t in grads]
-        keras_grads = [g[0]]
-        for layer in range(shape.layers):
-            keras_grads += torch_grads_to_keras(cell, g[1 + 4 * layer:5 + 4 * layer],
-                                                shape.units)
-        return y, keras_grads
-
+    run, fetch = _bench_torch.torch_case(cell, shape, mode, weights, x_np, threads)
     return Case("torch", cell, shape, mode, run, fetch)
+
+
+class TorchWorker:
+    """The PyTorch engine in a process of its own (``fastcells/_bench_torch.py`` run as a
+    script), started at the first case and kept for the whole benchmark run.
+
+    In the process of TensorFlow and the fastcells kernels, ``torch.nn.LSTM`` forward+backward
+    at B=128 T=500 D=32 H=32 took 340 ms per call against 62-81 ms alone, and torch's OpenMP
+    threads slowed the engines measured after it; the worker measures torch as it runs on
+    its own, and the benchmark process never imports torch. Its threads flush denormals to
+    zero (``flush_denormal``), as TensorFlow's and the kernels' do: the IMDB-shape LSTM
+    backward took 360 ms with denormals and 75 ms without. The weights and inputs go to the
+    worker in a temporary ``.npz`` (the very arrays the other engines get); it times the
+    calls with :func:`time_calls` and sends the times back, with the outputs and gradients
+    for the equivalence check.
+
+    Example::
+
+        with TorchWorker() as worker:
+            (outputs, grads), times = worker.run("lstm", SHAPES["imdb"], "train", Settings())
+        worker.info          # {"torch_version": ..., "torch_threads": ..., "pid": ...}
+    """
+
+    def __init__(self, timeout=300.0, env=None, flush_denormal=True):
+        self.timeout = timeout
+        self.env = env
+        self.flush_denormal = flush_denormal
+        self.info = {}
+        self._proc = None
+        self._lines = None
+        self._stderr = None
+        self._tmp = None
+
+    # ---------------------------------------------------------------- process
+    def _start(self):
+        import queue
+        import threading
+
+        self._tmp = tempfile.TemporaryDirectory(prefix="fastcells-torch-")
+        self._stderr = open(os.path.join(self._tmp.name, "stderr.txt"), "w+")
+        cmd = [sys.executable, "-u", _bench_torch.__file__]
+        if self.flush_denormal:
+            cmd.append("--flush-denormal")
+        env = dict(os.environ if self.env is None else self.env)
+        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=self._stderr, text=True, env=env)
+        self._lines = queue.Queue()
+        proc, lines = self._proc, self._lines
+
+        def read():
+            for line in proc.stdout:
+                lines.put(line)
+            lines.put(None)                        # end of output: the worker exited
+
+        threading.Thread(target=read, daemon=True).start()
+
+    def _stderr_tail(self):
+        if self._stderr is None:
+            return ""
+        self._stderr.flush()
+        self._stderr.seek(0)
+        tail = [ln for ln in self._stderr.read().strip().splitlines() if ln.strip()][-3:]
+        return " | ".join(tail)
+
+    def _fail(self, what):
+        tail = self._stderr_tail()
+        self.close(kill=True)
+        return RuntimeError(f"torch worker {what}" + (f": {tail}" if tail else ""))
+
+    def _request(self, request):
+        import queue
+
+        try:
+            self._proc.stdin.write(json.dumps(request) + "\n")
+            self._proc.stdin.flush()
+        except OSError:
+            raise self._fail(f"exited with {self._proc.poll()}") from None
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise self._fail(f"took more than {self.timeout:g} s") from None
+            if line is None:
+                raise self._fail(f"exited with {self._proc.wait()}")
+            reply = _bench_torch.parse_reply(line)
+            if reply is not None:
+                return reply
+
+    # ---------------------------------------------------------------- cases
+    def run(self, cell, shape, mode, settings):
+        """Run one torch case in the worker: ``((outputs, grads), times)``.
+
+        The worker builds ``torch.nn`` from :func:`make_weights` / :func:`make_inputs`
+        (``settings.seed``, ``settings.dtype``), calls it once untimed, then times it with
+        ``settings``. Raises RuntimeError with the worker's message when the case fails.
+        """
+        if self._proc is None or self._proc.poll() is not None:
+            self.close()
+            self._start()
+        weights = make_weights(cell, shape, settings.seed, settings.dtype)
+        x = make_inputs(shape, settings.seed, settings.dtype)
+        inputs = os.path.join(self._tmp.name, "inputs.npz")
+        outputs = os.path.join(self._tmp.name, "outputs.npz")
+        _bench_torch.save_inputs(inputs, weights, x)
+        del weights, x
+        request = dict(op="case", cell=cell, mode=mode, inputs=inputs, outputs=outputs,
+                       threads=settings.torch_threads, timing=timing_kwargs(settings),
+                       shape=dict(batch=shape.batch, time=shape.time,
+                                  features=shape.features, units=shape.units,
+                                  layers=shape.layers,
+                                  return_sequences=shape.return_sequences))
+        reply = self._request(request)
+        return self.parse(reply, outputs)
+
+    def parse(self, reply, outputs_path):
+        """``((outputs, grads), times)`` of a worker reply; RuntimeError for a failure."""
+        if not reply.get("ok"):
+            raise RuntimeError(f"in the torch worker: {reply.get('error', 'unknown error')}")
+        self.info.update(reply.get("info") or {})
+        times = [float(t) for t in reply["times"]]
+        out = _bench_torch.load_outputs(outputs_path, int(reply.get("n_grads", 0)))
+        return out, times
+
+    def close(self, kill=False):
+        """Stop the worker (it ends at the end of its input; ``kill``: at once) and remove
+        the temp files."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            if kill:
+                proc.kill()
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._stderr is not None:
+            self._stderr.close()
+            self._stderr = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def timing_kwargs(settings):
+    """The keyword arguments of :func:`time_calls` that ``settings`` set."""
+    return dict(repeats=settings.repeats, warmup=settings.warmup,
+                max_seconds=settings.max_seconds, min_repeats=settings.min_repeats,
+                min_seconds=settings.min_seconds, max_repeats=settings.max_repeats)
 
 
 # --------------------------------------------------------------------------- equivalence
@@ -486,37 +589,6 @@ def check_equivalence(engine, max_error, grad_error, dtype="float32"):
 
 
 # --------------------------------------------------------------------------- timing
-def time_calls(fn, repeats=7, warmup=1, max_seconds=None, min_repeats=3, min_seconds=0.0,
-               max_repeats=500):
-    """Call ``fn`` ``warmup`` times untimed, then time it.
-
-    Makes at least ``repeats`` timed calls and goes on until ``min_seconds`` have been spent
-    (so that a short call is repeated enough for a stable median), but never more than
-    ``max_repeats`` calls; stops early, after ``min_repeats`` calls, once ``max_seconds``
-    have been spent (so that a slow call does not take forever). Returns the list of
-    durations in seconds (``time.perf_counter``).
-    """
-    for _ in range(warmup):
-        fn()
-    times = []
-    clock = time.perf_counter
-    total = 0.0
-    while True:
-        t0 = clock()
-        fn()
-        dt = clock() - t0
-        times.append(dt)
-        total += dt
-        n = len(times)
-        if n >= max(1, repeats) and total >= min_seconds:
-            break
-        if n >= max_repeats:
-            break
-        if max_seconds is not None and total >= max_seconds and n >= min(min_repeats, repeats):
-            break
-    return times
-
-
 def _median(times):
     return float(np.median(times)) if times else float("nan")
 
@@ -713,13 +785,16 @@ def count_layer_cases(shapes, cells, modes, engines):
 
 
 def run_layer_benchmarks(shapes=("imdb",), cells=CELLS, modes=MODES, engines=None,
-                         settings=None, progress=None):
+                         settings=None, progress=None, torch_worker=None):
     """Time every engine on every (shape, cell, mode) workload.
 
     For each workload the built-in layer runs first; its outputs (and gradients) are the
     reference every other engine is compared with, outside the timed region. An engine that
     fails is reported with status ``"error: ..."`` and the run goes on; one whose results are
     out of bounds keeps its timing with status ``"mismatch: ..."``.
+
+    The PyTorch engine runs in ``torch_worker`` (a :class:`TorchWorker`; one is started for
+    this call and stopped at its end when None), unless ``settings.torch_isolated`` is False.
 
     Returns a list of :class:`Result`.
     """
@@ -728,18 +803,41 @@ def run_layer_benchmarks(shapes=("imdb",), cells=CELLS, modes=MODES, engines=Non
     if engines is None:
         engines, _ = available_engines()
     engines = _ordered_engines(engines)
+    if "torch" in engines and not settings.torch_isolated and settings.torch_flush_denormal:
+        # complete only while torch has not started its threads in this process yet
+        _bench_torch.flush_denormals()
+    own_worker = None
+    if torch_worker is None and settings.torch_isolated and "torch" in engines:
+        torch_worker = own_worker = TorchWorker(settings.subprocess_timeout,
+                                                flush_denormal=settings.torch_flush_denormal)
     results = []
-    for shape, cell, mode in _workloads(shapes, cells, modes):
-        reference = None
-        baseline = None
-        for engine in engines:
-            progress.step(f"{shape.name} {CELL_NAMES[cell]} {mode} {engine}")
-            res = Result(shape.name, cell, mode, engine, shape.time)
-            results.append(res)
-            try:
-                if reference is None and engine != BASELINE:
-                    reference = make_case(BASELINE, cell, shape, mode, settings.seed,
-                                          settings.dtype).first_call()
+    try:
+        for shape, cell, mode in _workloads(shapes, cells, modes):
+            results += _run_workload(shape, cell, mode, engines, settings, progress,
+                                     torch_worker)
+    finally:
+        if own_worker is not None:
+            own_worker.close()
+    return results
+
+
+def _run_workload(shape, cell, mode, engines, settings, progress, torch_worker):
+    reference = None
+    baseline = None
+    results = []
+    for engine in engines:
+        progress.step(f"{shape.name} {CELL_NAMES[cell]} {mode} {engine}")
+        res = Result(shape.name, cell, mode, engine, shape.time)
+        results.append(res)
+        try:
+            if reference is None and engine != BASELINE:
+                reference = make_case(BASELINE, cell, shape, mode, settings.seed,
+                                      settings.dtype).first_call()
+            if engine == "torch" and settings.torch_isolated:
+                out, res.times = torch_worker.run(cell, shape, mode, settings)
+                res.max_error, res.grad_error = compare(out, reference)
+                del out
+            else:
                 case = make_case(engine, cell, shape, mode, settings.seed, settings.dtype,
                                  settings.torch_threads)
                 out = case.first_call()
@@ -747,21 +845,18 @@ def run_layer_benchmarks(shapes=("imdb",), cells=CELLS, modes=MODES, engines=Non
                     reference = out
                 res.max_error, res.grad_error = compare(out, reference)
                 del out
-                res.times = time_calls(case, settings.repeats, settings.warmup,
-                                       settings.max_seconds, settings.min_repeats,
-                                       settings.min_seconds, settings.max_repeats)
+                res.times = time_calls(case, **timing_kwargs(settings))
                 del case
-                problem = check_equivalence(engine, res.max_error, res.grad_error,
-                                            settings.dtype)
-                if problem:
-                    res.status = f"mismatch: {problem}"
-            except Exception as exc:  # reported in the table; the other engines still run
-                res.status = f"error: {type(exc).__name__}: {exc}"
-            if engine == BASELINE and res.times:
-                baseline = res.median
-        for res in results:
-            if res.workload == (shape.name, cell, mode):
-                res.baseline_median = baseline
+            problem = check_equivalence(engine, res.max_error, res.grad_error,
+                                        settings.dtype)
+            if problem:
+                res.status = f"mismatch: {problem}"
+        except Exception as exc:  # reported in the table; the other engines still run
+            res.status = f"error: {type(exc).__name__}: {exc}"
+        if engine == BASELINE and res.times:
+            baseline = res.median
+    for res in results:
+        res.baseline_median = baseline
     return results
 
 
@@ -939,12 +1034,22 @@ def _cpu_model():
     return platform.processor() or platform.machine()
 
 
-def _version(module):
-    try:
-        mod = __import__(module)
-        return getattr(mod, "__version__", "unknown")
-    except Exception:  # not installed, or broken: recorded as such
-        return None
+#: Distributions whose versions the report records, by name (several for one name: the
+#: first installed one).
+_DISTRIBUTIONS = {"numpy": ("numpy",), "numba": ("numba",), "numba-cuda": ("numba-cuda",),
+                  "tensorflow": ("tensorflow", "tensorflow-cpu"), "keras": ("keras",),
+                  "torch": ("torch",)}
+
+
+def _version(name):
+    """The installed version of ``name``, without importing it (importing torch here would
+    put its threads next to the engines measured in this process); None when missing."""
+    for dist in _DISTRIBUTIONS.get(name, (name,)):
+        try:
+            return importlib.metadata.version(dist)
+        except Exception:  # not installed under this name
+            continue
+    return None
 
 
 def machine_info():
@@ -958,13 +1063,15 @@ def machine_info():
         date=datetime.datetime.now().isoformat(timespec="seconds"),
         cpu=_cpu_model(), cores=os.cpu_count(), cores_usable=affinity,
         platform=platform.platform(), python=platform.python_version(),
-        versions={m: _version(m) for m in ("numpy", "numba", "tensorflow", "keras", "torch")},
+        versions={m: _version(m) for m in _DISTRIBUTIONS},
         fastcells=dict(version=fastcells.__version__,
                        num_threads=getattr(config, "NUM_THREADS", None),
                        config={k: getattr(config, k) for k in dir(config) if k.isupper()}),
     )
     try:
-        import tensorflow as tf
+        if "tensorflow" not in sys.modules:     # not loaded by this run: not imported here
+            raise ImportError("tensorflow")
+        tf = sys.modules["tensorflow"]
         info["tensorflow_threads"] = dict(
             intra_op=tf.config.threading.get_intra_op_parallelism_threads(),
             inter_op=tf.config.threading.get_inter_op_parallelism_threads())
@@ -1042,6 +1149,15 @@ def write_report(report, stream):
         stream.write(f"\nmachine: {m.get('cpu')}, {m.get('cores')} cores; fastcells threads "
                      f"{m.get('fastcells', {}).get('num_threads')}; "
                      + ", ".join(f"{k} {val}" for k, val in v.items() if val) + "\n")
+        worker = m.get("torch_worker")
+        if worker:
+            flush = ", denormals flushed" if worker.get("flush_denormal") else ""
+            stream.write(f"torch ran in a worker process of its own, "
+                         f"{worker.get('torch_threads')} threads{flush}\n")
+        elif m.get("torch_threads"):
+            stream.write(f"torch ran in this process, {m['torch_threads']} threads\n")
+        if m.get("gpu"):
+            stream.write(f"GPU: {m['gpu']}\n")
     if report.elapsed_s is not None:
         stream.write(f"total time {report.elapsed_s:.0f} s\n")
 

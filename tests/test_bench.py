@@ -1,0 +1,313 @@
+"""The benchmark machinery, not its timings: which comparison runs where, skip messages, the
+torch worker process and its replies, the GPU runner's bookkeeping (with stand-in cases on
+machines without a GPU; the real GPU cases on tiny shapes where torch sees one)."""
+import importlib.metadata
+import json
+import os
+
+import numpy as np
+import pytest
+
+from fastcells import _bench_torch, _startup, bench, bench_gpu
+from fastcells import __main__ as cli
+
+TINY = bench.Shape("tiny", 3, 4, 2, 5)
+
+
+def _has_torch():
+    return _startup.module_found("torch")
+
+
+def _gpu():
+    return bench_gpu.no_gpu_reason() is None
+
+
+# --------------------------------------------------------------------------- which run
+@pytest.mark.parametrize("gpu_flag,tf_found,backend,path,note", [
+    (False, True, "tensorflow", "cpu", None),
+    (True, True, "tensorflow", "gpu", None),
+    (True, False, "torch", "gpu", None),
+    (False, False, "torch", "gpu", "TensorFlow is not installed"),
+    (False, True, "torch", "gpu", "KERAS_BACKEND=tensorflow"),
+    (False, True, "jax", "gpu", "'jax' backend"),
+])
+def test_choose_bench(gpu_flag, tf_found, backend, path, note):
+    got_path, got_note = bench_gpu.choose_bench(gpu_flag, tf_found, backend)
+    assert got_path == path
+    if note is None:
+        assert got_note is None
+    else:
+        assert note in got_note
+
+
+@pytest.mark.parametrize("argv,environ,installed,want", [
+    (["-m", "bench"], {}, {"tensorflow", "torch"}, None),             # TF: Keras's default
+    (["-m", "bench", "--gpu"], {}, {"tensorflow", "torch"}, "torch"),
+    (["-m", "bench", "--gpu"], {"KERAS_BACKEND": "jax"}, {"torch"}, None),   # user's choice
+    (["-m", "bench"], {}, {"torch", "jax"}, "torch"),                 # no TF
+    (["-m", "bench"], {}, {"jax"}, "jax"),
+    (["-m", "bench"], {}, set(), None),
+    (["-m", "bench", "--gpu"], {}, {"tensorflow"}, None),             # no torch: no change
+])
+def test_command_line_backend(argv, environ, installed, want):
+    assert _startup.command_line_backend(argv, environ, installed.__contains__) == want
+
+
+def test_is_command_line():
+    assert _startup.is_command_line(["-m", "bench"])
+    assert _startup.is_command_line(["/venv/bin/fastcells", "bench"])
+    assert not _startup.is_command_line(["/usr/bin/pytest", "-m", "bench"])
+    assert not _startup.is_command_line([])
+
+
+def test_setup_command_line_sets_backend_only_when_chosen():
+    env = {}
+    _startup.setup_command_line(["-m", "bench"], env)
+    assert env["TF_CPP_MIN_LOG_LEVEL"] == "3"
+    assert env.get("KERAS_BACKEND") == _startup.command_line_backend(["-m", "bench"], {})
+
+
+# --------------------------------------------------------------------------- skip messages
+@pytest.mark.skipif(_gpu(), reason="torch sees a CUDA GPU here")
+def test_gpu_command_skips_without_gpu(tmp_path, capsys):
+    path = tmp_path / "gpu.json"
+    assert cli.main(["bench", "--gpu", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "skipped: no CUDA GPU" in out
+    data = json.loads(path.read_text())
+    assert "no CUDA GPU" in data["settings"]["skipped"]
+    assert set(data["unavailable"]) == set(bench_gpu.GPU_ENGINES)
+
+
+@pytest.mark.skipif(_gpu(), reason="torch sees a CUDA GPU here")
+def test_bench_without_tensorflow_runs_the_gpu_comparison(monkeypatch, capsys):
+    found = _startup.module_found
+    monkeypatch.setattr(_startup, "module_found", lambda name: name != "tensorflow"
+                        and found(name))
+    assert cli.main(["bench", "--quick", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "TensorFlow is not installed" in out
+    assert "skipped: no CUDA GPU" in out
+
+
+@pytest.mark.skipif(_gpu(), reason="torch sees a CUDA GPU here")
+def test_gpu_engines_unavailable_without_gpu(monkeypatch):
+    monkeypatch.setattr(bench_gpu, "_unavailable", {})
+    ok, missing = bench_gpu.available_gpu_engines()
+    assert ok == []
+    assert all("no CUDA GPU" in why for why in missing.values())
+
+
+def test_gpu_engine_reasons(monkeypatch):
+    monkeypatch.setattr(bench_gpu, "_unavailable", {})
+    monkeypatch.setattr(bench_gpu, "no_gpu_reason", lambda: None)
+    monkeypatch.setattr(bench_gpu, "_numba_cuda_reason", lambda: "numba says no")
+    monkeypatch.setattr(bench_gpu, "_probe", lambda engine: None)
+    import keras
+    if keras.backend.backend() != "torch":
+        assert "KERAS_BACKEND=torch" in bench_gpu.gpu_engine_unavailable("keras")
+        assert "KERAS_BACKEND=torch" in bench_gpu.gpu_engine_unavailable(
+            "fastcells-cuda-layer")
+    assert bench_gpu.gpu_engine_unavailable("fastcells-cuda") == "numba says no"
+    with pytest.raises(ValueError, match="engine must be one of"):
+        bench_gpu.gpu_engine_unavailable("fastcells-cpu")
+
+
+# --------------------------------------------------------------------------- GPU runner
+def _fake_case(engine, cell, shape, mode, offset=0.0, fail=False):
+    def run():
+        if fail:
+            raise RuntimeError("kernel exploded")
+        y = np.full((shape.batch, shape.units), 1.0 + offset, "float32")
+        grads = [np.ones((2, 2), "float32")] if mode == "train" else ()
+        return y, grads
+
+    def fetch(out):
+        y, grads = out
+        return y, (list(grads) if mode == "train" else None)
+
+    return bench.Case(engine, cell, shape, mode, run, fetch)
+
+
+def _patch_gpu_runner(monkeypatch, behaviour):
+    built = []
+
+    def make(engine, cell, shape, mode, seed=0, dtype="float32"):
+        built.append(engine)
+        return _fake_case(engine, cell, shape, mode, **behaviour.get(engine, {}))
+
+    monkeypatch.setattr(bench_gpu, "make_gpu_case", make)
+    monkeypatch.setattr(bench_gpu, "configure", lambda settings: None)
+    monkeypatch.setattr(bench_gpu, "_free_gpu_memory", lambda: None)
+    return built
+
+
+def _quick():
+    s = bench.quick_settings()
+    s.repeats, s.warmup, s.min_seconds = 2, 0, 0.0
+    return s
+
+
+def test_gpu_runner_bookkeeping(monkeypatch):
+    _patch_gpu_runner(monkeypatch, {"fastcells-cuda-layer": dict(fail=True),
+                                    "torch-cudnn": dict(offset=0.5)})
+    results = bench_gpu.run_gpu_benchmarks(
+        [TINY], ["lstm"], ["train"],
+        ["torch-cudnn", "fastcells-cuda-layer", "fastcells-cuda", "keras"], _quick())
+    by = {r.engine: r for r in results}
+    assert [r.engine for r in results] == list(bench_gpu.GPU_ENGINES)    # baseline first
+    assert by["keras"].status == "ok" and by["keras"].speedup == pytest.approx(1.0)
+    assert by["fastcells-cuda"].status == "ok" and by["fastcells-cuda"].max_error == 0.0
+    assert by["fastcells-cuda"].speedup is not None
+    assert by["fastcells-cuda-layer"].status.startswith("error: RuntimeError: kernel")
+    assert by["torch-cudnn"].status.startswith("mismatch: outputs differ from keras")
+    assert len(by["fastcells-cuda"].times) >= 2
+
+
+def test_gpu_runner_without_keras_compares_with_cudnn(monkeypatch):
+    built = _patch_gpu_runner(monkeypatch, {})
+    results = bench_gpu.run_gpu_benchmarks([TINY], ["gru"], ["forward"],
+                                           ["fastcells-cuda", "torch-cudnn"], _quick())
+    assert built[0] == "torch-cudnn"              # the reference, built first
+    for r in results:
+        assert r.status == "ok" and r.max_error == 0.0
+        assert r.speedup is None                  # no built-in layer: no ratio
+
+
+@pytest.mark.skipif(not _gpu(), reason="no CUDA GPU")
+def test_gpu_cases_on_a_gpu(monkeypatch):
+    monkeypatch.setattr(bench_gpu, "_unavailable", {})
+    engines, missing = bench_gpu.available_gpu_engines()
+    results = bench_gpu.run_gpu_benchmarks([TINY, bench.Shape("tiny2", 2, 3, 4, 3, layers=2)],
+                                           list(bench.CELLS), list(bench.MODES), engines,
+                                           _quick())
+    bad = [(r.workload, r.engine, r.status) for r in results if r.status != "ok"]
+    assert not bad, (bad, missing)
+
+
+# --------------------------------------------------------------------------- torch worker
+def test_parse_reply():
+    assert _bench_torch.parse_reply("some warning from torch\n") is None
+    reply = _bench_torch.parse_reply(_bench_torch.REPLY_PREFIX + '{"ok": true, "times": [1]}')
+    assert reply == {"ok": True, "times": [1]}
+    with pytest.raises(ValueError, match="malformed"):
+        _bench_torch.parse_reply(_bench_torch.REPLY_PREFIX + "[1, 2]")
+
+
+def test_worker_reply_to_results(tmp_path):
+    path = str(tmp_path / "out.npz")
+    np.savez(path, y=np.ones((2, 3)), g0=np.zeros(2), g1=np.ones(4))
+    worker = bench.TorchWorker()
+    (y, grads), times = worker.parse(
+        {"ok": True, "times": [0.5, 0.25], "n_grads": 2, "info": {"torch_threads": 7}}, path)
+    assert times == [0.5, 0.25] and y.shape == (2, 3)
+    assert [g.shape for g in grads] == [(2,), (4,)]
+    assert worker.info == {"torch_threads": 7}
+    (y, grads), _ = worker.parse({"ok": True, "times": [1.0], "n_grads": 0}, path)
+    assert grads is None
+    with pytest.raises(RuntimeError, match="in the torch worker: ValueError: bad"):
+        worker.parse({"ok": False, "error": "ValueError: bad"}, path)
+
+
+def test_inputs_round_trip(tmp_path):
+    weights = bench.make_weights("gru", bench.Shape("s", 2, 3, 4, 5, layers=2))
+    x = bench.make_inputs(TINY)
+    path = str(tmp_path / "in.npz")
+    _bench_torch.save_inputs(path, weights, x)
+    w2, x2 = _bench_torch.load_inputs(path)
+    np.testing.assert_array_equal(x2, x)
+    assert len(w2) == 2
+    for a, b in zip(sum(weights, []), sum(w2, [])):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_worker_loop_in_process(tmp_path):
+    """The worker's request loop, fed in memory (errors come back as replies)."""
+    import io
+    lines = io.StringIO(json.dumps({"op": "case", "cell": "nope"}) + "\n\n"
+                        + json.dumps({"op": "exit"}) + "\n" + "never read\n")
+    out = io.StringIO()
+    assert _bench_torch.main(lines, out) == 0
+    replies = [_bench_torch.parse_reply(ln) for ln in out.getvalue().splitlines()]
+    assert len(replies) == 1 and replies[0]["ok"] is False
+
+
+@pytest.mark.skipif(not _has_torch(), reason="PyTorch is not installed")
+def test_torch_engine_runs_in_a_worker_process():
+    settings = _quick()
+    with bench.TorchWorker(timeout=120) as worker:
+        results = bench.run_layer_benchmarks([TINY], ["lstm"], ["train"], ["keras", "torch"],
+                                             settings, torch_worker=worker)
+        pid = worker.info["pid"]
+        assert pid != os.getpid()
+        assert worker.info["flush_denormal"] is True        # as TensorFlow's threads run
+        by = {r.engine: r for r in results}
+        assert by["torch"].status == "ok", by["torch"].status
+        assert len(by["torch"].times) >= 2 and by["torch"].speedup is not None
+        assert by["torch"].grad_error < bench.TORCH_TOLERANCE["float32"]
+        half = _quick()
+        half.dtype = "float16"                    # torch_case takes float32/64 only
+        with pytest.raises(RuntimeError, match="in the torch worker: KeyError"):   # reported
+            worker.run("lstm", TINY, "forward", half)
+        (y, grads), _ = worker.run("gru", TINY, "forward", settings)       # ... and alive
+        assert y.shape == (3, 4, 5) and grads is None
+        assert worker.info["pid"] == pid
+    assert worker._proc is None and worker._tmp is None
+
+
+@pytest.mark.skipif(not _has_torch(), reason="PyTorch is not installed")
+def test_worker_timeout_is_an_error():
+    worker = bench.TorchWorker(timeout=0.01)
+    with pytest.raises(RuntimeError, match="torch worker took more than"):
+        worker.run("lstm", TINY, "forward", _quick())
+    assert worker._proc is None
+
+
+def test_report_says_where_torch_ran():
+    import io
+    stream = io.StringIO()
+    machine = dict(cpu="cpu", cores=2, versions={}, torch_worker={"torch_threads": 2},
+                   gpu={"name": "H100"})
+    bench.write_report(bench.Report(machine=machine), stream)
+    text = stream.getvalue()
+    assert "torch ran in a worker process of its own, 2 threads" in text
+    assert "GPU: {'name': 'H100'}" in text or "H100" in text
+
+
+def test_nvtx_range_is_a_no_op_without_gpu():
+    with _bench_torch.nvtx_range("fastcells-cuda"):
+        pass
+    push, pop = _bench_torch._nvtx_functions()
+    push("x")
+    pop()
+
+
+def test_cli_flags_reach_settings():
+    args = cli._parser().parse_args(["bench", "--torch-in-process", "--tf32", "--repeats",
+                                     "2", "--engines", "fastcells-cuda,torch-cudnn"])
+    s = cli._settings(args)
+    assert s.torch_isolated is False and s.allow_tf32 is True and s.repeats == 2
+    assert s.torch_flush_denormal is True
+    assert cli._settings(cli._parser().parse_args(
+        ["bench", "--torch-denormals"])).torch_flush_denormal is False
+    assert args.engines == ["fastcells-cuda", "torch-cudnn"]
+    assert cli._settings(cli._parser().parse_args(["bench"])).torch_isolated is True
+
+
+def test_cpu_comparison_never_imports_torch(monkeypatch):
+    """machine_info and the torch engine's availability check find torch without importing
+    it: the CPU comparison's process must not load torch next to TensorFlow."""
+    import builtins
+    real_import = builtins.__import__
+
+    def guarded(name, *args, **kwargs):
+        if name == "torch" or name.startswith("torch."):
+            raise AssertionError("torch imported in the benchmark process")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", guarded)
+    monkeypatch.setattr(bench, "_unavailable_cache", {})
+    info = bench.machine_info()
+    assert info["versions"]["torch"] == (importlib.metadata.version("torch")
+                                         if _has_torch() else None)
+    assert (bench.engine_unavailable("torch") is None) == _has_torch()
