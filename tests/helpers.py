@@ -4,6 +4,15 @@ import numpy as np
 GATES = {"lstm": 4, "gru": 3, "simple_rnn": 1}
 NSTATES = {"lstm": 2, "gru": 1, "simple_rnn": 1}
 
+#: Launch tunables of the CUDA tests small enough that tiny problems take several blocks and
+#: round-robin items (the simulator runs every thread as a Python thread and spins at each
+#: barrier: GEMM tiles of 8 keep the K loop short; the GEMM test itself uses tiles of 4 by 2).
+CUDA_SMALL_TUNABLES = dict(CUDA_THREADS_PER_BLOCK=4, CUDA_MAX_ROWS_PER_BLOCK=2,
+                           CUDA_ROWS_PER_THREAD=2, CUDA_BLOCKS_PER_SM=1, CUDA_GEMM_BLOCK_M=8,
+                           CUDA_GEMM_BLOCK_N=8, CUDA_GEMM_BLOCK_K=8, CUDA_GEMM_THREAD_M=4,
+                           CUDA_GEMM_THREAD_N=4, CUDA_ELEMENTWISE_THREADS=16,
+                           CUDA_REDUCE_ROWS=3)
+
 
 def make_problem(rng, cell, B, T, D, H, *, bias=True, reset_after=True, mask=None,
                  dropout=False, recurrent_dropout=False, per_gate=True, dtype=np.float64,

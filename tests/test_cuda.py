@@ -16,7 +16,7 @@ from fastcells.cpu import _linalg as cpu_la
 from fastcells.cpu import gru as cpu_gru
 from fastcells.cpu import lstm as cpu_lstm
 from fastcells.cpu import simple_rnn as cpu_rnn
-from helpers import make_problem, random_mask
+from helpers import CUDA_SMALL_TUNABLES, make_problem, random_mask
 
 pytestmark = pytest.mark.skipif(not ops.cuda_available(),
                                 reason="no GPU and the CUDA simulator is off")
@@ -27,13 +27,6 @@ if ops.cuda_available():
 
 SIM = bool(numba.config.ENABLE_CUDASIM)
 
-#: Launch tunables small enough that tiny problems take several blocks and round-robin items
-#: (the simulator runs every thread as a Python thread and spins at each barrier: GEMM tiles
-#: of 8 keep the K loop short; the GEMM test itself uses tiles of 4 by 2).
-SMALL = dict(CUDA_THREADS_PER_BLOCK=4, CUDA_MAX_ROWS_PER_BLOCK=2, CUDA_ROWS_PER_THREAD=2,
-             CUDA_BLOCKS_PER_SM=1, CUDA_GEMM_BLOCK_M=8, CUDA_GEMM_BLOCK_N=8,
-             CUDA_GEMM_BLOCK_K=8, CUDA_GEMM_THREAD_M=4, CUDA_GEMM_THREAD_N=4,
-             CUDA_ELEMENTWISE_THREADS=16, CUDA_REDUCE_ROWS=3)
 TINY_GEMM = dict(CUDA_GEMM_BLOCK_M=4, CUDA_GEMM_BLOCK_N=4, CUDA_GEMM_BLOCK_K=2,
                  CUDA_GEMM_THREAD_M=2, CUDA_GEMM_THREAD_N=2)
 TINY = (5, 4, 3, 5)                      # B, T, D, H
@@ -47,16 +40,22 @@ def _sid(shape):
     return "x".join(map(str, shape))
 
 
+def _cells_and_shapes(test):
+    """Parametrize a test over every cell and every shape of SHAPES."""
+    test = pytest.mark.parametrize("shape", SHAPES, ids=_sid)(test)
+    return pytest.mark.parametrize("cell", CELLS)(test)
+
+
 @pytest.fixture
 def small(monkeypatch):
-    for k, v in SMALL.items():
+    for k, v in CUDA_SMALL_TUNABLES.items():
         monkeypatch.setattr(config, k, v)
 
 
 def _tunables(monkeypatch, shape):
     """Small tunables for the tiny shape (and always under the simulator), defaults else."""
     if shape == TINY or SIM:
-        for k, v in SMALL.items():
+        for k, v in CUDA_SMALL_TUNABLES.items():
             monkeypatch.setattr(config, k, v)
 
 
@@ -327,8 +326,7 @@ class _Mods:
 
 @pytest.mark.parametrize("option", list(DRIVER_OPTIONS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize("cell", CELLS)
-@pytest.mark.parametrize("shape", SHAPES, ids=_sid)
+@_cells_and_shapes
 def test_drivers_match_the_cpu_drivers(shape, cell, dtype, option, monkeypatch, rng):
     _tunables(monkeypatch, shape)
     if option == "recurrent_dropout_mask" and shape == TINY:
@@ -360,8 +358,9 @@ def test_results_do_not_depend_on_the_launch_shape(cell, monkeypatch, rng):
     p = _driver_problem(rng, cell, shape, np.float32, o)
     mods = _Mods(lstm, gru, simple_rnn)
     results = []
-    for tun in (SMALL, dict(SMALL, CUDA_MAX_ROWS_PER_BLOCK=3, CUDA_ROWS_PER_THREAD=1,
-                            CUDA_THREADS_PER_BLOCK=7, CUDA_SHARED_MEMORY_BYTES=500)):
+    other = dict(CUDA_SMALL_TUNABLES, CUDA_MAX_ROWS_PER_BLOCK=3, CUDA_ROWS_PER_THREAD=1,
+                 CUDA_THREADS_PER_BLOCK=7, CUDA_SHARED_MEMORY_BYTES=500)
+    for tun in (CUDA_SMALL_TUNABLES, other):
         for k, v in tun.items():
             monkeypatch.setattr(config, k, v)
         results.append(_run_driver(mods, cell, p, o, np.float32, True))
@@ -421,27 +420,29 @@ def _ops_vs_reference(rng, cell, shape, option, dtype):
     return pairs
 
 
-@pytest.mark.parametrize("option", list(OPS_OPTIONS))
-@pytest.mark.parametrize("cell", CELLS)
-@pytest.mark.parametrize("shape", SHAPES, ids=_sid)
-def test_float64_equals_reference(shape, cell, option, monkeypatch, rng):
+def _compared(monkeypatch, rng, cell, shape, option, dtype):
+    """``(name, got, want)`` of ``_ops_vs_reference`` under the tunables of the shape, for
+    what the reference has (what it has not, the CUDA engine must not have either)."""
     _tunables(monkeypatch, shape)
-    for name, (got, want) in _ops_vs_reference(rng, cell, shape, option, np.float64).items():
+    for name, (got, want) in _ops_vs_reference(rng, cell, shape, option, dtype).items():
         if want is None:
             assert got is None, name
-            continue
+        else:
+            yield name, got, want
+
+
+@pytest.mark.parametrize("option", list(OPS_OPTIONS))
+@_cells_and_shapes
+def test_float64_equals_reference(shape, cell, option, monkeypatch, rng):
+    for name, got, want in _compared(monkeypatch, rng, cell, shape, option, np.float64):
         assert la.is_device(got) and got.dtype == np.float64, name
         assert_close(got, want, config.TOL_F64 * max(1.0, np.abs(want).max()), name)
 
 
 @pytest.mark.parametrize("option", ["plain", "dropout_per_gate"])
-@pytest.mark.parametrize("cell", CELLS)
-@pytest.mark.parametrize("shape", SHAPES, ids=_sid)
+@_cells_and_shapes
 def test_float32_close_to_reference(shape, cell, option, monkeypatch, rng):
-    _tunables(monkeypatch, shape)
-    for name, (got, want) in _ops_vs_reference(rng, cell, shape, option, np.float32).items():
-        if want is None:
-            continue
+    for name, got, want in _compared(monkeypatch, rng, cell, shape, option, np.float32):
         assert got.dtype == np.float32, name
         if name == "outputs" or name.startswith("state"):
             assert_close(got, want, config.TOL_OUTPUT_F32, name)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fastcells import config, ops
-from helpers import NSTATES, make_problem, random_mask
+from helpers import CUDA_SMALL_TUNABLES, NSTATES, make_problem, random_mask
 
 pytestmark = pytest.mark.skipif(not ops.cuda_available(),
                                 reason="no GPU and the CUDA simulator is off")
@@ -17,10 +17,6 @@ if ops.cuda_available():
     from numba import cuda
 
 SIM = bool(numba.config.ENABLE_CUDASIM)
-SMALL = dict(CUDA_THREADS_PER_BLOCK=4, CUDA_MAX_ROWS_PER_BLOCK=2, CUDA_ROWS_PER_THREAD=2,
-             CUDA_BLOCKS_PER_SM=1, CUDA_GEMM_BLOCK_M=8, CUDA_GEMM_BLOCK_N=8,
-             CUDA_GEMM_BLOCK_K=8, CUDA_GEMM_THREAD_M=4, CUDA_GEMM_THREAD_N=4,
-             CUDA_ELEMENTWISE_THREADS=16, CUDA_REDUCE_ROWS=3)
 OPTIONS = {
     "plain": dict(),
     "mask_backwards": dict(use_mask=True, go_backwards=True),
@@ -36,7 +32,7 @@ CELLS = ["lstm", "gru", "gru_rb", "simple_rnn"]
 @pytest.fixture(autouse=True)
 def small_launches(monkeypatch):
     if SIM:
-        for k, v in SMALL.items():
+        for k, v in CUDA_SMALL_TUNABLES.items():
             monkeypatch.setattr(config, k, v)
 
 

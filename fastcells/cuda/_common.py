@@ -201,7 +201,38 @@ def pending_carry(carry, B, H, dtype):
     return _linalg.zeros((B, H), dtype) if carry is None else carry
 
 
+def cache_arrays(keep, T, B, widths, dtype):
+    """Forward cache arrays [T, B, w] for each width in ``widths`` (empty ones when ``keep``
+    is False: the kernels take arrays, not None)."""
+    from . import _linalg
+    return tuple(_linalg.empty((T, B, w) if keep else (0, 0, 0), dtype) for w in widths)
+
+
+def outputs(T, B, H, dtype, return_sequences, n_states):
+    """A forward's outputs ``y`` [T or 1, B, H] (processing order) and ``n_states`` final
+    states [B, H]."""
+    from . import _linalg
+    y = _linalg.empty((T if return_sequences else 1, B, H), dtype)
+    return (y,) + tuple(_linalg.empty((B, H), dtype) for _ in range(n_states))
+
+
+def masks(rmask, rmask_ndim, mask, dtype):
+    """``rm, use_rmask, m, use_mask``: the recurrent dropout mask and the step mask of a
+    recurrence, as ``optional`` gives them."""
+    rm, use_rmask = optional(rmask, rmask_ndim, dtype)
+    m, use_mask = optional(mask, 2, np.bool_)
+    return rm, use_rmask, m, use_mask
+
+
 # --------------------------------------------------------------------------- device helpers
+def inline_device(f):
+    """A device function inlined into its callers (NVVM ``alwaysinline``; the simulator has
+    no such option and calls it as Python): the helpers below run inside the step loops."""
+    if SIMULATOR:
+        return cuda.jit(device=True)(f)
+    return cuda.jit(device=True, forceinline=True)(f)
+
+
 @cuda.jit(device=True)
 def stage_matrix(sm, off, M, tid, nt):
     """sm[off + r * M.shape[1] + c] = M[r, c] for the whole matrix (block-cooperative)."""
@@ -215,3 +246,72 @@ def zero_range(sm, lo, hi, zero, tid, nt):
     """sm[lo:hi] = 0 (block-cooperative)."""
     for e in range(lo + tid, hi, nt):
         sm[e] = zero
+
+
+@inline_device
+def begin_block(sm, M, u_shared, lo, hi, zero, rows, NR, R, B, H):
+    """The prologue of a recurrence kernel: M (U or U^T) staged at sm[0:] when ``u_shared``,
+    the state buffers sm[lo:hi] zeroed (block-cooperative, no barrier), and this thread's
+    view of the launch: ``tid, nt, b0, n, items`` (thread, threads, first batch row of the
+    block, its rows, its (unit, R-row group) items; see the module docstring)."""
+    tid = cuda.threadIdx.x
+    nt = cuda.blockDim.x
+    b0 = cuda.blockIdx.x * rows
+    if u_shared:
+        stage_matrix(sm, 0, M, tid, nt)
+    zero_range(sm, lo, hi, zero, tid, nt)
+    return tid, nt, b0, min(rows, B - b0), H * (NR // R)
+
+
+@inline_device
+def load_rows(sm, off, src, b0, n, H, tid, nt):
+    """sm[off + i * H + j] = src[b0 + i, j] for the block's n rows (block-cooperative)."""
+    for e in range(tid, n * H, nt):
+        sm[off + e] = src[b0 + e // H, e % H]
+
+
+@inline_device
+def store_rows(dst, sm, off, b0, n, H, tid, nt):
+    """dst[b0 + i, j] = sm[off + i * H + j] for the block's n rows (block-cooperative)."""
+    for e in range(tid, n * H, nt):
+        dst[b0 + e // H, e % H] = sm[off + e]
+
+
+@inline_device
+def put_recurrent_input(sm, base, plane, HS, i, j, h, rmask, use_rmask, b, NG):
+    """The recurrent input of (row i, unit j) into the [NG, NR, HS] buffer at ``base``:
+    h * r_k in plane k of each of the NG gates with recurrent dropout ([NG, B, H] mask),
+    h in plane 0 without."""
+    if use_rmask:
+        for k in range(NG):
+            sm[base + k * plane + i * HS + j] = h * rmask[k, b, j]
+    else:
+        sm[base + i * HS + j] = h
+
+
+@inline_device
+def load_initial_state(sm, own, outs, hb, plane, HS, h0, out0, rmask, use_rmask, NG, b0, n,
+                       H, tid, nt):
+    """The forward's starting state of the block's rows: h0 at ``own``, out0 at ``outs`` and
+    the first recurrent input (``put_recurrent_input``) in the buffer at ``hb``."""
+    for e in range(tid, n * H, nt):
+        i = e // H
+        j = e % H
+        b = b0 + i
+        h = h0[b, j]
+        sm[own + e] = h
+        sm[outs + e] = out0[b, j]
+        put_recurrent_input(sm, hb, plane, HS, i, j, h, rmask, use_rmask, b, NG)
+
+
+@inline_device
+def output_grad(sm, car, e, dy, full, s, T, b, j):
+    """The output gradient reaching (row b, unit j) at processing step s of a backward: the
+    pending carry sm[car + e] plus dy of the step (of the last step only when ``dy`` holds
+    the last output's gradient alone)."""
+    cr = sm[car + e]
+    if full:
+        cr += dy[s, b, j]
+    elif s == T - 1:
+        cr += dy[0, b, j]
+    return cr

@@ -25,7 +25,7 @@ import numpy as np
 from numba import cuda
 
 from .. import config
-from ._common import IDX, SIMULATOR, empty_stand_in, kernel_variant, numba_type
+from ._common import IDX, SIMULATOR, empty_stand_in, inline_device, kernel_variant, numba_type
 
 
 # --------------------------------------------------------------------------- memory
@@ -156,6 +156,13 @@ def _copy2(src, dst):
         dst[i // n1, i % n1] = src[i // n1, i % n1]
 
 
+@inline_device
+def _flat3(i, n1, n2):
+    """(t, b, c) of the flat index i = (t * n1 + b) * n2 + c of an [n0, n1, n2] array."""
+    r = i // n2
+    return r // n1, r % n1, i % n2
+
+
 @cuda.jit
 def _copy3(src, dst, swap):
     # src: [n0, n1, n2], or [n1, n0, n2] when ``swap``;  dst: [n0, n1, n2]
@@ -163,10 +170,7 @@ def _copy3(src, dst, swap):
     n1 = dst.shape[1]
     n2 = dst.shape[2]
     if i < dst.shape[0] * n1 * n2:
-        c = i % n2
-        r = i // n2
-        b = r % n1
-        t = r // n1
+        t, b, c = _flat3(i, n1, n2)
         if swap:
             dst[t, b, c] = src[b, t, c]
         else:
@@ -222,10 +226,7 @@ def _scale_rows(src, mask, dst, accumulate):
     B = dst.shape[1]
     X = dst.shape[2]
     if i < dst.shape[0] * B * X:
-        c = i % X
-        r = i // X
-        b = r % B
-        t = r // B
+        t, b, c = _flat3(i, B, X)
         v = src[t, b, c] * mask[b, c]
         if accumulate:
             dst[t, b, c] = dst[t, b, c] + v

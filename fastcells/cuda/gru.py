@@ -20,8 +20,10 @@ from numba import cuda
 
 from .. import _math
 from . import _linalg
-from ._common import (IDX, initial_output, kernel_variant, launch, numba_type, optional,
-                      pending_carry, plan, row_stride, stage_matrix, zero_range)
+from ._common import (IDX, begin_block, cache_arrays, initial_output, kernel_variant, launch,
+                      load_initial_state, load_rows, masks, numba_type, output_grad, outputs,
+                      pending_carry, plan, put_recurrent_input, row_stride, store_rows,
+                      zero_range)
 
 G = 3
 
@@ -61,11 +63,6 @@ def _forward_kernel(dtype, R, u_shared, act, ract, fast, reset_after):
         GH = G * H
         HS = H | 1
         full = y.shape[0] == T
-        tid = cuda.threadIdx.x
-        nt = cuda.blockDim.x
-        b0 = cuda.blockIdx.x * rows
-        n = min(rows, B - b0)
-        items = H * (NR // R)
         # shared: [U] | 2 x [NH, NR, HS] recurrent input | h, out [NR, H] | q [NR, HS], z [NR, H]
         sm = cuda.shared.array(0, DT)
         hb = H * GH if u_shared else 0
@@ -77,24 +74,12 @@ def _forward_kernel(dtype, R, u_shared, act, ract, fast, reset_after):
         zsv = qs + plane
         hplane = 2 * plane if use_rmask else 0         # the plane holding h * r_h
         acc = cuda.local.array(NACC, DT)
-        if u_shared:
-            stage_matrix(sm, 0, U, tid, nt)
-        zero_range(sm, hb, own, zero, tid, nt)
+        tid, nt, b0, n, items = begin_block(sm, U, u_shared, hb, own, zero, rows, NR, R, B, H)
         if not reset_after:
             zero_range(sm, qs, zsv, zero, tid, nt)
         cuda.syncthreads()
-        for e in range(tid, n * H, nt):
-            i = e // H
-            j = e % H
-            b = b0 + i
-            h = h0[b, j]
-            sm[own + e] = h
-            sm[outs + e] = out0[b, j]
-            if use_rmask:
-                for k in range(G):
-                    sm[hb + k * plane + i * HS + j] = h * rmask[k, b, j]
-            else:
-                sm[hb + i * HS + j] = h
+        load_initial_state(sm, own, outs, hb, plane, HS, h0, out0, rmask, use_rmask, G, b0, n,
+                           H, tid, nt)
         cuda.syncthreads()
         for s in range(T):
             t = T - 1 - s if go_backwards else s
@@ -159,11 +144,8 @@ def _forward_kernel(dtype, R, u_shared, act, ract, fast, reset_after):
                             if keep_cache:
                                 gates[t, b, 2 * H + j] = g_h
                                 aux[t, b, j] = a_h if live else zero
-                            if use_rmask:
-                                for k in range(G):
-                                    sm[nxt + k * plane + i * HS + j] = h * rmask[k, b, j]
-                            else:
-                                sm[nxt + i * HS + j] = h
+                            put_recurrent_input(sm, nxt, plane, HS, i, j, h, rmask, use_rmask,
+                                                b, G)
                             if full:
                                 y[s, b, j] = sm[outs + e]
                         else:
@@ -205,20 +187,14 @@ def _forward_kernel(dtype, R, u_shared, act, ract, fast, reset_after):
                                 sm[outs + e] = h
                                 if keep_cache:
                                     gates[t, b, 2 * H + j] = hh
-                            if use_rmask:
-                                for k in range(G):
-                                    sm[nxt + k * plane + i * HS + j] = h * rmask[k, b, j]
-                            else:
-                                sm[nxt + i * HS + j] = h
+                            put_recurrent_input(sm, nxt, plane, HS, i, j, h, rmask, use_rmask,
+                                                b, G)
                             if full:
                                 y[s, b, j] = sm[outs + e]
             cuda.syncthreads()
-        for e in range(tid, n * H, nt):
-            b = b0 + e // H
-            j = e % H
-            h_out[b, j] = sm[own + e]
-            if not full:
-                y[0, b, j] = sm[outs + e]
+        store_rows(h_out, sm, own, b0, n, H, tid, nt)
+        if not full:
+            store_rows(y[0], sm, outs, b0, n, H, tid, nt)
 
     return forward
 
@@ -263,11 +239,6 @@ def _backward_kernel(dtype, R, u_shared, act, ract, reset_after):
         GH = G * H
         HS = H | 1
         full = dy.shape[0] == T
-        tid = cuda.threadIdx.x
-        nt = cuda.blockDim.x
-        b0 = cuda.blockIdx.x * rows
-        n = min(rows, B - b0)
-        items = H * (NR // R)
         sm = cuda.shared.array(0, DT)
         ut = GH * H if u_shared else 0
         if reset_after:
@@ -286,14 +257,9 @@ def _backward_kernel(dtype, R, u_shared, act, ract, reset_after):
         dhz = car + NR * H
         dzz = dhz + NR * H
         acc = cuda.local.array(NACC, DT)
-        if u_shared:
-            stage_matrix(sm, 0, UT, tid, nt)
-        zero_range(sm, ut, dhs, zero, tid, nt)
-        for e in range(tid, n * H, nt):
-            b = b0 + e // H
-            j = e % H
-            sm[dhs + e] = dh_in[b, j]
-            sm[car + e] = carry_io[b, j]
+        tid, nt, b0, n, items = begin_block(sm, UT, u_shared, ut, dhs, zero, rows, NR, R, B, H)
+        load_rows(sm, dhs, dh_in, b0, n, H, tid, nt)
+        load_rows(sm, car, carry_io, b0, n, H, tid, nt)
         cuda.syncthreads()
         for s in range(T - 1, -1, -1):
             t = T - 1 - s if go_backwards else s
@@ -308,11 +274,7 @@ def _backward_kernel(dtype, R, u_shared, act, ract, reset_after):
                     if i < n:
                         b = b0 + i
                         e = i * H + j
-                        cr = sm[car + e]
-                        if full:
-                            cr += dy[s, b, j]
-                        elif s == T - 1:
-                            cr += dy[0, b, j]
+                        cr = output_grad(sm, car, e, dy, full, s, T, b, j)
                         if use_mask and not mask[t, b]:
                             for k in range(G):
                                 dz[t, b, k * H + j] = zero
@@ -420,11 +382,8 @@ def _backward_kernel(dtype, R, u_shared, act, ract, reset_after):
                                 v = acc[r * G] + sm[dhz + e]
                             sm[dhs + e] = v
         cuda.syncthreads()
-        for e in range(tid, n * H, nt):
-            b = b0 + e // H
-            j = e % H
-            dh0[b, j] = sm[dhs + e]
-            carry_io[b, j] = sm[car + e]
+        store_rows(dh0, sm, dhs, b0, n, H, tid, nt)
+        store_rows(carry_io, sm, car, b0, n, H, tid, nt)
 
     return backward
 
@@ -438,13 +397,9 @@ def forward(xw, U, brec, rmask, mask, h0, act, ract, reset_after, go_backwards, 
     T, B, _ = xw.shape
     H = h0.shape[1]
     dt = np.dtype(xw.dtype)
-    y = _linalg.empty((T if return_sequences else 1, B, H), dt)
-    h = _linalg.empty((B, H), dt)
-    shape = (T, B, H) if keep_cache else (0, 0, 0)
-    gates = _linalg.empty((T, B, G * H) if keep_cache else (0, 0, 0), dt)
-    hprev, aux = _linalg.empty(shape, dt), _linalg.empty(shape, dt)
-    rm, use_rmask = optional(rmask, 3, dt)
-    m, use_mask = optional(mask, 2, np.bool_)
+    y, h = outputs(T, B, H, dt, return_sequences, 1)
+    gates, hprev, aux = cache_arrays(keep_cache, T, B, (G * H, H, H), dt)
+    rm, use_rmask, m, use_mask = masks(rmask, 3, mask, dt)
     o0 = initial_output(out0, B, H, dt)
     ra = bool(reset_after)
     if B:
@@ -469,8 +424,7 @@ def backward(cache, U, rmask, mask, dy, dh, act, ract, reset_after, go_backwards
     dz = _linalg.empty((T, B, G * H), dt)
     dah_rec = _linalg.empty((T, B, H) if ra else (0, 0, 0), dt)
     dh0 = _linalg.empty((B, H), dt)
-    rm, use_rmask = optional(rmask, 3, dt)
-    m, use_mask = optional(mask, 2, np.bool_)
+    rm, use_rmask, m, use_mask = masks(rmask, 3, mask, dt)
     cr = pending_carry(carry, B, H, dt)
     if B:
         UT = _linalg.transpose(U)

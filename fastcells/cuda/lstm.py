@@ -25,8 +25,9 @@ from numba import cuda
 
 from .. import _math
 from . import _linalg
-from ._common import (IDX, initial_output, kernel_variant, launch, numba_type, optional,
-                      pending_carry, plan, row_stride, stage_matrix, zero_range)
+from ._common import (IDX, begin_block, cache_arrays, initial_output, kernel_variant, launch,
+                      load_initial_state, load_rows, masks, numba_type, output_grad, outputs,
+                      pending_carry, plan, put_recurrent_input, row_stride, store_rows)
 
 G = 4
 
@@ -67,11 +68,6 @@ def _forward_kernel(dtype, R, u_shared, act, ract, fast):
         GH = G * H
         HS = H | 1
         full = y.shape[0] == T
-        tid = cuda.threadIdx.x
-        nt = cuda.blockDim.x
-        b0 = cuda.blockIdx.x * rows
-        n = min(rows, B - b0)
-        items = H * (NR // R)
         # shared memory: [U] | 2 x [NH, NR, HS] recurrent input | h, c, out [NR, H]
         sm = cuda.shared.array(0, DT)
         hb = H * GH if u_shared else 0
@@ -81,23 +77,11 @@ def _forward_kernel(dtype, R, u_shared, act, ract, fast):
         cs = own + NR * H
         outs = cs + NR * H
         acc = cuda.local.array(NACC, DT)
-        if u_shared:
-            stage_matrix(sm, 0, U, tid, nt)
-        zero_range(sm, hb, own, zero, tid, nt)
+        tid, nt, b0, n, items = begin_block(sm, U, u_shared, hb, own, zero, rows, NR, R, B, H)
         cuda.syncthreads()
-        for e in range(tid, n * H, nt):
-            i = e // H
-            j = e % H
-            b = b0 + i
-            h = h0[b, j]
-            sm[own + e] = h
-            sm[cs + e] = c0[b, j]
-            sm[outs + e] = out0[b, j]
-            if use_rmask:
-                for k in range(G):
-                    sm[hb + k * plane + i * HS + j] = h * rmask[k, b, j]
-            else:
-                sm[hb + i * HS + j] = h
+        load_initial_state(sm, own, outs, hb, plane, HS, h0, out0, rmask, use_rmask, G, b0, n,
+                           H, tid, nt)
+        load_rows(sm, cs, c0, b0, n, H, tid, nt)
         cuda.syncthreads()
         for s in range(T):
             t = T - 1 - s if go_backwards else s
@@ -168,21 +152,14 @@ def _forward_kernel(dtype, R, u_shared, act, ract, fast):
                             sm[outs + e] = h
                             if keep_cache:
                                 actc[t, b, j] = a
-                        if use_rmask:
-                            for k in range(G):
-                                sm[nxt + k * plane + i * HS + j] = h * rmask[k, b, j]
-                        else:
-                            sm[nxt + i * HS + j] = h
+                        put_recurrent_input(sm, nxt, plane, HS, i, j, h, rmask, use_rmask, b, G)
                         if full:
                             y[s, b, j] = sm[outs + e]
             cuda.syncthreads()
-        for e in range(tid, n * H, nt):
-            b = b0 + e // H
-            j = e % H
-            h_out[b, j] = sm[own + e]
-            c_out[b, j] = sm[cs + e]
-            if not full:
-                y[0, b, j] = sm[outs + e]
+        store_rows(h_out, sm, own, b0, n, H, tid, nt)
+        store_rows(c_out, sm, cs, b0, n, H, tid, nt)
+        if not full:
+            store_rows(y[0], sm, outs, b0, n, H, tid, nt)
 
     return forward
 
@@ -231,11 +208,6 @@ def _backward_kernel(dtype, R, u_shared, act, ract):
         GH = G * H
         ZS = GH | 1
         full = dy.shape[0] == T
-        tid = cuda.threadIdx.x
-        nt = cuda.blockDim.x
-        b0 = cuda.blockIdx.x * rows
-        n = min(rows, B - b0)
-        items = H * (NR // R)
         # shared memory: [U^T] | 2 x dz [NR, ZS] | dh, dc, carry [NR, H]
         sm = cuda.shared.array(0, DT)
         zb = GH * H if u_shared else 0
@@ -244,15 +216,10 @@ def _backward_kernel(dtype, R, u_shared, act, ract):
         dcs = dhs + NR * H
         car = dcs + NR * H
         acc = cuda.local.array(NACC, DT)
-        if u_shared:
-            stage_matrix(sm, 0, UT, tid, nt)
-        zero_range(sm, zb, dhs, zero, tid, nt)
-        for e in range(tid, n * H, nt):
-            b = b0 + e // H
-            j = e % H
-            sm[dhs + e] = dh_in[b, j]
-            sm[dcs + e] = dc_in[b, j]
-            sm[car + e] = carry_io[b, j]
+        tid, nt, b0, n, items = begin_block(sm, UT, u_shared, zb, dhs, zero, rows, NR, R, B, H)
+        load_rows(sm, dhs, dh_in, b0, n, H, tid, nt)
+        load_rows(sm, dcs, dc_in, b0, n, H, tid, nt)
+        load_rows(sm, car, carry_io, b0, n, H, tid, nt)
         cuda.syncthreads()
         for s in range(T - 1, -1, -1):
             t = T - 1 - s if go_backwards else s
@@ -267,11 +234,7 @@ def _backward_kernel(dtype, R, u_shared, act, ract):
                         b = b0 + i
                         e = i * H + j
                         zr = cur + i * ZS
-                        cr = sm[car + e]
-                        if full:
-                            cr += dy[s, b, j]
-                        elif s == T - 1:
-                            cr += dy[0, b, j]
+                        cr = output_grad(sm, car, e, dy, full, s, T, b, j)
                         if use_mask and not mask[t, b]:
                             for k in range(G):
                                 dz[t, b, k * H + j] = zero
@@ -332,12 +295,9 @@ def _backward_kernel(dtype, R, u_shared, act, ract):
                                 v = acc[r * G]
                             sm[dhs + i * H + j] = v
         cuda.syncthreads()
-        for e in range(tid, n * H, nt):
-            b = b0 + e // H
-            j = e % H
-            dh0[b, j] = sm[dhs + e]
-            dc0[b, j] = sm[dcs + e]
-            carry_io[b, j] = sm[car + e]
+        store_rows(dh0, sm, dhs, b0, n, H, tid, nt)
+        store_rows(dc0, sm, dcs, b0, n, H, tid, nt)
+        store_rows(carry_io, sm, car, b0, n, H, tid, nt)
 
     return backward
 
@@ -361,14 +321,9 @@ def forward(xw, U, rmask, mask, h0, c0, act, ract, go_backwards, zero_output,
     T, B, _ = xw.shape
     H = h0.shape[1]
     dt = np.dtype(xw.dtype)
-    y = _linalg.empty((T if return_sequences else 1, B, H), dt)
-    h = _linalg.empty((B, H), dt)
-    c = _linalg.empty((B, H), dt)
-    shape = (T, B, H) if keep_cache else (0, 0, 0)
-    gates = _linalg.empty((T, B, G * H) if keep_cache else (0, 0, 0), dt)
-    hprev, cprev, actc = (_linalg.empty(shape, dt) for _ in range(3))
-    rm, use_rmask = optional(rmask, 3, dt)
-    m, use_mask = optional(mask, 2, np.bool_)
+    y, h, c = outputs(T, B, H, dt, return_sequences, 2)
+    gates, hprev, cprev, actc = cache_arrays(keep_cache, T, B, (G * H, H, H, H), dt)
+    rm, use_rmask, m, use_mask = masks(rmask, 3, mask, dt)
     o0 = initial_output(out0, B, H, dt)
     if B:
         p = plan(B, H, dt, H * G * H, lambda NR: _forward_state(NR, H, use_rmask))
@@ -393,8 +348,7 @@ def backward(cache, U, rmask, mask, dy, dh, dc, act, ract, go_backwards, zero_ou
     dz = _linalg.empty((T, B, G * H), dt)
     dh0 = _linalg.empty((B, H), dt)
     dc0 = _linalg.empty((B, H), dt)
-    rm, use_rmask = optional(rmask, 3, dt)
-    m, use_mask = optional(mask, 2, np.bool_)
+    rm, use_rmask, m, use_mask = masks(rmask, 3, mask, dt)
     cr = pending_carry(carry, B, H, dt)
     if B:
         UT = _linalg.transpose(U)

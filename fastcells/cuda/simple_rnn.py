@@ -11,8 +11,9 @@ from numba import cuda
 
 from .. import _math
 from . import _linalg
-from ._common import (IDX, initial_output, kernel_variant, launch, numba_type, optional,
-                      pending_carry, plan, row_stride, stage_matrix, zero_range)
+from ._common import (IDX, begin_block, cache_arrays, initial_output, kernel_variant, launch,
+                      load_rows, masks, numba_type, output_grad, outputs, pending_carry, plan,
+                      row_stride, store_rows)
 
 
 def _forward_state(NR, H):
@@ -41,11 +42,6 @@ def _forward_kernel(dtype, R, u_shared, act, fast):
         H = h0.shape[1]
         HS = H | 1
         full = y.shape[0] == T
-        tid = cuda.threadIdx.x
-        nt = cuda.blockDim.x
-        b0 = cuda.blockIdx.x * rows
-        n = min(rows, B - b0)
-        items = H * (NR // R)
         # shared: [U] | 2 x h * r [NR, HS] | h, out [NR, H]
         sm = cuda.shared.array(0, DT)
         hb = H * H if u_shared else 0
@@ -53,9 +49,7 @@ def _forward_kernel(dtype, R, u_shared, act, fast):
         own = hb + 2 * buf
         outs = own + NR * H
         acc = cuda.local.array(R, DT)
-        if u_shared:
-            stage_matrix(sm, 0, U, tid, nt)
-        zero_range(sm, hb, own, zero, tid, nt)
+        tid, nt, b0, n, items = begin_block(sm, U, u_shared, hb, own, zero, rows, NR, R, B, H)
         cuda.syncthreads()
         for e in range(tid, n * H, nt):
             i = e // H
@@ -101,12 +95,9 @@ def _forward_kernel(dtype, R, u_shared, act, fast):
                         if full:
                             y[s, b, j] = sm[outs + e]
             cuda.syncthreads()
-        for e in range(tid, n * H, nt):
-            b = b0 + e // H
-            j = e % H
-            h_out[b, j] = sm[own + e]
-            if not full:
-                y[0, b, j] = sm[outs + e]
+        store_rows(h_out, sm, own, b0, n, H, tid, nt)
+        if not full:
+            store_rows(y[0], sm, outs, b0, n, H, tid, nt)
 
     return forward
 
@@ -136,11 +127,6 @@ def _backward_kernel(dtype, R, u_shared, act):
         H = dh_in.shape[1]
         HS = H | 1
         full = dy.shape[0] == T
-        tid = cuda.threadIdx.x
-        nt = cuda.blockDim.x
-        b0 = cuda.blockIdx.x * rows
-        n = min(rows, B - b0)
-        items = H * (NR // R)
         # shared: [U^T] | 2 x dz [NR, HS] | dh, carry [NR, H]
         sm = cuda.shared.array(0, DT)
         zb = H * H if u_shared else 0
@@ -148,14 +134,9 @@ def _backward_kernel(dtype, R, u_shared, act):
         dhs = zb + 2 * zbuf
         car = dhs + NR * H
         acc = cuda.local.array(R, DT)
-        if u_shared:
-            stage_matrix(sm, 0, UT, tid, nt)
-        zero_range(sm, zb, dhs, zero, tid, nt)
-        for e in range(tid, n * H, nt):
-            b = b0 + e // H
-            j = e % H
-            sm[dhs + e] = dh_in[b, j]
-            sm[car + e] = carry_io[b, j]
+        tid, nt, b0, n, items = begin_block(sm, UT, u_shared, zb, dhs, zero, rows, NR, R, B, H)
+        load_rows(sm, dhs, dh_in, b0, n, H, tid, nt)
+        load_rows(sm, car, carry_io, b0, n, H, tid, nt)
         cuda.syncthreads()
         for s in range(T - 1, -1, -1):
             t = T - 1 - s if go_backwards else s
@@ -168,11 +149,7 @@ def _backward_kernel(dtype, R, u_shared, act):
                     if i < n:
                         b = b0 + i
                         e = i * H + j
-                        cr = sm[car + e]
-                        if full:
-                            cr += dy[s, b, j]
-                        elif s == T - 1:
-                            cr += dy[0, b, j]
+                        cr = output_grad(sm, car, e, dy, full, s, T, b, j)
                         if use_mask and not mask[t, b]:
                             dz[t, b, j] = zero
                             sm[cur + i * HS + j] = zero
@@ -199,11 +176,8 @@ def _backward_kernel(dtype, R, u_shared, act):
                         if not (use_mask and not mask[t, b]):
                             sm[dhs + i * H + j] = acc[r] * rmask[b, j] if use_rmask else acc[r]
         cuda.syncthreads()
-        for e in range(tid, n * H, nt):
-            b = b0 + e // H
-            j = e % H
-            dh0[b, j] = sm[dhs + e]
-            carry_io[b, j] = sm[car + e]
+        store_rows(dh0, sm, dhs, b0, n, H, tid, nt)
+        store_rows(carry_io, sm, car, b0, n, H, tid, nt)
 
     return backward
 
@@ -215,12 +189,9 @@ def forward(xw, U, rmask, mask, h0, act, go_backwards, zero_output, return_seque
     xw, U, h0 = (_linalg.to_device(a) for a in (xw, U, h0))
     T, B, H = xw.shape
     dt = np.dtype(xw.dtype)
-    y = _linalg.empty((T if return_sequences else 1, B, H), dt)
-    h = _linalg.empty((B, H), dt)
-    shape = (T, B, H) if keep_cache else (0, 0, 0)
-    hs, hprev = _linalg.empty(shape, dt), _linalg.empty(shape, dt)
-    rm, use_rmask = optional(rmask, 2, dt)
-    m, use_mask = optional(mask, 2, np.bool_)
+    y, h = outputs(T, B, H, dt, return_sequences, 1)
+    hs, hprev = cache_arrays(keep_cache, T, B, (H, H), dt)
+    rm, use_rmask, m, use_mask = masks(rmask, 2, mask, dt)
     o0 = initial_output(out0, B, H, dt)
     if B:
         p = plan(B, H, dt, H * H, lambda NR: _forward_state(NR, H))
@@ -239,8 +210,7 @@ def backward(cache, U, rmask, mask, dy, dh, act, go_backwards, zero_output, carr
     dt = np.dtype(hs.dtype)
     dz = _linalg.empty((T, B, H), dt)
     dh0 = _linalg.empty((B, H), dt)
-    rm, use_rmask = optional(rmask, 2, dt)
-    m, use_mask = optional(mask, 2, np.bool_)
+    rm, use_rmask, m, use_mask = masks(rmask, 2, mask, dt)
     cr = pending_carry(carry, B, H, dt)
     if B:
         UT = _linalg.transpose(U)
