@@ -239,11 +239,13 @@ def _probe_cuda():
     return None
 
 
-def available_engines(engines=ENGINES):
-    """The engines of ``engines`` that can run here, and {engine: reason} for the others."""
+def available_engines(engines=ENGINES, unavailable=None):
+    """The engines of ``engines`` that can run here, and {engine: reason} for the others;
+    ``unavailable(engine)`` gives the reason or None (default: :func:`engine_unavailable`)."""
+    unavailable = unavailable or engine_unavailable
     ok, missing = [], {}
     for e in engines:
-        reason = engine_unavailable(e)
+        reason = unavailable(e)
         if reason is None:
             ok.append(e)
         else:

@@ -149,14 +149,7 @@ def _probe(engine):
 
 def available_gpu_engines(engines=GPU_ENGINES):
     """The engines of ``engines`` that can run here, and {engine: reason} for the others."""
-    ok, missing = [], {}
-    for e in engines:
-        reason = gpu_engine_unavailable(e)
-        if reason is None:
-            ok.append(e)
-        else:
-            missing[e] = reason
-    return ok, missing
+    return bench.available_engines(engines, gpu_engine_unavailable)
 
 
 # --------------------------------------------------------------------------- device
