@@ -3,6 +3,7 @@ import numpy as np
 from numba import njit
 
 from .. import config
+from ._gemm import packed_dot
 
 
 @njit(inline="always", **config.NJIT_OPTIONS)
@@ -33,19 +34,9 @@ def pending_carry(carry, B, H, dtype):
 
 
 @njit(inline="always", **config.NJIT_OPTIONS)
-def dot_blocks(a, b, out, R):
-    """out = a @ b, one GEMM per block of R rows: a row's result must not depend on how many
-    rows a thread holds (BLAS sums differently for other shapes, e.g. one row)."""
-    n = a.shape[0]
-    for r0 in range(0, n, R):
-        r1 = min(n, r0 + R)
-        np.dot(a[r0:r1], b, out[r0:r1])
-
-
-@njit(inline="always", **config.NJIT_OPTIONS)
-def project_rows(x, t, b0, dmask, use_dmask, Wb, sx, out, R):
-    """out[i] = [x[b0 + i, t] * dmask[b0 + i] | 1] @ Wb for the rows of a slice: the input
-    projection of one step, computed where it is used (``Wb`` = [W; b], [D + 1, G*H];
+def project_rows(x, t, b0, dmask, use_dmask, Wb, sx, out):
+    """out[i] = [x[b0 + i, t] * dmask[b0 + i] | 1] @ [W; b] for the rows of a slice: the
+    input projection of one step, computed where it is used (``Wb`` = ``_gemm.pack([W; b])``;
     ``sx`` [n, D + 1] scratch)."""
     n = sx.shape[0]
     D = x.shape[2]
@@ -58,14 +49,14 @@ def project_rows(x, t, b0, dmask, use_dmask, Wb, sx, out, R):
             for j in range(D):
                 sx[i, j] = xi[j]
         sx[i, D] = 1.0
-    dot_blocks(sx, Wb, out, R)
+    packed_dot(sx, Wb, out)
 
 
 @njit(inline="always", **config.NJIT_OPTIONS)
 def input_and_state_grads(dzw, w, R, VT, dd, dxw, dh, live, n, dmask, use_dmask, rmask,
                           use_rmask, b0):
     """After the gate gradients dz_t of a step are in the window buffers: per batch block,
-    [dx_t | dh_{t-1}] = dz_t @ [W; U]^T. dx_t (times the dropout mask) goes to the window
+    [dx_t | dh_{t-1}] = dz_t @ [W; U]^T (``VT`` packed by ``_gemm.pack``). dx_t (times the dropout mask) goes to the window
     buffer ``dxw`` [n, window, D]; dh_{t-1} (times the recurrent mask ``rmask`` [B, H])
     replaces ``dh`` for the rows the step processed."""
     D = dxw.shape[2]
@@ -73,7 +64,7 @@ def input_and_state_grads(dzw, w, R, VT, dd, dxw, dh, live, n, dmask, use_dmask,
     nb = (n + R - 1) // R
     for k in range(nb):
         rows = min(R, n - k * R)
-        np.dot(dzw[k, w * R:w * R + rows], VT, dd[:rows])
+        packed_dot(dzw[k, w * R:w * R + rows], VT, dd[:rows])
         for ii in range(rows):
             i = k * R + ii
             b = b0 + i

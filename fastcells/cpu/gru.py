@@ -15,8 +15,9 @@ from .. import config
 from .._math import activate, activate_grad, tanh32
 from .._workspace import workspace
 from ..config import NJIT_OPTIONS
-from ._common import (add_output_grad, dot_blocks, flush_window, initial_output,
-                      masked_row, optional, pending_carry, project_rows)
+from ._common import (add_output_grad, flush_window, initial_output, masked_row, optional,
+                      pending_carry, project_rows)
+from ._gemm import pack, pack_stack, packed_dot
 from ._jit import kernel
 from ._fpstate import flush_denormals, restore
 from ._parallel import run_block_parallel
@@ -26,16 +27,16 @@ G = 3
 
 
 @kernel
-def _forward_kernel(b0, b1, R, T, xw, x, t_off, Wb, dmask, use_dmask, from_x, U, Ug, brec,
+def _forward_kernel(b0, b1, T, xw, x, t_off, Wb, dmask, use_dmask, from_x, U, Ug, brec,
                     rmask, use_rmask, mask, use_mask, h0, act, ract, fast, coef, fused,
                     reset_after, go_backwards, zero_output, keep_cache, out0, y, h_out, gates,
                     hprev, aux):
-    # R:     rows per GEMM block (thread slices are whole blocks; see _common.dot_blocks)
     # xw:    [T, B, 3H]  x @ W + input bias (input dropout already applied), unless from_x:
-    # x:     [B, Tx, D]  batch-major input, step t reads x[:, t_off + t]; with Wb [D + 1, 3H]
-    #        = [W; b_in] and dmask [B, D] the projection is made inside the step
+    # x:     [B, Tx, D]  batch-major input, step t reads x[:, t_off + t]; with Wb = [W; b_in]
+    #        ([D + 1, 3H]) and dmask [B, D] the projection is made inside the step
     # U:     [H, 3H]     recurrent kernel (used without recurrent dropout)
     # Ug:    [3, H, H]   recurrent kernel split per gate
+    #        (Wb, U, Ug packed by _gemm.pack / pack_stack)
     # brec:  [3H]        recurrent bias (reset_after; zeros otherwise)
     # rmask: [3, B, H]   recurrent dropout mask per gate
     # mask:  [T, B];  h0: [B, H];  y: [T, B, H] or [1, B, H];  h_out: [B, H]
@@ -65,15 +66,15 @@ def _forward_kernel(b0, b1, R, T, xw, x, t_off, Wb, dmask, use_dmask, from_x, U,
                 for i in range(n):
                     for j in range(H):
                         hr[i, j] = h[i, j] * rmask[k, b0 + i, j]
-                dot_blocks(hr, Ug[k], zk, R)
+                packed_dot(hr, Ug[k], zk)
                 for i in range(n):
                     for j in range(H):
                         rec[i, k * H + j] = zk[i, j]
         elif reset_after:
-            dot_blocks(h, U, rec, R)
+            packed_dot(h, U, rec)
         else:
             for k in range(2):
-                dot_blocks(h, Ug[k], zk, R)
+                packed_dot(h, Ug[k], zk)
                 for i in range(n):
                     for j in range(H):
                         rec[i, k * H + j] = zk[i, j]
@@ -83,7 +84,7 @@ def _forward_kernel(b0, b1, R, T, xw, x, t_off, Wb, dmask, use_dmask, from_x, U,
         else:
             g, off = g_scratch, 0
         if from_x:
-            project_rows(x, t_off + t, b0, dmask, use_dmask, Wb, sx, xs, R)
+            project_rows(x, t_off + t, b0, dmask, use_dmask, Wb, sx, xs)
             xt, xo = xs, 0
         else:
             xt, xo = xw[t], b0
@@ -108,7 +109,7 @@ def _forward_kernel(b0, b1, R, T, xw, x, t_off, Wb, dmask, use_dmask, from_x, U,
                     hrh = h[i, j] * rmask[2, b0 + i, j] if use_rmask else h[i, j]
                     q[i, j] = gi[H + j] * hrh
         if not reset_after:
-            dot_blocks(q, Ug[2], zk, R)
+            packed_dot(q, Ug[2], zk)
             for i in range(n):
                 gi = g[off + i]
                 for j in range(H):
@@ -160,10 +161,11 @@ def _state_grads(d, g, hp, dh, carry, dhz, i, H, act):
 # Outputs: dz [T, B, 3H] = (daz, dar, dah), the gradient of the input-side pre-activations,
 # and dah_rec [T, B, H] = da_h (reset_after only), the gradient of the recurrent h term.
 @kernel
-def _backward_kernel(b0, b1, R, gates, hprev, aux, UT, UgT, rmask, use_rmask, mask, use_mask,
+def _backward_kernel(b0, b1, gates, hprev, aux, UT, UgT, rmask, use_rmask, mask, use_mask,
                      dy, dh_in, act, ract, reset_after, go_backwards, zero_output,
                      carry_io, dz, dah_rec, dh0):
     # gates, hprev, aux: the forward cache, [T, B, .];  UT: [3H, H];  UgT: [3, H, H]
+    #   (UT, UgT packed by _gemm.pack / pack_stack)
     # dy: [T, B, H] or [1, B, H];  dh_in: [B, H]
     # dz: [T, B, 3H] out;  dah_rec: [T, B, H] out (reset_after);  dh0: [B, H] out
     fpmode = flush_denormals()
@@ -203,7 +205,7 @@ def _backward_kernel(b0, b1, R, gates, hprev, aux, UT, UgT, rmask, use_rmask, ma
             for i in range(n):
                 for j in range(H):
                     dk[i, j] = dzt[b0 + i, 2 * H + j]
-            dot_blocks(dk, UgT[2], dq, R)
+            packed_dot(dk, UgT[2], dq)
             for i in range(n):
                 if live[i]:
                     b = b0 + i
@@ -230,13 +232,13 @@ def _backward_kernel(b0, b1, R, gates, hprev, aux, UT, UgT, rmask, use_rmask, ma
                 for i in range(n):
                     for j in range(H):
                         dk[i, j] = drec[i, k * H + j]
-                dot_blocks(dk, UgT[k], zk, R)
+                packed_dot(dk, UgT[k], zk)
                 for i in range(n):
                     for j in range(H):
                         r_k = rmask[k, b0 + i, j] if use_rmask else 1.0
                         dhn[i, j] += zk[i, j] * r_k
         else:
-            dot_blocks(drec, UT, dhn, R)
+            packed_dot(drec, UT, dhn)
             dhn += dhz
         for i in range(n):
             if live[i]:
@@ -257,7 +259,7 @@ def _backward_fused_kernel(b0, b1, R, window, gates, hprev, aux, x, t_off, dmask
                            WT, UT, mask, use_mask, dy, dh_in, act, ract, go_backwards,
                            zero_output, carry_io, dx, acc_in, acc_rec, dh0):
     # gates, hprev, aux: the forward cache [T, B, .];  x: [B, Tx, D] (steps t_off + t)
-    # WT: [3H, D], UT: [3H, H] the kernels transposed;  dmask: [B, D]
+    # WT: [3H, D], UT: [3H, H] the kernels transposed (packed);  dmask: [B, D]
     # dx: [B, Tx, D] out;  acc_in: [nblocks, D + 1, 3H], acc_rec: [nblocks, H + 1, 3H]
     #     in/out, each block's share of [dW; db_in] and [dU; db_rec]
     fpmode = flush_denormals()
@@ -315,8 +317,8 @@ def _backward_fused_kernel(b0, b1, R, window, gates, hprev, aux, x, t_off, dmask
                 dr[j] = d[j]
         for k in range(nb):
             rows = min(R, n - k * R)
-            np.dot(dzw[k, w * R:w * R + rows], WT, ddx[:rows])
-            np.dot(drw[k, w * R:w * R + rows], UT, ddh[:rows])
+            packed_dot(dzw[k, w * R:w * R + rows], WT, ddx[:rows])
+            packed_dot(drw[k, w * R:w * R + rows], UT, ddh[:rows])
             for ii in range(rows):
                 i = k * R + ii
                 dxr = dxw[i, w]
@@ -355,8 +357,8 @@ def backward_fused(cache, x, t_off, WT, UT, dmask, mask, dy, dh, act, ract, go_b
     dm, use_dmask = optional(dmask, 2, dt)
     m, use_mask = optional(mask, 2, np.bool_)
     run_block_parallel(_backward_fused_kernel, B, config.BLOCK_ROWS, config.BLOCK_ROWS,
-                       config.WINDOW_STEPS, gates, hprev, aux, x, t_off, dm, use_dmask, WT,
-                       UT, m, use_mask, dy, dh, act, ract, go_backwards, zero_output,
+                       config.WINDOW_STEPS, gates, hprev, aux, x, t_off, dm, use_dmask, pack(WT),
+                       pack(UT), m, use_mask, dy, dh, act, ract, go_backwards, zero_output,
                        pending_carry(carry, B, H, dt), dx, acc_in, acc_rec, dh0)
     return dh0
 
@@ -376,22 +378,21 @@ def forward(xw, U, brec, rmask, mask, h0, act, ract, reset_after, go_backwards, 
         xw = np.empty((0, 0, 0), dt)
     else:
         T = xw.shape[0]
-        x, Wb = np.empty((0, 0, 0), dt), np.empty((0, 0), dt)
+        x, Wb = np.empty((0, 0, 0), dt), np.empty((0, 0, 0), dt)
     y = workspace.empty((T if return_sequences else 1, B, H), dt)
     h = np.empty((B, H), dt)
     shape = (T, B, H) if keep_cache else (0, 0, 0)
     gates = workspace.empty((T, B, G * H) if keep_cache else (0, 0, 0), dt)
     hprev, aux = workspace.empty(shape, dt), workspace.empty(shape, dt)
     use_rmask = rmask is not None
-    Ug = split_gates(U, G)
+    Ug = pack_stack(split_gates(U, G))
     rm = rmask if use_rmask else np.empty((G, 0, 0), dt)
     m, use_mask = optional(mask, 2, np.bool_)
     fused = coef is not None and fast
     cf = coef if fused else np.zeros((3, 2 * H), dt)
     dm, use_dmask = optional(dmask, 2, dt)
-    R = config.BLOCK_ROWS
-    run_block_parallel(_forward_kernel, B, R, R, T, xw, x, t_off, Wb, dm, use_dmask, from_x,
-                       U, Ug, brec, rm, use_rmask, m, use_mask, h0,
+    run_block_parallel(_forward_kernel, B, config.BLOCK_ROWS, T, xw, x, t_off,
+                       pack(Wb) if from_x else Wb, dm, use_dmask, from_x, pack(U), Ug, brec, rm, use_rmask, m, use_mask, h0,
                        act, ract, fast, cf, fused, reset_after, go_backwards, zero_output,
                        keep_cache, initial_output(out0, B, H, dt), y, h, gates, hprev, aux)
     return y, h, ((gates, hprev, aux) if keep_cache else None)
@@ -409,12 +410,11 @@ def backward(cache, U, rmask, mask, dy, dh, act, ract, reset_after, go_backwards
     dah_rec = workspace.empty((T, B, H) if reset_after else (0, 0, 0), dt)
     dh0 = np.empty((B, H), dt)
     use_rmask = rmask is not None
-    UT = np.ascontiguousarray(U.T)
-    UgT = np.ascontiguousarray(split_gates(U, G).transpose(0, 2, 1))
+    UT = pack(U.T)
+    UgT = pack_stack(split_gates(U, G).transpose(0, 2, 1))
     rm = rmask if use_rmask else np.empty((G, 0, 0), dt)
     m, use_mask = optional(mask, 2, np.bool_)
-    R = config.BLOCK_ROWS
-    run_block_parallel(_backward_kernel, B, R, R, gates, hprev, aux, UT, UgT, rm, use_rmask, m,
+    run_block_parallel(_backward_kernel, B, config.BLOCK_ROWS, gates, hprev, aux, UT, UgT, rm, use_rmask, m,
                        use_mask, dy, dh, act, ract, reset_after, go_backwards, zero_output,
                        pending_carry(carry, B, H, dt), dz, dah_rec, dh0)
     return dz, (dah_rec if reset_after else None), dh0

@@ -19,8 +19,9 @@ from .. import config
 from ..config import NJIT_OPTIONS
 from .._workspace import workspace
 from .._math import SIGMOID, TANH, activate, activate_grad, tanh32
-from ._common import (add_output_grad, dot_blocks, flush_window, initial_output,
-                      input_and_state_grads, masked_row, optional, pending_carry)
+from ._common import (add_output_grad, flush_window, initial_output, input_and_state_grads,
+                      masked_row, optional, pending_carry)
+from ._gemm import pack, pack_stack, packed_dot
 from ._jit import kernel
 from ._fpstate import flush_denormals, restore
 from ._parallel import run_batch_parallel, run_block_parallel
@@ -95,8 +96,10 @@ def _forward_kernel(b0, b1, xw, U, Ug, rmask, use_rmask, mask, use_mask, h0, c0,
                     act, ract, fast, coef, fused, go_backwards, zero_output, keep_cache,
                     out0, y, h_out, c_out, gates, hprev, cprev, actc):
     # xw:     [T, B, 4H]  x @ W + b (input dropout already applied)
-    # U:      [H, 4H]     recurrent kernel (used without recurrent dropout)
-    # Ug:     [4, H, H]   recurrent kernel split per gate (used with recurrent dropout)
+    # U:      the recurrent kernel [H, 4H] packed by _gemm.pack (used without recurrent
+    #         dropout)
+    # Ug:     [4, H, H] the recurrent kernel split per gate, packed by _gemm.pack_stack
+    #         (used with recurrent dropout)
     # rmask:  [4, B, H]   recurrent dropout mask per gate
     # mask:   [T, B]      True where the step is processed
     # h0, c0: [B, H]      initial states
@@ -129,12 +132,12 @@ def _forward_kernel(b0, b1, xw, U, Ug, rmask, use_rmask, mask, use_mask, h0, c0,
                 for i in range(n):
                     for j in range(H):
                         hr[i, j] = h[i, j] * rmask[k, b0 + i, j]
-                np.dot(hr, Ug[k], zk)
+                packed_dot(hr, Ug[k], zk)
                 for i in range(n):
                     for j in range(H):
                         z[i, k * H + j] = zk[i, j]
         else:
-            np.dot(h, U, z)
+            packed_dot(h, U, z)
         if keep_cache:
             g, off, ac = gates[t], b0, actc[t]
             hprev[t, b0:b1] = h
@@ -173,7 +176,7 @@ def _backward_kernel(b0, b1, gates, cprev, actc, UT, UgT, rmask, use_rmask, mask
                      dy, dh_in, dc_in, act, ract, go_backwards, zero_output,
                      carry_io, dz, dh0, dc0):
     # gates, cprev, actc: the forward cache (see _forward_kernel), [T, B, .]
-    # UT:    [4H, H]    U transposed;  UgT: [4, H, H] U_k transposed per gate
+    # UT:    [4H, H]    U transposed;  UgT: [4, H, H] U_k transposed per gate (both packed)
     # dy:    [T, B, H] or [1, B, H] (gradient of the last output only), processing order
     # dh_in, dc_in: [B, H] gradients of the final states
     # carry_io: [B, H]  in/out: output gradient pending for the previous output (chunks)
@@ -210,12 +213,12 @@ def _backward_kernel(b0, b1, gates, cprev, actc, UT, UgT, rmask, use_rmask, mask
                 for i in range(n):
                     for j in range(H):
                         dk[i, j] = dzt[b0 + i, k * H + j]
-                np.dot(dk, UgT[k], zk)
+                packed_dot(dk, UgT[k], zk)
                 for i in range(n):
                     for j in range(H):
                         dhn[i, j] += zk[i, j] * rmask[k, b0 + i, j]
         else:
-            np.dot(dzt[b0:b1], UT, dhn)
+            packed_dot(dzt[b0:b1], UT, dhn)
         for i in range(n):
             if live[i]:
                 dh[i] = dhn[i]
@@ -244,12 +247,13 @@ def forward(xw, U, rmask, mask, h0, c0, act, ract, go_backwards, zero_output,
     gates = workspace.empty((T, B, G * H) if keep_cache else (0, 0, 0), dt)
     hprev, cprev, actc = (workspace.empty(shape, dt) for _ in range(3))
     use_rmask = rmask is not None
-    Ug = split_gates(U, G) if use_rmask else np.empty((G, 0, 0), dt)
+    Up = np.empty((0, 0, 0), dt) if use_rmask else pack(U)
+    Ug = pack_stack(split_gates(U, G)) if use_rmask else np.empty((G, 0, 0, 0), dt)
     rm = rmask if use_rmask else np.empty((G, 0, 0), dt)
     m, use_mask = optional(mask, 2, np.bool_)
     fused = coef is not None and fast
     cf = coef if fused else np.zeros((3, G * H), dt)
-    run_batch_parallel(_forward_kernel, B, xw, U, Ug, rm, use_rmask, m, use_mask, h0, c0,
+    run_batch_parallel(_forward_kernel, B, xw, Up, Ug, rm, use_rmask, m, use_mask, h0, c0,
                        act, ract, fast, cf, fused, go_backwards, zero_output, keep_cache,
                        initial_output(out0, B, H, dt), y, h, c, gates, hprev, cprev, actc)
     return y, h, c, ((gates, hprev, cprev, actc) if keep_cache else None)
@@ -269,9 +273,9 @@ def backward(cache, U, rmask, mask, dy, dh, dc, act, ract, go_backwards, zero_ou
     dh0 = np.empty((B, H), dt)
     dc0 = np.empty((B, H), dt)
     use_rmask = rmask is not None
-    UT = np.ascontiguousarray(U.T)
-    UgT = (np.ascontiguousarray(split_gates(U, G).transpose(0, 2, 1)) if use_rmask
-           else np.empty((G, 0, 0), dt))
+    UT = np.empty((0, 0, 0), dt) if use_rmask else pack(U.T)
+    UgT = (pack_stack(split_gates(U, G).transpose(0, 2, 1)) if use_rmask
+           else np.empty((G, 0, 0, 0), dt))
     rm = rmask if use_rmask else np.empty((G, 0, 0), dt)
     m, use_mask = optional(mask, 2, np.bool_)
     run_batch_parallel(_backward_kernel, B, gates, cprev, actc, UT, UgT, rm, use_rmask, m,
@@ -290,13 +294,11 @@ def backward(cache, U, rmask, mask, dy, dh, dc, act, ract, go_backwards, zero_ou
 # [dW; dU; db]. Batch blocks of ``config.BLOCK_ROWS`` rows each keep their own share, so the
 # sums do not depend on how many threads ran.
 @kernel
-def _forward_fused_kernel(b0, b1, R, x, t_off, T, V, dmask, use_dmask, mask, use_mask, h0, c0,
+def _forward_fused_kernel(b0, b1, x, t_off, T, V, dmask, use_dmask, mask, use_mask, h0, c0,
                           act, ract, fast, coef, fused, go_backwards, zero_output, keep_cache,
                           out0, y, h_out, c_out, gates, xh, cprev, actc):
-    # R:      rows of a batch block (each block is its own GEMM: a row's result must not
-    #         depend on how many rows a thread holds)
     # x:      [B, Tx, D]  batch-major input; step t reads x[:, t_off + t]
-    # V:      [F, 4H]     [W; U; b] (b zeros without a bias)
+    # V:      [W; U; b] ([F, 4H], b zeros without a bias) packed by _gemm.pack
     # dmask:  [B, D]      input dropout mask (shared by the gates)
     # mask:   [T, B]      True where the step is processed
     # cache (keep_cache): gates [T, B, 4H]; xh [T, B, F] the rows s_t; cprev, actc [T, B, H]
@@ -334,7 +336,7 @@ def _forward_fused_kernel(b0, b1, R, x, t_off, T, V, dmask, use_dmask, mask, use
             for j in range(H):
                 st[i, D + j] = h[i, j]
             st[i, D + H] = 1.0
-        dot_blocks(st, V, z, R)
+        packed_dot(st, V, z)
         _gates(z, g, off, n, H, fused, coef, act, ract, fast)
         _cell_update(g, ac, off, c, h, out, mask, use_mask, t, b0, n, H, act, fast,
                      zero_output)
@@ -357,7 +359,7 @@ def _backward_fused_kernel(b0, b1, R, window, gates, xh, cprev, actc, VT, dmask,
                            mask, use_mask, dy, dh_in, dc_in, act, ract, go_backwards,
                            zero_output, t_off, carry_io, dx, acc, dh0, dc0):
     # gates, xh, cprev, actc: the cache of _forward_fused_kernel, [T, B, .]
-    # VT:    [4H, D+H]  [W; U]^T
+    # VT:    [4H, D+H]  [W; U]^T, packed by _gemm.pack
     # dx:    [B, Tx, D] out: rows of steps t_off + t
     # acc:   [nblocks, F, 4H] in/out: each block's share of [dW; dU; db]
     # other arguments as in _backward_kernel
@@ -454,8 +456,7 @@ def forward_fused(x, t_off, T, V, dmask, mask, h0, c0, act, ract, go_backwards, 
     m, use_mask = optional(mask, 2, np.bool_)
     fused = coef is not None and fast
     cf = coef if fused else np.zeros((3, G * H), dt)
-    run_block_parallel(_forward_fused_kernel, B, config.BLOCK_ROWS, config.BLOCK_ROWS, x,
-                       t_off, T, V, dm,
+    run_block_parallel(_forward_fused_kernel, B, config.BLOCK_ROWS, x, t_off, T, pack(V), dm,
                        use_dmask, m, use_mask, h0, c0, act, ract, fast, cf, fused,
                        go_backwards, zero_output, keep_cache, initial_output(out0, B, H, dt),
                        y, h, c, gates, xh, cprev, actc)
@@ -475,7 +476,7 @@ def backward_fused(cache, VT, dmask, mask, dy, dh, dc, act, ract, go_backwards, 
     dm, use_dmask = optional(dmask, 2, dt)
     m, use_mask = optional(mask, 2, np.bool_)
     run_block_parallel(_backward_fused_kernel, B, config.BLOCK_ROWS, config.BLOCK_ROWS,
-                       config.WINDOW_STEPS, gates, xh, cprev, actc, VT, dm, use_dmask, m,
+                       config.WINDOW_STEPS, gates, xh, cprev, actc, pack(VT), dm, use_dmask, m,
                        use_mask, dy, dh, dc, act, ract, go_backwards, zero_output, t_off,
                        pending_carry(carry, B, H, dt), dx, acc, dh0, dc0)
     return dh0, dc0

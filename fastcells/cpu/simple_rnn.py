@@ -7,23 +7,22 @@ import numpy as np
 from .._workspace import workspace
 from .._math import activate, activate_grad
 from .. import config
-from ._common import (add_output_grad, dot_blocks, flush_window, initial_output,
-                      input_and_state_grads, masked_row, optional, pending_carry,
-                      project_rows)
+from ._common import (add_output_grad, flush_window, initial_output, input_and_state_grads,
+                      masked_row, optional, pending_carry, project_rows)
+from ._gemm import pack, packed_dot
 from ._jit import kernel
 from ._fpstate import flush_denormals, restore
 from ._parallel import run_block_parallel
 
 
 @kernel
-def _forward_kernel(b0, b1, R, T, xw, x, t_off, Wb, dmask, use_dmask, from_x, U, rmask,
+def _forward_kernel(b0, b1, T, xw, x, t_off, Wb, dmask, use_dmask, from_x, U, rmask,
                     use_rmask, mask, use_mask, h0, act, fast, go_backwards, zero_output,
                     keep_cache, out0, y, h_out, hs, hprev):
-    # R:     rows per GEMM block (thread slices are whole blocks; see _common.dot_blocks)
     # xw:    [T, B, H]   x @ W + b (input dropout already applied), unless from_x:
     # x:     [B, Tx, D]  batch-major input, step t reads x[:, t_off + t]; Wb [D + 1, H] =
     #        [W; b] and dmask [B, D] project it inside the step
-    # U:     [H, H]      recurrent kernel
+    # U:     [H, H]      recurrent kernel (Wb and U packed by _gemm.pack)
     # rmask: [B, H]      recurrent dropout mask
     # mask:  [T, B]      True where the step is processed
     # h0:    [B, H]      initial state
@@ -47,16 +46,16 @@ def _forward_kernel(b0, b1, R, T, xw, x, t_off, Wb, dmask, use_dmask, from_x, U,
             for i in range(n):
                 for j in range(H):
                     hr[i, j] = h[i, j] * rmask[b0 + i, j]
-            dot_blocks(hr, U, z, R)
+            packed_dot(hr, U, z)
         else:
-            dot_blocks(h, U, z, R)
+            packed_dot(h, U, z)
         if keep_cache:
             g, off = hs[t], b0
             hprev[t, b0:b1] = h
         else:
             g, off = g_scratch, 0
         if from_x:
-            project_rows(x, t_off + t, b0, dmask, use_dmask, Wb, sx, xs, R)
+            project_rows(x, t_off + t, b0, dmask, use_dmask, Wb, sx, xs)
             xt, xo = xs, 0
         else:
             xt, xo = xw[t], b0
@@ -83,9 +82,9 @@ def _forward_kernel(b0, b1, R, T, xw, x, t_off, Wb, dmask, use_dmask, from_x, U,
 # Backward per processed step: dz = (dh + dout) * act'(h_t);  dh_{t-1} = (dz @ U^T) * r.
 # Masked steps pass dh through and have dz = 0 (output gradient handling as in lstm.py).
 @kernel
-def _backward_kernel(b0, b1, R, hs, UT, rmask, use_rmask, mask, use_mask, dy, dh_in,
+def _backward_kernel(b0, b1, hs, UT, rmask, use_rmask, mask, use_mask, dy, dh_in,
                      act, go_backwards, zero_output, carry_io, dz, dh0):
-    # hs:   [T, B, H] forward cache;  UT: [H, H] U transposed
+    # hs:   [T, B, H] forward cache;  UT: [H, H] U transposed (packed)
     # dy:   [T, B, H] or [1, B, H];   dh_in: [B, H]
     # dz:   [T, B, H] out: gradient of the pre-activation;  dh0: [B, H] out
     fpmode = flush_denormals()
@@ -110,7 +109,7 @@ def _backward_kernel(b0, b1, R, hs, UT, rmask, use_rmask, mask, use_mask, dy, dh
                 d[j] = dh[i, j] + carry[i, j]
                 carry[i, j] = 0.0
             activate_grad(act, hs[t, b], d, 0, H)
-        dot_blocks(dzt[b0:b1], UT, dhn, R)
+        packed_dot(dzt[b0:b1], UT, dhn)
         for i in range(n):
             if live[i]:
                 for j in range(H):
@@ -196,7 +195,7 @@ def backward_fused(cache, x, t_off, VT, dmask, rmask, mask, dy, dh, act, go_back
     rm, use_rmask = optional(rmask, 2, dt)
     m, use_mask = optional(mask, 2, np.bool_)
     run_block_parallel(_backward_fused_kernel, B, config.BLOCK_ROWS, config.BLOCK_ROWS,
-                       config.WINDOW_STEPS, hs, hprev, x, t_off, dm, use_dmask, VT, rm,
+                       config.WINDOW_STEPS, hs, hprev, x, t_off, dm, use_dmask, pack(VT), rm,
                        use_rmask, m, use_mask, dy, dh, act, go_backwards, zero_output,
                        pending_carry(carry, B, H, dt), dx, acc, dh0)
     return dh0
@@ -214,7 +213,7 @@ def forward(xw, U, rmask, mask, h0, act, go_backwards, zero_output, return_seque
         xw = np.empty((0, 0, 0), dt)
     else:
         T = xw.shape[0]
-        x, Wb = np.empty((0, 0, 0), dt), np.empty((0, 0), dt)
+        x, Wb = np.empty((0, 0, 0), dt), np.empty((0, 0, 0), dt)
     y = workspace.empty((T if return_sequences else 1, B, H), dt)
     h = np.empty((B, H), dt)
     shape = (T, B, H) if keep_cache else (0, 0, 0)
@@ -222,9 +221,8 @@ def forward(xw, U, rmask, mask, h0, act, go_backwards, zero_output, return_seque
     rm, use_rmask = optional(rmask, 2, dt)
     m, use_mask = optional(mask, 2, np.bool_)
     dm, use_dmask = optional(dmask, 2, dt)
-    R = config.BLOCK_ROWS
-    run_block_parallel(_forward_kernel, B, R, R, T, xw, x, t_off, Wb, dm, use_dmask, from_x,
-                       U, rm, use_rmask, m, use_mask, h0, act, fast,
+    run_block_parallel(_forward_kernel, B, config.BLOCK_ROWS, T, xw, x, t_off,
+                       pack(Wb) if from_x else Wb, dm, use_dmask, from_x, pack(U), rm, use_rmask, m, use_mask, h0, act, fast,
                        go_backwards, zero_output, keep_cache, initial_output(out0, B, H, dt), y, h,
                        hs, hprev)
     return y, h, ((hs, hprev) if keep_cache else None)
@@ -240,8 +238,7 @@ def backward(cache, U, rmask, mask, dy, dh, act, go_backwards, zero_output, carr
     dh0 = np.empty((B, H), dt)
     rm, use_rmask = optional(rmask, 2, dt)
     m, use_mask = optional(mask, 2, np.bool_)
-    R = config.BLOCK_ROWS
-    run_block_parallel(_backward_kernel, B, R, R, hs, np.ascontiguousarray(U.T), rm, use_rmask, m,
+    run_block_parallel(_backward_kernel, B, config.BLOCK_ROWS, hs, pack(U.T), rm, use_rmask, m,
                        use_mask, dy, dh, act, go_backwards, zero_output,
                        pending_carry(carry, B, H, dt), dz, dh0)
     return dz, dh0

@@ -1,0 +1,69 @@
+"""The packed in-step matrix product (fastcells/cpu/_gemm.py) against NumPy in float64."""
+import numpy as np
+import pytest
+from numba import njit
+
+from fastcells.cpu import _gemm
+
+
+@njit(cache=False)
+def _dot(a, P, out):
+    _gemm.packed_dot(a, P, out)
+
+
+def _operands(rng, M, K, N, dtype):
+    # rows of ``a`` and ``out`` a stride apart (views into wider arrays), as in the kernels
+    a = rng.standard_normal((M + 2, K + 3)).astype(dtype)[1:M + 1, 2:K + 2]
+    V = rng.standard_normal((K, N)).astype(dtype)
+    out = np.full((M + 1, N + 5), 7.0, dtype)[:, 1:N + 1]
+    return a, V, out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("M", [1, 3, 8, 9, 17])
+@pytest.mark.parametrize("N", [1, 7, 16, 31, 32, 33, 70])
+@pytest.mark.parametrize("K", [1, 5, 40])
+def test_packed_dot_matches_numpy(dtype, M, K, N):
+    rng = np.random.default_rng(M * 1000 + K * 10 + N)
+    a, V, out = _operands(rng, M, K, N, dtype)
+    _dot(a, _gemm.pack(V), out)
+    ref = a.astype(np.float64) @ V.astype(np.float64)
+    tol = 2e-6 if dtype == "float32" else 1e-13
+    assert np.abs(out[:M] - ref).max() <= tol * np.sqrt(K) * np.abs(ref).max()
+    assert (out[M] == 7.0).all(), "a row past the rows of `a` was written"
+    base = out.base
+    assert (base[:, 0] == 7.0).all() and (base[:, N + 1:] == 7.0).all(), \
+        "a column outside `out` was written"
+
+
+def test_pack_pads_strips_with_zeros():
+    V = np.arange(3 * 5, dtype=np.float32).reshape(3, 5)
+    P = _gemm.pack(V)
+    NR = _gemm.strip_width(np.float32)
+    assert P.shape == (1, 3, NR)
+    assert np.array_equal(P[0, :, :5], V) and not P[0, :, 5:].any()
+    stack = _gemm.pack_stack(np.stack([V, 2 * V]))
+    assert np.array_equal(stack[1], _gemm.pack(2 * V))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_row_does_not_depend_on_the_other_rows(dtype):
+    """Thread-count determinism rests on this: each row is computed the same way whether it
+    is alone, first, or in the middle of a partial tile."""
+    rng = np.random.default_rng(3)
+    a, V, out = _operands(rng, 13, 65, 128, dtype)
+    P = _gemm.pack(V)
+    _dot(a, P, out)
+    for r in range(13):
+        one = np.empty((1, 128), dtype)
+        _dot(a[r:r + 1], P, one)
+        assert np.array_equal(one[0], out[r])
+
+
+def test_nan_propagates():
+    a = np.ones((4, 3), np.float32)
+    V = np.ones((3, 20), np.float32)
+    V[1, 7] = np.nan
+    out = np.empty((4, 20), np.float32)
+    _dot(a, _gemm.pack(V), out)
+    assert np.isnan(out[:, 7]).all() and np.isfinite(np.delete(out, 7, axis=1)).all()
