@@ -28,7 +28,8 @@ setup(
         "tf": ["tensorflow>=2.16"],
         "torch": ["torch>=2.1"],
         "cuda": ["numba-cuda>=0.10"],
-        "test": ["tensorflow-cpu>=2.16", "pytest>=7", "pytest-benchmark>=4", "hypothesis>=6"],
+        "test": ["tensorflow-cpu>=2.16", "pytest>=7", "pytest-benchmark>=4", "hypothesis>=6",
+                 "numba-cuda>=0.10"],      # the CUDA kernels run under its simulator
         "plot": ["matplotlib"],
     },
     entry_points={"console_scripts": ["fastcells=fastcells.__main__:main"]},

@@ -38,11 +38,13 @@ BLOCK_ROWS = _env_int("FASTCELLS_BLOCK_ROWS", 16)
 WINDOW_STEPS = _env_int("FASTCELLS_WINDOW_STEPS", 32)
 
 #: Largest input-side weight matrix ([W; U; b] for the LSTM, [W; b] otherwise, in bytes)
-#: for which the projection moves into the step. Each batch block multiplies by it at every
-#: step, so it must stay in the core's cache: at D=H=256 (2 MB) the fused LSTM forward took
-#: 77 ms against 44 ms with the projection as one GEMM before the loop; at the IMDB shape
-#: (33 KB) 9.1 ms against 13.7 ms.
-FUSED_MAX_WEIGHT_BYTES = _env_int("FASTCELLS_FUSED_MAX_WEIGHT_BYTES", 512 * 1024)
+#: for which the projection moves into the step. Each thread multiplies its rows by it at
+#: every step, so it must stay near the core (2 MB of L2 per core on the development
+#: machine). Measured with the packed in-step GEMM (B=64 T=100, ops level): at D=H=256
+#: (LSTM, 2.1 MB) inference 47 -> 37 ms and training 139 -> 122 ms fused; at D=512 H=1024
+#: (25 MB) fused was slower, training 750 -> 1144 ms. Before the packed GEMM the limit was
+#: 512 KB (OpenBLAS re-packed the matrix at every call).
+FUSED_MAX_WEIGHT_BYTES = _env_int("FASTCELLS_FUSED_MAX_WEIGHT_BYTES", 4 << 20)
 
 #: Use the fused kernels where they apply (the input projection inside each step, the input
 #: and weight gradients inside the backward). ``FASTCELLS_FUSED=0`` turns them off.

@@ -54,7 +54,7 @@ class _Cache:
     __slots__ = ("cell", "eng", "x", "xt", "W", "U", "b", "bias_shape", "states", "dmask",
                  "rmask", "mask", "mask_t", "opts", "kcache", "B", "T", "H",
                  "return_sequences", "dtype", "fast", "coef", "checkpoint", "chunks", "fused",
-                 "V", "VT", "released", "from_x", "Wb")
+                 "V", "released", "from_x", "Wb")
 
     def __init__(self, **kw):
         for k, v in kw.items():
@@ -306,11 +306,10 @@ def _prepare(cell, x, kernel, recurrent_kernel, bias, states, *, mask, go_backwa
     from_x = bool(eng == "cpu" and config.FUSED and cell != "lstm" and
                   (dmask is None or dmask.ndim == 2) and
                   (D + 1) * G * H * dt.itemsize <= config.FUSED_MAX_WEIGHT_BYTES)
-    V = VT = xt = Wb = None
+    V = xt = Wb = None
     if fused:       # the kernels read x itself and project inside each step
         x = np.ascontiguousarray(x)
         V = np.concatenate([W, U, (b if b is not None else np.zeros(G * H, dt))[None]])
-        VT = np.ascontiguousarray(V[:-1].T)
     elif from_x:
         x = np.ascontiguousarray(x)
         b_in = b if cell == "simple_rnn" or not reset_after else (None if b is None else b[0])
@@ -329,7 +328,7 @@ def _prepare(cell, x, kernel, recurrent_kernel, bias, states, *, mask, go_backwa
                   dmask=dmask, rmask=rmask, mask=mask, mask_t=mask_t, opts=opts, kcache=None,
                   B=B, T=T, H=H, return_sequences=bool(return_sequences), dtype=dt, fast=fast,
                   coef=coef, checkpoint=_check_checkpoint(checkpoint_steps, T), chunks=None,
-                  fused=fused, V=V, VT=VT, released=False, from_x=from_x, Wb=Wb)
+                  fused=fused, V=V, released=False, from_x=from_x, Wb=Wb)
 
 
 # --------------------------------------------------------------------------- the recurrence
@@ -550,7 +549,7 @@ def _backward_fused(c, dy, dstates):
     dx = np.empty((B, T, D), dt)
     acc = np.zeros((-(-B // config.BLOCK_ROWS), D + H + 1, c.U.shape[1]), dt)
     carry = la.zeros((B, H), dt)
-    VT = c.VT if c.fused else np.ascontiguousarray(np.concatenate([c.W, c.U]).T)
+    VT = (c.V[:-1] if c.fused else np.concatenate([c.W, c.U])).T    # the driver packs it
     for s0, s1, t0, t1, states0, out0 in reversed(c.chunks or [(0, T, 0, T, None, None)]):
         kc = _chunk_cache(c, t0, t1, states0, out0)
         m = None if c.mask_t is None else c.mask_t[t0:t1]

@@ -53,6 +53,17 @@ def project_rows(x, t, b0, dmask, use_dmask, Wb, sx, out):
 
 
 @njit(inline="always", **config.NJIT_OPTIONS)
+def window_row(i, w, R, n):
+    """Where row i of a thread's slice (n rows, blocks of R) goes in the window buffers of
+    a fused backward at window slot w: ``(block, row)``. A block's rows of one step are
+    contiguous and its steps follow each other, so a short last block of rk < R rows fills
+    only w * rk rows and no GEMM works on rows that are not there (at B=1 the padding to
+    R rows made the windowed weight-gradient GEMM 16 times larger)."""
+    k = i // R
+    return k, w * min(R, n - k * R) + i % R
+
+
+@njit(inline="always", **config.NJIT_OPTIONS)
 def input_and_state_grads(dzw, w, R, VT, dd, dxw, dh, live, n, dmask, use_dmask, rmask,
                           use_rmask, b0):
     """After the gate gradients dz_t of a step are in the window buffers: per batch block,
@@ -64,7 +75,7 @@ def input_and_state_grads(dzw, w, R, VT, dd, dxw, dh, live, n, dmask, use_dmask,
     nb = (n + R - 1) // R
     for k in range(nb):
         rows = min(R, n - k * R)
-        packed_dot(dzw[k, w * R:w * R + rows], VT, dd[:rows])
+        packed_dot(dzw[k, w * rows:(w + 1) * rows], VT, dd[:rows])
         for ii in range(rows):
             i = k * R + ii
             b = b0 + i
@@ -92,7 +103,8 @@ def flush_window(sw, dzw, acc, part, k0, R, w, n, dxw, dx, b0, s, T, t_off, go_b
     apart)."""
     nb = (n + R - 1) // R
     for k in range(nb):
-        np.dot(sw[k, :w * R].T, dzw[k, :w * R], part)
+        rw = w * min(R, n - k * R)
+        np.dot(sw[k, :rw].T, dzw[k, :rw], part)
         acc[k0 + k] += part
     for i in range(n):
         for slot in range(w):

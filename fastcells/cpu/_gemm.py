@@ -75,14 +75,13 @@ def pack(V, out=None):
 def _pack(V, P):
     K, N = V.shape
     NR = P.shape[2]
-    for s in range(P.shape[0]):
-        c0 = s * NR
-        w = min(NR, N - c0)
-        for k in range(K):
-            for c in range(w):
-                P[s, k, c] = V[k, c0 + c]
-            for c in range(w, NR):
-                P[s, k, c] = 0.0
+    for k in range(K):              # rows of V in order: V may be a transposed view
+        row = V[k]
+        for s in range(P.shape[0]):
+            c0 = s * NR
+            w = min(NR, N - c0)
+            P[s, k, :w] = row[c0:c0 + w]
+            P[s, k, w:] = 0.0
 
 
 def _row_pointer(builder, data, row, stride_bytes, itemsize):
@@ -92,74 +91,72 @@ def _row_pointer(builder, data, row, stride_bytes, itemsize):
     return builder.gep(data, [builder.mul(row, stride)])
 
 
-@intrinsic
-def _tile(typingctx, a, r0, P, s, out):
-    """out[r0:r0+MR, s*NR:(s+1)*NR] = a[r0:r0+MR] @ strip s of P (rows and columns past
-    the ends of ``a`` and ``out`` are computed on clamped rows and not stored)."""
-    if not (isinstance(a, types.Array) and isinstance(P, types.Array)
-            and isinstance(out, types.Array)):
-        return None
-    if not (a.dtype == P.dtype == out.dtype and a.dtype in (types.float32, types.float64)):
-        return None
-    if not (a.ndim == 2 and P.ndim == 3 and out.ndim == 2):
-        return None
-    sig = types.void(a, types.intp, P, types.intp, out)
-    double = a.dtype == types.float64
-    itemsize = 8 if double else 4
-    lanes = VECTOR_BYTES // itemsize
-    MR, NV = TILE_ROWS, STRIP_VECTORS
+def _make_tile(MR):
+    """An intrinsic ``tile(a, r0, P, s, out)``: out[r0:r0+MR, s*NR:(s+1)*NR] = a[r0:r0+MR] @
+    strip s of P, with MR x NR accumulators in vector registers (columns past the end of
+    ``out`` are not stored; the caller keeps r0 + MR <= rows of ``a``)."""
 
-    def codegen(context, builder, signature, args):
-        a_v, r0_v, P_v, s_v, out_v = args
-        fty = ir.DoubleType() if double else ir.FloatType()
-        vty = ir.VectorType(fty, lanes)
-        i32, i64 = ir.IntType(32), ir.IntType(64)
-        A = context.make_array(signature.args[0])(context, builder, a_v)
-        Pa = context.make_array(signature.args[2])(context, builder, P_v)
-        O = context.make_array(signature.args[4])(context, builder, out_v)
-        M = cgutils.unpack_tuple(builder, A.shape, 2)[0]
-        a_stride = cgutils.unpack_tuple(builder, A.strides, 2)[0]
-        _, K, NR = cgutils.unpack_tuple(builder, Pa.shape, 3)
-        N = cgutils.unpack_tuple(builder, O.shape, 2)[1]
-        o_stride = cgutils.unpack_tuple(builder, O.strides, 2)[0]
-        fma = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(vty, [vty, vty, vty]),
-            f"llvm.fma.v{lanes}{'f64' if double else 'f32'}")
-        acc = [[cgutils.alloca_once_value(builder, ir.Constant(vty, None))
-                for _ in range(NV)] for _ in range(MR)]
-        last = builder.sub(M, ir.Constant(i64, 1))
-        rows = []
-        for r in range(MR):
-            row = builder.add(r0_v, ir.Constant(i64, r))
-            row = builder.select(builder.icmp_signed("<", row, M), row, last)
-            rows.append(_row_pointer(builder, A.data, row, a_stride, itemsize))
-        strip = builder.gep(Pa.data, [builder.mul(builder.mul(s_v, K), NR)])
-        undef = ir.Constant(vty, ir.Undefined)
-        splat = ir.Constant(ir.VectorType(i32, lanes), [0] * lanes)
-        with cgutils.for_range(builder, K) as loop:
-            k = loop.index
-            pk = builder.gep(strip, [builder.mul(k, NR)])
-            w = [builder.load(builder.bitcast(builder.gep(pk, [ir.Constant(i64, v * lanes)]),
-                                              vty.as_pointer()), align=itemsize)
-                 for v in range(NV)]
+    @intrinsic
+    def tile(typingctx, a, r0, P, s, out):
+        if not (isinstance(a, types.Array) and isinstance(P, types.Array)
+                and isinstance(out, types.Array)):
+            return None
+        if not (a.dtype == P.dtype == out.dtype and a.dtype in (types.float32, types.float64)):
+            return None
+        if not (a.ndim == 2 and P.ndim == 3 and out.ndim == 2):
+            return None
+        sig = types.void(a, types.intp, P, types.intp, out)
+        double = a.dtype == types.float64
+        itemsize = 8 if double else 4
+        lanes = VECTOR_BYTES // itemsize
+        NV = STRIP_VECTORS
+
+        def codegen(context, builder, signature, args):
+            a_v, r0_v, P_v, s_v, out_v = args
+            fty = ir.DoubleType() if double else ir.FloatType()
+            vty = ir.VectorType(fty, lanes)
+            i32, i64 = ir.IntType(32), ir.IntType(64)
+            A = context.make_array(signature.args[0])(context, builder, a_v)
+            Pa = context.make_array(signature.args[2])(context, builder, P_v)
+            O = context.make_array(signature.args[4])(context, builder, out_v)
+            a_stride = cgutils.unpack_tuple(builder, A.strides, 2)[0]
+            _, K, NR = cgutils.unpack_tuple(builder, Pa.shape, 3)
+            N = cgutils.unpack_tuple(builder, O.shape, 2)[1]
+            o_stride = cgutils.unpack_tuple(builder, O.strides, 2)[0]
+            fma = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(vty, [vty, vty, vty]),
+                f"llvm.fma.v{lanes}{'f64' if double else 'f32'}")
+            acc = [[cgutils.alloca_once_value(builder, ir.Constant(vty, None))
+                    for _ in range(NV)] for _ in range(MR)]
+            rows = [_row_pointer(builder, A.data, builder.add(r0_v, ir.Constant(i64, r)),
+                                 a_stride, itemsize) for r in range(MR)]
+            strip = builder.gep(Pa.data, [builder.mul(builder.mul(s_v, K), NR)])
+            undef = ir.Constant(vty, ir.Undefined)
+            splat = ir.Constant(ir.VectorType(i32, lanes), [0] * lanes)
+            with cgutils.for_range(builder, K) as loop:
+                k = loop.index
+                pk = builder.gep(strip, [builder.mul(k, NR)])
+                w = [builder.load(builder.bitcast(
+                    builder.gep(pk, [ir.Constant(i64, v * lanes)]), vty.as_pointer()),
+                    align=itemsize) for v in range(NV)]
+                for r in range(MR):
+                    x = builder.load(builder.gep(rows[r], [k]))
+                    xb = builder.shuffle_vector(
+                        builder.insert_element(undef, x, ir.Constant(i32, 0)), undef, splat)
+                    for v in range(NV):
+                        builder.store(builder.call(fma, [xb, w[v], builder.load(acc[r][v])]),
+                                      acc[r][v])
+            c0 = builder.mul(s_v, NR)
+            full = builder.icmp_signed("<=", builder.add(c0, NR), N)
             for r in range(MR):
-                x = builder.load(builder.gep(rows[r], [k]))
-                xb = builder.shuffle_vector(builder.insert_element(undef, x, ir.Constant(i32, 0)),
-                                            undef, splat)
-                for v in range(NV):
-                    builder.store(builder.call(fma, [xb, w[v], builder.load(acc[r][v])]),
-                                  acc[r][v])
-        c0 = builder.mul(s_v, NR)
-        full = builder.icmp_signed("<=", builder.add(c0, NR), N)
-        for r in range(MR):
-            row = builder.add(r0_v, ir.Constant(i64, r))
-            with builder.if_then(builder.icmp_signed("<", row, M)):
+                row = builder.add(r0_v, ir.Constant(i64, r))
                 base = builder.gep(_row_pointer(builder, O.data, row, o_stride, itemsize), [c0])
                 with builder.if_else(full) as (whole, tail):
                     with whole:
                         for v in range(NV):
-                            ptr = builder.bitcast(builder.gep(base, [ir.Constant(i64, v * lanes)]),
-                                                  vty.as_pointer())
+                            ptr = builder.bitcast(
+                                builder.gep(base, [ir.Constant(i64, v * lanes)]),
+                                vty.as_pointer())
                             builder.store(builder.load(acc[r][v]), ptr, align=itemsize)
                     with tail:      # the last strip: element by element up to column N
                         for v in range(NV):
@@ -172,21 +169,40 @@ def _tile(typingctx, a, r0, P, s, out):
                                     builder.store(builder.extract_element(
                                         vec, ir.Constant(i32, lane)),
                                         builder.gep(base, [ir.Constant(i64, col)]))
-        return context.get_dummy_value()
+            return context.get_dummy_value()
 
-    return sig, codegen
+        return sig, codegen
+
+    return tile
+
+
+# Full tiles, then tiles of 4, 2 and 1 rows for the rest: no work on rows that are not there
+# (one row, as in streaming inference, costs an eighth of a full tile). Every tile size
+# runs the same multiply-add chain per element, so the results are the same bits.
+_tile_full = _make_tile(TILE_ROWS)
+_tile_4 = _make_tile(4)
+_tile_2 = _make_tile(2)
+_tile_1 = _make_tile(1)
 
 
 @njit(inline="always", **config.NJIT_OPTIONS)
 def packed_dot(a, P, out):
     """out[:M] = a @ V for ``P = pack(V)``: a [M, K] (rows may be strided), out [>=M, N]
-    with N <= the packed width. Every element is a multiply-add chain over k in order."""
+    with N <= the packed width. Every element is one multiply-add chain over k in order."""
     M = a.shape[0]
-    if M == 0:
-        return
     for s in range(P.shape[0]):
-        for r0 in range(0, M, TILE_ROWS):
-            _tile(a, r0, P, s, out)
+        r0 = 0
+        while r0 + TILE_ROWS <= M:
+            _tile_full(a, r0, P, s, out)
+            r0 += TILE_ROWS
+        while r0 + 4 <= M:
+            _tile_4(a, r0, P, s, out)
+            r0 += 4
+        while r0 + 2 <= M:
+            _tile_2(a, r0, P, s, out)
+            r0 += 2
+        if r0 < M:
+            _tile_1(a, r0, P, s, out)
 
 
 def pack_stack(Vs):

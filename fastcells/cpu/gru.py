@@ -16,7 +16,7 @@ from .._math import activate, activate_grad, tanh32
 from .._workspace import workspace
 from ..config import NJIT_OPTIONS
 from ._common import (add_output_grad, flush_window, initial_output, masked_row, optional,
-                      pending_carry, project_rows)
+                      pending_carry, project_rows, window_row)
 from ._gemm import pack, pack_stack, packed_dot
 from ._jit import kernel
 from ._fpstate import flush_denormals, restore
@@ -290,7 +290,7 @@ def _backward_fused_kernel(b0, b1, R, window, gates, hprev, aux, x, t_off, dmask
         add_output_grad(carry, dy, s, T, b0, b1)
         for i in range(n):
             b = b0 + i
-            k, row = i // R, w * R + i % R
+            k, row = window_row(i, w, R, n)
             d = dzw[k, row]
             dr = drw[k, row]
             sx = sxw[k, row]
@@ -317,8 +317,8 @@ def _backward_fused_kernel(b0, b1, R, window, gates, hprev, aux, x, t_off, dmask
                 dr[j] = d[j]
         for k in range(nb):
             rows = min(R, n - k * R)
-            packed_dot(dzw[k, w * R:w * R + rows], WT, ddx[:rows])
-            packed_dot(drw[k, w * R:w * R + rows], UT, ddh[:rows])
+            packed_dot(dzw[k, w * rows:(w + 1) * rows], WT, ddx[:rows])
+            packed_dot(drw[k, w * rows:(w + 1) * rows], UT, ddh[:rows])
             for ii in range(rows):
                 i = k * R + ii
                 dxr = dxw[i, w]
@@ -334,7 +334,8 @@ def _backward_fused_kernel(b0, b1, R, window, gates, hprev, aux, x, t_off, dmask
         w += 1
         if w == window or s == 0:
             for k in range(nb):
-                np.dot(shw[k, :w * R].T, drw[k, :w * R], part_rec)
+                rw = w * min(R, n - k * R)
+                np.dot(shw[k, :rw].T, drw[k, :rw], part_rec)
                 acc_rec[k0 + k] += part_rec
             flush_window(sxw, dzw, acc_in, part_in, k0, R, w, n, dxw, dx, b0, s, T, t_off,
                          go_backwards)

@@ -20,7 +20,7 @@ from ..config import NJIT_OPTIONS
 from .._workspace import workspace
 from .._math import SIGMOID, TANH, activate, activate_grad, tanh32
 from ._common import (add_output_grad, flush_window, initial_output, input_and_state_grads,
-                      masked_row, optional, pending_carry)
+                      masked_row, optional, pending_carry, window_row)
 from ._gemm import pack, pack_stack, packed_dot
 from ._jit import kernel
 from ._fpstate import flush_denormals, restore
@@ -376,7 +376,7 @@ def _backward_fused_kernel(b0, b1, R, window, gates, xh, cprev, actc, VT, dmask,
     dh = dh_in[b0:b1].copy()
     dc = dc_in[b0:b1].copy()
     carry = carry_io[b0:b1].copy()
-    dzw = np.zeros((nb, window * R, GH), dt)     # rows past the batch stay zero
+    dzw = np.zeros((nb, window * R, GH), dt)     # rows: see _common.window_row
     sw = np.zeros((nb, window * R, F), dt)
     dd = np.empty((R, D + H), dt)
     dxw = np.empty((n, window, D), dt)
@@ -393,9 +393,9 @@ def _backward_fused_kernel(b0, b1, R, window, gates, xh, cprev, actc, VT, dmask,
         gt = gates[t]
         for i in range(n):
             b = b0 + i
-            row = w * R + i % R
-            d = dzw[i // R, row]
-            sw[i // R, row] = xh[t, b]
+            k, row = window_row(i, w, R, n)
+            d = dzw[k, row]
+            sw[k, row] = xh[t, b]
             if masked_row(d, carry, live, i, mask, use_mask, t, b, zero_output):
                 continue
             g = gt[b]

@@ -8,7 +8,7 @@ from .._workspace import workspace
 from .._math import activate, activate_grad
 from .. import config
 from ._common import (add_output_grad, flush_window, initial_output, input_and_state_grads,
-                      masked_row, optional, pending_carry, project_rows)
+                      masked_row, optional, pending_carry, project_rows, window_row)
 from ._gemm import pack, packed_dot
 from ._jit import kernel
 from ._fpstate import flush_denormals, restore
@@ -142,7 +142,7 @@ def _backward_fused_kernel(b0, b1, R, window, hs, hprev, x, t_off, dmask, use_dm
     nb = (n + R - 1) // R
     dh = dh_in[b0:b1].copy()
     carry = carry_io[b0:b1].copy()
-    dzw = np.zeros((nb, window * R, H), dt)      # rows past the batch stay zero
+    dzw = np.zeros((nb, window * R, H), dt)      # rows: see _common.window_row
     sw = np.zeros((nb, window * R, F), dt)
     dd = np.empty((R, D + H), dt)
     dxw = np.empty((n, window, D), dt)
@@ -154,9 +154,9 @@ def _backward_fused_kernel(b0, b1, R, window, hs, hprev, x, t_off, dmask, use_dm
         add_output_grad(carry, dy, s, T, b0, b1)
         for i in range(n):
             b = b0 + i
-            row = w * R + i % R
-            d = dzw[i // R, row]
-            si = sw[i // R, row]
+            k, row = window_row(i, w, R, n)
+            d = dzw[k, row]
+            si = sw[k, row]
             xi = x[b, t_off + t]
             hp = hprev[t, b]
             for j in range(D):
