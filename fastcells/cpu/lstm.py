@@ -1,8 +1,11 @@
 """LSTM recurrence on the CPU: Numba kernels (one batch slice per thread) and their drivers.
 
-Only the recurrence lives here. The input projection ``xw = x @ W + b`` is computed before
-(one GEMM over all time steps) and the weight gradients after (GEMMs over the cache), by
-``fastcells.ops``.
+Two paths. The plain kernels run only the recurrence: the input projection
+``xw = x @ W + b`` is computed before (one GEMM over all time steps) and the weight
+gradients after (GEMMs over the cache), by ``fastcells.ops``. The fused kernels (further
+down) move the projection into the step and the input and weight gradients into the
+backward. Every per-step product runs against weights packed once per call
+(``_gemm.packed_dot``).
 
 Layout: every array is time-major, ``[T, B, ...]``, so the rows a thread touches at one step
 are one contiguous block (batch-major rows of one step lie T*4H floats apart: a page each,
