@@ -60,10 +60,18 @@ MIN_PARALLEL_GEMM_FLOPS = _env_int("FASTCELLS_MIN_PARALLEL_GEMM_FLOPS", 1 << 20)
 #: ``FASTCELLS_HOLD_KERNEL_BLAS=0`` restores it after each call.
 HOLD_KERNEL_BLAS = os.environ.get("FASTCELLS_HOLD_KERNEL_BLAS", "1") != "0"
 
+#: Vector register width the packed in-step GEMM is written for (``cpu/_gemm.py``), in
+#: bytes: 64, 32 or 16. Chosen from the host CPU (AVX-512, AVX/AVX2, otherwise); setting
+#: ``FASTCELLS_GEMM_VECTOR_BYTES`` overrides it, for tests and tuning, and then turns the
+#: on-disk kernel cache off, since Numba's cache would not know the kernels changed.
+GEMM_VECTOR_BYTES = (_env_int("FASTCELLS_GEMM_VECTOR_BYTES", 0)
+                     if os.environ.get("FASTCELLS_GEMM_VECTOR_BYTES") else None)
+
 #: Options passed to every ``numba.njit`` kernel. ``error_model='numpy'`` drops the
 #: ZeroDivisionError check on each float division, which is what lets the gate loops
 #: vectorise; ``cache=True`` keeps compiled kernels on disk between processes.
-NJIT_OPTIONS = dict(nogil=True, cache=True, error_model="numpy", fastmath=False)
+NJIT_OPTIONS = dict(nogil=True, cache=GEMM_VECTOR_BYTES is None, error_model="numpy",
+                    fastmath=False)
 
 #: Use the rational tanh/sigmoid approximation (max abs error 3.6e-7, i.e. float32
 #: rounding) for float32 arrays. float64 always uses the exact functions.

@@ -1,4 +1,8 @@
 """The packed in-step matrix product (fastcells/cpu/_gemm.py) against NumPy in float64."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from numba import njit
@@ -67,3 +71,58 @@ def test_nan_propagates():
     out = np.empty((4, 20), np.float32)
     _dot(a, _gemm.pack(V), out)
     assert np.isnan(out[:, 7]).all() and np.isfinite(np.delete(out, 7, axis=1)).all()
+
+
+_OTHER_WIDTH = r"""
+import sys
+import numpy as np
+from numba import njit
+from fastcells import ops
+from fastcells.cpu import _gemm
+assert sys.argv[1] == "host" or _gemm.VECTOR_BYTES == int(sys.argv[1])
+
+@njit
+def dot(a, P, out):
+    _gemm.packed_dot(a, P, out)
+
+rng = np.random.default_rng(0)
+res = {}
+for M, K, N in [(1, 3, 5), (7, 33, 70), (13, 65, 128)]:
+    a = rng.standard_normal((M, K)).astype(np.float32)
+    V = rng.standard_normal((K, N)).astype(np.float32)
+    out = np.empty((M, N), np.float32)
+    dot(a, _gemm.pack(V), out)
+    res[f"dot{M}"] = out
+for cell in sys.argv[3].split(","):
+    G = {"lstm": 4, "gru": 3, "simple_rnn": 1}[cell]
+    x = rng.standard_normal((5, 6, 3)).astype(np.float32)
+    W = rng.standard_normal((3, G * 4)).astype(np.float32)
+    U = rng.standard_normal((4, G * 4)).astype(np.float32)
+    f = getattr(ops, cell + "_forward")(x, W, U, None, training=True)
+    g = getattr(ops, cell + "_backward")(f.cache, np.ones_like(f.outputs))
+    res[cell + "_y"], res[cell + "_dx"], res[cell + "_dU"] = f.outputs, g.x, g.recurrent_kernel
+np.savez(sys.argv[2], **res)
+"""
+
+
+@pytest.mark.parametrize("width,cells", [(32, "lstm,gru,simple_rnn"), (16, "lstm")])
+def test_other_vector_widths_give_the_same_bits(tmp_path, width, cells):
+    """The AVX2 (32-byte) and SSE/NEON (16-byte) forms of the tile, compiled here with the
+    kernel cache off: each lane runs the same multiply-add chain as a scalar would, so the
+    products and whole forward/backward passes equal this machine's own, bit for bit."""
+    here = tmp_path / "here.npz"
+    there = tmp_path / "there.npz"
+    script = tmp_path / "run.py"
+    script.write_text(_OTHER_WIDTH)
+    env = dict(os.environ)
+    env.pop("FASTCELLS_GEMM_VECTOR_BYTES", None)
+    subprocess.run([sys.executable, str(script), "host", str(here), cells], check=True,
+                   env=env, timeout=600)
+    env["FASTCELLS_GEMM_VECTOR_BYTES"] = str(width)
+    out = subprocess.run([sys.executable, str(script), str(width), str(there), cells],
+                         env=env, timeout=600, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    a, b = np.load(here), np.load(there)
+    assert sorted(a.files) == sorted(b.files)
+    for k in a.files:
+        assert np.array_equal(a[k], b[k]), k

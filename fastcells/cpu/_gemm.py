@@ -49,7 +49,9 @@ def _host_vector_bytes():
 
 
 #: Bytes of one vector register; accumulator rows of a tile and vectors per strip.
-VECTOR_BYTES = _host_vector_bytes()
+VECTOR_BYTES = config.GEMM_VECTOR_BYTES or _host_vector_bytes()
+if VECTOR_BYTES not in (16, 32, 64):
+    raise ValueError(f"FASTCELLS_GEMM_VECTOR_BYTES must be 16, 32 or 64, got {VECTOR_BYTES}")
 TILE_ROWS = {64: 8, 32: 6, 16: 4}[VECTOR_BYTES]
 STRIP_VECTORS = 2
 
