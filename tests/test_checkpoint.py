@@ -27,6 +27,7 @@ def several_threads(monkeypatch):
     monkeypatch.setattr(config, "NUM_THREADS", 2)
     monkeypatch.setattr(config, "BLOCK_ROWS", 2)
     monkeypatch.setattr(config, "WINDOW_STEPS", 2)
+    monkeypatch.setattr(config, "STAGE_BYTES", 150)
 
 
 def _problem(rng, name, o, B, T, D, H, dtype):

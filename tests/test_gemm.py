@@ -40,6 +40,28 @@ def test_packed_dot_matches_numpy(dtype, M, K, N):
         "a column outside `out` was written"
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("view", ["transposed", "every_other_column"])
+def test_any_view_of_a_gives_the_bits_of_a_contiguous_copy(dtype, view):
+    """``a`` whose consecutive k are not adjacent (a transposed view, a column step) is read
+    through its strides: the same bits as its contiguous copy, and right."""
+    rng = np.random.default_rng(5)
+    M, K, N = 11, 37, 45
+    if view == "transposed":
+        a = rng.standard_normal((K, M)).astype(dtype).T
+    else:
+        a = rng.standard_normal((M, 2 * K)).astype(dtype)[:, ::2]
+    V = rng.standard_normal((K, N)).astype(dtype)
+    P = _gemm.pack(V)
+    out, out_c = np.empty((M, N), dtype), np.empty((M, N), dtype)
+    _dot(a, P, out)
+    _dot(np.ascontiguousarray(a), P, out_c)
+    assert np.array_equal(out, out_c)
+    ref = a.astype(np.float64) @ V.astype(np.float64)
+    tol = 2e-6 if dtype == "float32" else 1e-13
+    assert np.abs(out - ref).max() <= tol * np.sqrt(K) * np.abs(ref).max()
+
+
 def test_pack_pads_strips_with_zeros():
     V = np.arange(3 * 5, dtype=np.float32).reshape(3, 5)
     P = _gemm.pack(V)

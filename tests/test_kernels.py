@@ -27,6 +27,8 @@ def several_threads(monkeypatch):
     # fused kernels: several batch blocks (the last one short) and windows of steps
     monkeypatch.setattr(config, "BLOCK_ROWS", 4)
     monkeypatch.setattr(config, "WINDOW_STEPS", 3)
+    # inputs staged a few steps at a time (chunks of 1-3 steps at these sizes, the last short)
+    monkeypatch.setattr(config, "STAGE_BYTES", 200)
 
 
 def _split(cell):

@@ -40,6 +40,7 @@ def problems(draw):
         threads=draw(st.integers(1, 3)),
         block_rows=draw(st.integers(1, 5)),
         window=draw(st.integers(1, 4)),
+        stage_bytes=draw(st.integers(1, 2000)),     # input staged 1 .. T steps at a time
         fused=draw(st.booleans()),
         checkpoint=draw(st.one_of(st.none(), st.integers(1, 5))),
     )
@@ -59,9 +60,11 @@ def test_kernels_equal_reference(problem):
                            per_gate=o["per_gate"], dtype=o["dtype"])
     opts.update(go_backwards=o["go_backwards"], zero_output_for_mask=o["zero_output_for_mask"])
     args = (p["x"], p["kernel"], p["recurrent_kernel"], p["bias"], *p["states"])
-    names = ("NUM_THREADS", "MIN_ROWS_PER_THREAD", "BLOCK_ROWS", "WINDOW_STEPS", "FUSED")
+    names = ("NUM_THREADS", "MIN_ROWS_PER_THREAD", "BLOCK_ROWS", "WINDOW_STEPS", "FUSED",
+             "STAGE_BYTES")
     old = [getattr(config, n) for n in names]
-    for n, v in zip(names, (o["threads"], 1, o["block_rows"], o["window"], o["fused"])):
+    for n, v in zip(names, (o["threads"], 1, o["block_rows"], o["window"], o["fused"],
+                            o["stage_bytes"])):
         setattr(config, n, v)
     try:
         f = getattr(ops, cell + "_forward")(*args, return_sequences=o["return_sequences"],

@@ -112,6 +112,7 @@ def _make_tile(MR):
         itemsize = 8 if double else 4
         lanes = VECTOR_BYTES // itemsize
         NV = STRIP_VECTORS
+        a_unit_k = a.layout == "C"
 
         def codegen(context, builder, signature, args):
             a_v, r0_v, P_v, s_v, out_v = args
@@ -121,7 +122,11 @@ def _make_tile(MR):
             A = context.make_array(signature.args[0])(context, builder, a_v)
             Pa = context.make_array(signature.args[2])(context, builder, P_v)
             O = context.make_array(signature.args[4])(context, builder, out_v)
-            a_stride = cgutils.unpack_tuple(builder, A.strides, 2)[0]
+            a_stride, a_kstride = cgutils.unpack_tuple(builder, A.strides, 2)
+            if a_unit_k:        # C-contiguous a: consecutive k are adjacent
+                ks = None
+            else:               # any view, e.g. a transposed one: step over a's k stride
+                ks = builder.sdiv(a_kstride, ir.Constant(i64, itemsize))
             _, K, NR = cgutils.unpack_tuple(builder, Pa.shape, 3)
             N = cgutils.unpack_tuple(builder, O.shape, 2)[1]
             o_stride = cgutils.unpack_tuple(builder, O.strides, 2)[0]
@@ -137,12 +142,13 @@ def _make_tile(MR):
             splat = ir.Constant(ir.VectorType(i32, lanes), [0] * lanes)
             with cgutils.for_range(builder, K) as loop:
                 k = loop.index
+                ka = k if ks is None else builder.mul(k, ks)
                 pk = builder.gep(strip, [builder.mul(k, NR)])
                 w = [builder.load(builder.bitcast(
                     builder.gep(pk, [ir.Constant(i64, v * lanes)]), vty.as_pointer()),
                     align=itemsize) for v in range(NV)]
                 for r in range(MR):
-                    x = builder.load(builder.gep(rows[r], [k]))
+                    x = builder.load(builder.gep(rows[r], [ka]))
                     xb = builder.shuffle_vector(
                         builder.insert_element(undef, x, ir.Constant(i32, 0)), undef, splat)
                     for v in range(NV):
@@ -189,7 +195,7 @@ _tile_1 = _make_tile(1)
 
 @njit(inline="always", **config.NJIT_OPTIONS)
 def packed_dot(a, P, out):
-    """out[:M] = a @ V for ``P = pack(V)``: a [M, K] (rows may be strided), out [>=M, N]
+    """out[:M] = a @ V for ``P = pack(V)``: a [M, K] (any strides), out [>=M, N]
     with N <= the packed width. Every element is one multiply-add chain over k in order."""
     M = a.shape[0]
     for s in range(P.shape[0]):

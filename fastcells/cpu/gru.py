@@ -16,7 +16,8 @@ from .._math import activate, activate_grad, tanh32
 from .._workspace import workspace
 from ..config import NJIT_OPTIONS
 from ._common import (add_output_grad, flush_window, initial_output, masked_row, optional,
-                      pending_carry, project_rows, window_row)
+                      pending_carry, project_rows, stage_buffer, staged_inputs, window_row,
+                      copy_row, copy_rows)
 from ._gemm import pack, pack_stack, packed_dot
 from ._jit import kernel
 from ._fpstate import flush_denormals, restore
@@ -27,12 +28,13 @@ G = 3
 
 
 @kernel
-def _forward_kernel(b0, b1, T, xw, x, t_off, Wb, dmask, use_dmask, from_x, U, Ug, brec,
+def _forward_kernel(b0, b1, T, xw, x, t_off, stage, Wb, dmask, use_dmask, from_x, U, Ug, brec,
                     rmask, use_rmask, mask, use_mask, h0, act, ract, fast, coef, fused,
                     reset_after, go_backwards, zero_output, keep_cache, out0, y, h_out, gates,
                     hprev, aux):
     # xw:    [T, B, 3H]  x @ W + input bias (input dropout already applied), unless from_x:
-    # x:     [B, Tx, D]  batch-major input, step t reads x[:, t_off + t]; with Wb = [W; b_in]
+    # x:     [B, Tx, D]  batch-major input, step t reads x[:, t_off + t] (copied ``stage``
+    #        bytes at a time, see _common.staged_inputs); with Wb = [W; b_in]
     #        ([D + 1, 3H]) and dmask [B, D] the projection is made inside the step
     # U:     [H, 3H]     recurrent kernel (used without recurrent dropout)
     # Ug:    [3, H, H]   recurrent kernel split per gate
@@ -57,6 +59,7 @@ def _forward_kernel(b0, b1, T, xw, x, t_off, Wb, dmask, use_dmask, from_x, U, Ug
     zk = np.empty((n, H), dt)
     q = np.empty((n, H), dt)
     g_scratch = np.empty((n, G * H), dt)
+    xst = stage_buffer(x, n, T, stage)
     ca, cs, co = coef[0], coef[1], coef[2]
     for s in range(T):
         t = T - 1 - s if go_backwards else s
@@ -80,11 +83,12 @@ def _forward_kernel(b0, b1, T, xw, x, t_off, Wb, dmask, use_dmask, from_x, U, Ug
                         rec[i, k * H + j] = zk[i, j]
         if keep_cache:
             g, off = gates[t], b0
-            hprev[t, b0:b1] = h
+            copy_rows(hprev[t, b0:b1], h)
         else:
             g, off = g_scratch, 0
         if from_x:
-            project_rows(x, t_off + t, b0, dmask, use_dmask, Wb, sx, xs)
+            project_rows(staged_inputs(x, t_off, T, s, b0, go_backwards, False, xst), b0,
+                         dmask, use_dmask, Wb, sx, xs)
             xt, xo = xs, 0
         else:
             xt, xo = xw[t], b0
@@ -99,15 +103,19 @@ def _forward_kernel(b0, b1, T, xw, x, t_off, Wb, dmask, use_dmask, from_x, U, Ug
                 for j in range(2 * H):
                     gi[j] = xi[j] + rec[i, j] + brec[j]
                 activate(ract, fast, gi, 0, 2 * H)
+            # one output array per loop (see lstm._cell_update)
+            qi = q[i]
             if reset_after:
                 for j in range(H):
-                    a_h = rec[i, 2 * H + j] + brec[2 * H + j]
-                    q[i, j] = a_h
-                    gi[2 * H + j] = xi[2 * H + j] + gi[H + j] * a_h
+                    qi[j] = rec[i, 2 * H + j] + brec[2 * H + j]
+                for j in range(H):
+                    gi[2 * H + j] = xi[2 * H + j] + gi[H + j] * qi[j]
+            elif use_rmask:
+                for j in range(H):
+                    qi[j] = gi[H + j] * (h[i, j] * rmask[2, b0 + i, j])
             else:
                 for j in range(H):
-                    hrh = h[i, j] * rmask[2, b0 + i, j] if use_rmask else h[i, j]
-                    q[i, j] = gi[H + j] * hrh
+                    qi[j] = gi[H + j] * h[i, j]
         if not reset_after:
             packed_dot(q, Ug[2], zk)
             for i in range(n):
@@ -124,14 +132,16 @@ def _forward_kernel(b0, b1, T, xw, x, t_off, Wb, dmask, use_dmask, from_x, U, Ug
                     aux[t, b0 + i] = 0.0
                 continue
             activate(act, fast, gi, 2 * H, 3 * H)
+            hi, oi = h[i], out[i]
             for j in range(H):
                 hh = gi[2 * H + j]
-                h[i, j] = hh + gi[j] * (h[i, j] - hh)
-                out[i, j] = h[i, j]
+                hi[j] = hh + gi[j] * (hi[j] - hh)
+            for j in range(H):
+                oi[j] = hi[j]
             if keep_cache:
-                aux[t, b0 + i] = q[i]
+                copy_row(aux[t, b0 + i], q[i])
         if full:
-            y[s, b0:b1] = out
+            copy_rows(y[s, b0:b1], out)
     if not full:
         y[0, b0:b1] = out
     h_out[b0:b1] = h
@@ -255,7 +265,8 @@ def _backward_kernel(b0, b1, gates, hprev, aux, UT, UgT, rmask, use_rmask, mask,
 #   acc_in += [x_t * m | 1]^T dz       acc_rec += [h_{t-1} | 1]^T drec
 # which hold [dW; db_in] and [dU; db_rec]: neither dz nor the projection goes through memory.
 @kernel
-def _backward_fused_kernel(b0, b1, R, window, gates, hprev, aux, x, t_off, dmask, use_dmask,
+def _backward_fused_kernel(b0, b1, R, window, gates, hprev, aux, x, t_off, stage, dmask,
+                           use_dmask,
                            WT, UT, mask, use_mask, dy, dh_in, act, ract, go_backwards,
                            zero_output, carry_io, dx, acc_in, acc_rec, dh0):
     # gates, hprev, aux: the forward cache [T, B, .];  x: [B, Tx, D] (steps t_off + t)
@@ -278,6 +289,7 @@ def _backward_fused_kernel(b0, b1, R, window, gates, hprev, aux, x, t_off, dmask
     drw = np.zeros((nb, window * R, GH), dt)     # recurrent side (daz, dar, da_h)
     sxw = np.zeros((nb, window * R, D + 1), dt)
     shw = np.zeros((nb, window * R, H + 1), dt)
+    xst = stage_buffer(x, n, T, stage)
     ddx = np.empty((R, D), dt)
     ddh = np.empty((R, H), dt)
     dxw = np.empty((n, window, D), dt)
@@ -288,6 +300,7 @@ def _backward_fused_kernel(b0, b1, R, window, gates, hprev, aux, x, t_off, dmask
     for s in range(T - 1, -1, -1):
         t = T - 1 - s if go_backwards else s
         add_output_grad(carry, dy, s, T, b0, b1)
+        xt = staged_inputs(x, t_off, T, s, b0, go_backwards, True, xst)
         for i in range(n):
             b = b0 + i
             k, row = window_row(i, w, R, n)
@@ -295,7 +308,7 @@ def _backward_fused_kernel(b0, b1, R, window, gates, hprev, aux, x, t_off, dmask
             dr = drw[k, row]
             sx = sxw[k, row]
             sh = shw[k, row]
-            xi = x[b, t_off + t]
+            xi = xt[i]
             hp = hprev[t, b]
             for j in range(D):
                 sx[j] = xi[j] * dmask[b, j] if use_dmask else xi[j]
@@ -358,7 +371,8 @@ def backward_fused(cache, x, t_off, WT, UT, dmask, mask, dy, dh, act, ract, go_b
     dm, use_dmask = optional(dmask, 2, dt)
     m, use_mask = optional(mask, 2, np.bool_)
     run_block_parallel(_backward_fused_kernel, B, config.BLOCK_ROWS, config.BLOCK_ROWS,
-                       config.WINDOW_STEPS, gates, hprev, aux, x, t_off, dm, use_dmask, pack(WT),
+                       config.WINDOW_STEPS, gates, hprev, aux, x, t_off, config.STAGE_BYTES,
+                       dm, use_dmask, pack(WT),
                        pack(UT), m, use_mask, dy, dh, act, ract, go_backwards, zero_output,
                        pending_carry(carry, B, H, dt), dx, acc_in, acc_rec, dh0)
     return dh0
@@ -393,7 +407,8 @@ def forward(xw, U, brec, rmask, mask, h0, act, ract, reset_after, go_backwards, 
     cf = coef if fused else np.zeros((3, 2 * H), dt)
     dm, use_dmask = optional(dmask, 2, dt)
     run_block_parallel(_forward_kernel, B, config.BLOCK_ROWS, T, xw, x, t_off,
-                       pack(Wb) if from_x else Wb, dm, use_dmask, from_x, pack(U), Ug, brec, rm, use_rmask, m, use_mask, h0,
+                       config.STAGE_BYTES, pack(Wb) if from_x else Wb, dm, use_dmask, from_x,
+                       pack(U), Ug, brec, rm, use_rmask, m, use_mask, h0,
                        act, ract, fast, cf, fused, reset_after, go_backwards, zero_output,
                        keep_cache, initial_output(out0, B, H, dt), y, h, gates, hprev, aux)
     return y, h, ((gates, hprev, aux) if keep_cache else None)

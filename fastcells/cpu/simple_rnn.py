@@ -8,7 +8,8 @@ from .._workspace import workspace
 from .._math import activate, activate_grad
 from .. import config
 from ._common import (add_output_grad, flush_window, initial_output, input_and_state_grads,
-                      masked_row, optional, pending_carry, project_rows, window_row)
+                      masked_row, optional, pending_carry, project_rows, stage_buffer,
+                      staged_inputs, window_row, copy_rows)
 from ._gemm import pack, packed_dot
 from ._jit import kernel
 from ._fpstate import flush_denormals, restore
@@ -16,11 +17,12 @@ from ._parallel import run_block_parallel
 
 
 @kernel
-def _forward_kernel(b0, b1, T, xw, x, t_off, Wb, dmask, use_dmask, from_x, U, rmask,
+def _forward_kernel(b0, b1, T, xw, x, t_off, stage, Wb, dmask, use_dmask, from_x, U, rmask,
                     use_rmask, mask, use_mask, h0, act, fast, go_backwards, zero_output,
                     keep_cache, out0, y, h_out, hs, hprev):
     # xw:    [T, B, H]   x @ W + b (input dropout already applied), unless from_x:
-    # x:     [B, Tx, D]  batch-major input, step t reads x[:, t_off + t]; Wb [D + 1, H] =
+    # x:     [B, Tx, D]  batch-major input, step t reads x[:, t_off + t] (copied ``stage``
+    #        bytes at a time, see _common.staged_inputs); Wb [D + 1, H] =
     #        [W; b] and dmask [B, D] project it inside the step
     # U:     [H, H]      recurrent kernel (Wb and U packed by _gemm.pack)
     # rmask: [B, H]      recurrent dropout mask
@@ -40,6 +42,7 @@ def _forward_kernel(b0, b1, T, xw, x, t_off, Wb, dmask, use_dmask, from_x, U, rm
     z = np.empty((n, H), dt)
     out = out0[b0:b1].copy()
     g_scratch = np.empty((n, H), dt)
+    xst = stage_buffer(x, n, T, stage)
     for s in range(T):
         t = T - 1 - s if go_backwards else s
         if use_rmask:
@@ -51,11 +54,12 @@ def _forward_kernel(b0, b1, T, xw, x, t_off, Wb, dmask, use_dmask, from_x, U, rm
             packed_dot(h, U, z)
         if keep_cache:
             g, off = hs[t], b0
-            hprev[t, b0:b1] = h
+            copy_rows(hprev[t, b0:b1], h)
         else:
             g, off = g_scratch, 0
         if from_x:
-            project_rows(x, t_off + t, b0, dmask, use_dmask, Wb, sx, xs)
+            project_rows(staged_inputs(x, t_off, T, s, b0, go_backwards, False, xst), b0,
+                         dmask, use_dmask, Wb, sx, xs)
             xt, xo = xs, 0
         else:
             xt, xo = xw[t], b0
@@ -69,10 +73,13 @@ def _forward_kernel(b0, b1, T, xw, x, t_off, Wb, dmask, use_dmask, from_x, U, rm
                 if zero_output:
                     out[i] = 0.0
             else:
-                h[i] = g[off + i]
-                out[i] = h[i]
+                hi, gi, oi = h[i], g[off + i], out[i]
+                for j in range(H):
+                    hi[j] = gi[j]
+                for j in range(H):
+                    oi[j] = hi[j]
         if full:
-            y[s, b0:b1] = out
+            copy_rows(y[s, b0:b1], out)
     if not full:
         y[0, b0:b1] = out
     h_out[b0:b1] = h
@@ -124,7 +131,8 @@ def _backward_kernel(b0, b1, hs, UT, rmask, use_rmask, mask, use_mask, dy, dh_in
 # and, per window of steps, acc_block += s_w^T @ dz_w with s = [x_t * m | h_{t-1} * r | 1],
 # so acc = [dW; dU; db] with nothing of size [T, B, H] but the cache going through memory.
 @kernel
-def _backward_fused_kernel(b0, b1, R, window, hs, hprev, x, t_off, dmask, use_dmask, VT,
+def _backward_fused_kernel(b0, b1, R, window, hs, hprev, x, t_off, stage, dmask, use_dmask,
+                           VT,
                            rmask, use_rmask, mask, use_mask, dy, dh_in, act, go_backwards,
                            zero_output, carry_io, dx, acc, dh0):
     # hs, hprev: the forward cache [T, B, H];  x: [B, Tx, D] the input (steps t_off + t)
@@ -148,16 +156,18 @@ def _backward_fused_kernel(b0, b1, R, window, hs, hprev, x, t_off, dmask, use_dm
     dxw = np.empty((n, window, D), dt)
     part = np.empty((F, H), dt)
     live = np.empty(n, np.bool_)
+    xst = stage_buffer(x, n, T, stage)
     w = 0
     for s in range(T - 1, -1, -1):
         t = T - 1 - s if go_backwards else s
         add_output_grad(carry, dy, s, T, b0, b1)
+        xt = staged_inputs(x, t_off, T, s, b0, go_backwards, True, xst)
         for i in range(n):
             b = b0 + i
             k, row = window_row(i, w, R, n)
             d = dzw[k, row]
             si = sw[k, row]
-            xi = x[b, t_off + t]
+            xi = xt[i]
             hp = hprev[t, b]
             for j in range(D):
                 si[j] = xi[j] * dmask[b, j] if use_dmask else xi[j]
@@ -195,7 +205,8 @@ def backward_fused(cache, x, t_off, VT, dmask, rmask, mask, dy, dh, act, go_back
     rm, use_rmask = optional(rmask, 2, dt)
     m, use_mask = optional(mask, 2, np.bool_)
     run_block_parallel(_backward_fused_kernel, B, config.BLOCK_ROWS, config.BLOCK_ROWS,
-                       config.WINDOW_STEPS, hs, hprev, x, t_off, dm, use_dmask, pack(VT), rm,
+                       config.WINDOW_STEPS, hs, hprev, x, t_off, config.STAGE_BYTES, dm,
+                       use_dmask, pack(VT), rm,
                        use_rmask, m, use_mask, dy, dh, act, go_backwards, zero_output,
                        pending_carry(carry, B, H, dt), dx, acc, dh0)
     return dh0
@@ -222,7 +233,8 @@ def forward(xw, U, rmask, mask, h0, act, go_backwards, zero_output, return_seque
     m, use_mask = optional(mask, 2, np.bool_)
     dm, use_dmask = optional(dmask, 2, dt)
     run_block_parallel(_forward_kernel, B, config.BLOCK_ROWS, T, xw, x, t_off,
-                       pack(Wb) if from_x else Wb, dm, use_dmask, from_x, pack(U), rm, use_rmask, m, use_mask, h0, act, fast,
+                       config.STAGE_BYTES, pack(Wb) if from_x else Wb, dm, use_dmask, from_x,
+                       pack(U), rm, use_rmask, m, use_mask, h0, act, fast,
                        go_backwards, zero_output, keep_cache, initial_output(out0, B, H, dt), y, h,
                        hs, hprev)
     return y, h, ((hs, hprev) if keep_cache else None)
