@@ -213,6 +213,38 @@ def packed_dot(a, P, out):
             _tile_1(a, r0, P, s, out)
 
 
+_STRIP_BYTES = STRIP_VECTORS * VECTOR_BYTES
+
+
+@njit(inline="always", **config.NJIT_OPTIONS)
+def packed_buffer(K, N, dtype_of):
+    """Flat room for ``pack_into`` of up to K x N values of ``dtype_of``'s dtype."""
+    NR = _STRIP_BYTES // dtype_of.itemsize
+    return np.empty(-(-N // NR) * K * NR, dtype_of.dtype)
+
+
+@njit(inline="always", **config.NJIT_OPTIONS)
+def pack_into(V, flat):
+    """``pack(V)`` inside a kernel, into the front of ``flat`` (from ``packed_buffer``):
+    returns the [S, K, NR] strips. For operands made during a call, as the gate gradients
+    of a window of steps in the weight-gradient products."""
+    K, N = V.shape
+    NR = _STRIP_BYTES // V.itemsize
+    S = -(-N // NR)
+    P = flat[:S * K * NR].reshape((S, K, NR))
+    for k in range(K):
+        row = V[k]
+        for s in range(S):
+            c0 = s * NR
+            w = min(NR, N - c0)
+            ps = P[s, k]
+            for j in range(w):
+                ps[j] = row[c0 + j]
+            for j in range(w, NR):
+                ps[j] = 0.0
+    return P
+
+
 def pack_stack(Vs):
     """``pack`` of each matrix of a stack [G, K, N] -> [G, S, K, NR]."""
     Vs = np.asarray(Vs)

@@ -15,10 +15,10 @@ from .. import config
 from .._math import activate, activate_grad, tanh32
 from .._workspace import workspace
 from ..config import NJIT_OPTIONS
-from ._common import (add_output_grad, flush_window, initial_output, masked_row, optional,
-                      pending_carry, project_rows, stage_buffer, staged_inputs, window_row,
-                      copy_row, copy_rows)
-from ._gemm import pack, pack_stack, packed_dot
+from ._common import (add_output_grad, add_window_product, copy_row, copy_rows, flush_window,
+                      initial_output, masked_row, optional, pending_carry, project_rows,
+                      stage_buffer, staged_inputs, window_row)
+from ._gemm import pack, pack_stack, packed_buffer, packed_dot
 from ._jit import kernel
 from ._fpstate import flush_denormals, restore
 from ._parallel import run_block_parallel
@@ -289,6 +289,7 @@ def _backward_fused_kernel(b0, b1, R, window, gates, hprev, aux, x, t_off, stage
     drw = np.zeros((nb, window * R, GH), dt)     # recurrent side (daz, dar, da_h)
     sxw = np.zeros((nb, window * R, D + 1), dt)
     shw = np.zeros((nb, window * R, H + 1), dt)
+    flat = packed_buffer(window * R, GH, dzw)
     xst = stage_buffer(x, n, T, stage)
     ddx = np.empty((R, D), dt)
     ddh = np.empty((R, H), dt)
@@ -348,9 +349,8 @@ def _backward_fused_kernel(b0, b1, R, window, gates, hprev, aux, x, t_off, stage
         if w == window or s == 0:
             for k in range(nb):
                 rw = w * min(R, n - k * R)
-                np.dot(shw[k, :rw].T, drw[k, :rw], part_rec)
-                acc_rec[k0 + k] += part_rec
-            flush_window(sxw, dzw, acc_in, part_in, k0, R, w, n, dxw, dx, b0, s, T, t_off,
+                add_window_product(shw[k, :rw], drw[k, :rw], flat, part_rec, acc_rec[k0 + k])
+            flush_window(sxw, dzw, flat, acc_in, part_in, k0, R, w, n, dxw, dx, b0, s, T, t_off,
                          go_backwards)
             w = 0
     dh0[b0:b1] = dh
