@@ -60,7 +60,8 @@ FUSED = os.environ.get("FASTCELLS_FUSED", "1") != "0"
 #: Smallest GEMM (M*N*K multiply-adds) split over the threads; smaller ones run on one.
 MIN_PARALLEL_GEMM_FLOPS = _env_int("FASTCELLS_MIN_PARALLEL_GEMM_FLOPS", 1 << 20)
 
-#: Keep SciPy's OpenBLAS (what Numba's ``np.dot`` calls inside the kernels) at one thread
+#: Keep SciPy's OpenBLAS (what Numba's ``np.dot`` calls from compiled code; the CPU kernels
+#: no longer do, their products are packed ones) at one thread
 #: from the first fastcells call on, instead of restoring its thread count after every call
 #: (see ``cpu/_parallel.py``: the restore made a spinning worker thread slow the next call
 #: down 2-100x). SciPy's own linear algebra then runs on one thread too.
