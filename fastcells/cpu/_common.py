@@ -117,9 +117,9 @@ def window_row(i, w, R, n):
 def input_and_state_grads(dzw, w, R, VT, dd, dxw, dh, live, n, dmask, use_dmask, rmask,
                           use_rmask, b0):
     """After the gate gradients dz_t of a step are in the window buffers: per batch block,
-    [dx_t | dh_{t-1}] = dz_t @ [W; U]^T (``VT`` packed by ``_gemm.pack``). dx_t (times the dropout mask) goes to the window
-    buffer ``dxw`` [n, window, D]; dh_{t-1} (times the recurrent mask ``rmask`` [B, H])
-    replaces ``dh`` for the rows the step processed."""
+    [dx_t | dh_{t-1}] = dz_t @ [W; U]^T (``VT`` packed by ``_gemm.pack``). dx_t (times the
+    dropout mask) goes to the window buffer ``dxw`` [n, window, D]; dh_{t-1} (times the
+    recurrent mask ``rmask`` [B, H]) replaces ``dh`` for the rows the step processed."""
     D = dxw.shape[2]
     H = dh.shape[1]
     nb = (n + R - 1) // R

@@ -75,15 +75,7 @@ def pack(V, out=None):
 
 @kernel
 def _pack(V, P):
-    K, N = V.shape
-    NR = P.shape[2]
-    for k in range(K):              # rows of V in order: V may be a transposed view
-        row = V[k]
-        for s in range(P.shape[0]):
-            c0 = s * NR
-            w = min(NR, N - c0)
-            P[s, k, :w] = row[c0:c0 + w]
-            P[s, k, w:] = 0.0
+    pack_into(V, P.reshape(P.size))     # P [S, K, NR], C-contiguous
 
 
 def _row_pointer(builder, data, row, stride_bytes, itemsize):
@@ -232,7 +224,7 @@ def pack_into(V, flat):
     NR = _STRIP_BYTES // V.itemsize
     S = -(-N // NR)
     P = flat[:S * K * NR].reshape((S, K, NR))
-    for k in range(K):
+    for k in range(K):              # rows of V in order: V may be a transposed view
         row = V[k]
         for s in range(S):
             c0 = s * NR
