@@ -143,45 +143,55 @@ def scalar_derivative(code):
 @_jit
 def activate(code, fast, a, lo, hi):
     """a[lo:hi] = act(a[lo:hi]) in place. ``fast``: use the float32 approximation. The
-    choice is made outside the element loops so that every loop is a plain sweep."""
+    choice is made outside the element loops so that every loop is a plain sweep.
+
+    Every loop runs over a view from index 0: a loop ``for j in range(lo, hi)`` with a
+    runtime ``lo`` did not vectorise (Numba's negative-index wraparound on ``a[j]``), and
+    the tanh of 32 floats per row and step took 8 times as long (3.1 against 0.39 ms for
+    64 rows x 500 steps)."""
+    v = a[lo:hi]
+    n = v.shape[0]
     if code == TANH:
         if fast:
-            for j in range(lo, hi):
-                a[j] = tanh32(a[j])
+            for j in range(n):
+                v[j] = tanh32(v[j])
         else:
-            for j in range(lo, hi):
-                a[j] = exact_tanh(a[j])
+            for j in range(n):
+                v[j] = exact_tanh(v[j])
     elif code == SIGMOID:
         if fast:
-            for j in range(lo, hi):
-                a[j] = sigmoid32(a[j])
+            for j in range(n):
+                v[j] = sigmoid32(v[j])
         else:
-            for j in range(lo, hi):
-                a[j] = sigmoid(a[j])
+            for j in range(n):
+                v[j] = sigmoid(v[j])
     elif code == RELU:
-        for j in range(lo, hi):
-            a[j] = relu(a[j])
+        for j in range(n):
+            v[j] = relu(v[j])
     elif code == HARD_SIGMOID:
-        for j in range(lo, hi):
-            a[j] = hard_sigmoid(a[j])
+        for j in range(n):
+            v[j] = hard_sigmoid(v[j])
 
 
 @_jit
 def activate_grad(code, y, d, lo, hi):
     """d[lo:hi] *= act'(x) where y[lo:hi] = act(x); both 1-D. Written without float64
-    constants so that float32 stays float32."""
+    constants so that float32 stays float32; loops from 0 over views (see ``activate``)."""
+    yv = y[lo:hi]
+    dv = d[lo:hi]
+    n = dv.shape[0]
     if code == TANH:
-        for j in range(lo, hi):
-            d[j] = d_tanh(d[j], y[j])
+        for j in range(n):
+            dv[j] = d_tanh(dv[j], yv[j])
     elif code == SIGMOID:
-        for j in range(lo, hi):
-            d[j] = d_sigmoid(d[j], y[j])
+        for j in range(n):
+            dv[j] = d_sigmoid(dv[j], yv[j])
     elif code == RELU:
-        for j in range(lo, hi):
-            d[j] = d_relu(d[j], y[j])
+        for j in range(n):
+            dv[j] = d_relu(dv[j], yv[j])
     elif code == HARD_SIGMOID:
-        for j in range(lo, hi):
-            d[j] = d_hard_sigmoid(d[j], y[j])
+        for j in range(n):
+            dv[j] = d_hard_sigmoid(dv[j], yv[j])
 
 
 def gate_coefficients(codes, units, dtype):
