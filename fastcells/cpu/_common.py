@@ -7,13 +7,23 @@ from ._gemm import pack_into, packed_dot
 
 
 @njit(inline="always", **config.NJIT_OPTIONS)
+def add_rows(acc, a):
+    """acc += a for 2-D arrays, as loops (``+=`` on slices goes through Numba's general
+    broadcasting code, see :func:`copy_row`)."""
+    for i in range(a.shape[0]):
+        ai, ci = a[i], acc[i]
+        for j in range(ai.shape[0]):
+            ci[j] += ai[j]
+
+
+@njit(inline="always", **config.NJIT_OPTIONS)
 def add_output_grad(carry, dy, s, T, b0, b1):
     """carry += the gradient of the output of processing step s (dy [T, B, H] holds every
     step; dy [1, B, H] only the last one)."""
     if dy.shape[0] == T:
-        carry += dy[s, b0:b1]
+        add_rows(carry, dy[s, b0:b1])
     elif s == T - 1:
-        carry += dy[0, b0:b1]
+        add_rows(carry, dy[0, b0:b1])
 
 
 def optional(array, ndim, dtype):

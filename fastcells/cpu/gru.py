@@ -15,9 +15,9 @@ from .. import config
 from .._math import activate, activate_grad, tanh32
 from .._workspace import workspace
 from ..config import NJIT_OPTIONS
-from ._common import (add_output_grad, add_window_product, copy_row, copy_rows, flush_window,
-                      initial_output, masked_row, optional, pending_carry, project_rows,
-                      stage_buffer, staged_inputs, window_row)
+from ._common import (add_output_grad, add_rows, add_window_product, copy_row, copy_rows,
+                      flush_window, initial_output, masked_row, optional, pending_carry,
+                      project_rows, stage_buffer, staged_inputs, window_row)
 from ._gemm import pack, pack_stack, packed_buffer, packed_dot
 from ._jit import kernel
 from ._fpstate import flush_denormals, restore
@@ -237,7 +237,7 @@ def _backward_kernel(b0, b1, gates, hprev, aux, UT, UgT, rmask, use_rmask, mask,
         # dh_{t-1} = dh * z + sum_k (drec_k @ U_k^T) * r_k
         nk = G if reset_after else 2
         if use_rmask or not reset_after:
-            dhn[:] = dhz
+            copy_rows(dhn, dhz)
             for k in range(nk):
                 for i in range(n):
                     for j in range(H):
@@ -249,7 +249,7 @@ def _backward_kernel(b0, b1, gates, hprev, aux, UT, UgT, rmask, use_rmask, mask,
                         dhn[i, j] += zk[i, j] * r_k
         else:
             packed_dot(drec, UT, dhn)
-            dhn += dhz
+            add_rows(dhn, dhz)
         for i in range(n):
             if live[i]:
                 dh[i] = dhn[i]
