@@ -37,6 +37,7 @@ _P4, _P5, _P6 = (np.float32(v) for v in (-2.0225053369783084e-08, 5.277866445591
 _Q0, _Q1, _Q2, _Q3 = (np.float32(v) for v in (1.0, 0.4641733344550002, 0.024495161723060124,
                                                0.000254613917789177))
 _CLAMP = np.float32(9.0)
+_ONE = np.float32(1.0)
 _HALF = np.float32(0.5)
 
 _jit = njit(inline="always", **config.NJIT_OPTIONS)
@@ -44,7 +45,8 @@ _jit = njit(inline="always", **config.NJIT_OPTIONS)
 
 @_jit
 def tanh32(x):
-    """tanh(x) in plain float32 arithmetic; max abs error 3.6e-7 (float32 rounding)."""
+    """tanh(x) in plain float32 arithmetic, in [-1, 1]; max abs error 3.6e-7 (float32
+    rounding)."""
     x = np.float32(x)
     # comparisons, not min/max, so that NaN propagates
     if x > _CLAMP:
@@ -54,7 +56,14 @@ def tanh32(x):
     s = x * x
     p = ((((((_P6 * s + _P5) * s + _P4) * s + _P3) * s + _P2) * s + _P1) * s + _P0)
     q = (((_Q3 * s + _Q2) * s + _Q1) * s + _Q0)
-    return x * p / q
+    r = x * p / q
+    # rounded in float32 the rational overshoots 1 by up to 2 ulp for |x| > 8 or so, which
+    # made sigmoid32 return -6e-8 for large negative x; tanh itself never leaves [-1, 1]
+    if r > _ONE:
+        r = _ONE
+    elif r < -_ONE:
+        r = -_ONE
+    return r
 
 
 # --- one element: the formulas, written once ---------------------------------------------
