@@ -61,12 +61,17 @@ def copy_rows(dst, src):
 
 
 @njit(inline="always", **config.NJIT_OPTIONS)
+def stage_steps(x, rows, T, stage_bytes):
+    """How many steps of ``rows`` batch rows of x [B, Tx, D] a thread copies at once: about
+    ``stage_bytes`` of them, at least 1, at most T."""
+    return max(1, min(T, stage_bytes // max(1, rows * x.shape[2] * x.itemsize)))
+
+
+@njit(inline="always", **config.NJIT_OPTIONS)
 def stage_buffer(x, rows, T, stage_bytes):
-    """A thread's staging buffer for :func:`staged_inputs`: ``[C, rows, D]`` with C steps
-    (at least 1, at most T) taking about ``stage_bytes``."""
-    D = x.shape[2]
-    C = max(1, min(T, stage_bytes // max(1, rows * D * x.itemsize)))
-    return np.empty((C, rows, D), x.dtype)
+    """A thread's staging buffer for :func:`staged_inputs`: ``[C, rows, D]``, C steps from
+    :func:`stage_steps`."""
+    return np.empty((stage_steps(x, rows, T, stage_bytes), rows, x.shape[2]), x.dtype)
 
 
 @njit(inline="always", **config.NJIT_OPTIONS)
