@@ -68,53 +68,59 @@ def stage_steps(x, rows, T, stage_bytes):
 
 
 @njit(inline="always", **config.NJIT_OPTIONS)
-def stage_buffer(x, rows, T, stage_bytes):
+def stage_buffer(x, rows, T, stage_bytes, bias_column):
     """A thread's staging buffer for :func:`staged_inputs`: ``[C, rows, D]``, C steps from
-    :func:`stage_steps`."""
-    return np.empty((stage_steps(x, rows, T, stage_bytes), rows, x.shape[2]), x.dtype)
+    :func:`stage_steps`; with ``bias_column``, ``[C, rows, D + 1]`` for :func:`project_rows`."""
+    D = x.shape[2]
+    C = stage_steps(x, rows, T, stage_bytes)
+    return np.empty((C, rows, D + 1 if bias_column else D), x.dtype)
 
 
 @njit(inline="always", **config.NJIT_OPTIONS)
-def staged_inputs(x, t_off, T, s, b0, go_backwards, reverse, xs):
+def staged_inputs(x, t_off, T, s, b0, go_backwards, reverse, xs, dmask, use_dmask):
     """The inputs of processing step s for the rows b0 .. b0 + n - 1 of a thread, ``[n, D]``
     (n = xs.shape[1]), from the batch-major ``x`` [B, Tx, D] (step s reads x[:, t_off + t],
-    t = T-1-s with go_backwards).
+    t = T-1-s with go_backwards), times ``dmask[b0 + i]`` when ``use_dmask``; when ``xs``
+    has D + 1 columns, each row ends with a 1 (the bias input of ``[W; b]``).
 
-    ``xs`` [C, n, D] holds a chunk of C consecutive steps, copied when the loop enters the
-    chunk (its first step going forward, its last one when ``reverse``, as in a backward):
-    every row's chunk is one contiguous stretch of x, read once, instead of n pages per step.
+    ``xs`` [C, n, D or D + 1] holds a chunk of C consecutive steps, copied when the loop
+    enters the chunk (its first step going forward, its last one when ``reverse``, as in a
+    backward): every row's chunk is one contiguous stretch of x, read once, instead of n
+    pages per step.
     """
     C = xs.shape[0]
     n = xs.shape[1]
+    D = x.shape[2]
     q = s % C
     if (q == 0) if not reverse else (q == C - 1 or s == T - 1):
         c0 = s - q
         c1 = min(c0 + C, T)
+        bias = xs.shape[2] > D
         for i in range(n):
             xi = x[b0 + i]
             for sl in range(c0, c1):
                 t = T - 1 - sl if go_backwards else sl
-                copy_row(xs[sl - c0, i], xi[t_off + t])
+                row = xs[sl - c0, i]
+                src = xi[t_off + t]
+                if use_dmask:
+                    dm = dmask[b0 + i]
+                    for j in range(D):
+                        row[j] = src[j] * dm[j]
+                else:
+                    copy_row(row, src)
+                if bias:
+                    row[D] = 1.0
     return xs[q]
 
 
 @njit(inline="always", **config.NJIT_OPTIONS)
-def project_rows(xt, b0, dmask, use_dmask, Wb, sx, out):
-    """out[i] = [xt[i] * dmask[b0 + i] | 1] @ [W; b] for the rows of a slice (``xt`` [n, D],
-    from :func:`staged_inputs`): the input projection of one step, computed where it is used
-    (``Wb`` = ``_gemm.pack([W; b])``; ``sx`` [n, D + 1] scratch)."""
-    n = sx.shape[0]
-    D = xt.shape[1]
-    for i in range(n):
-        xi = xt[i]
-        if use_dmask:
-            for j in range(D):
-                sx[i, j] = xi[j] * dmask[b0 + i, j]
-        else:
-            for j in range(D):
-                sx[i, j] = xi[j]
-        sx[i, D] = 1.0
-    packed_dot(sx, Wb, out)
+def project_rows(x, t_off, T, s, b0, go_backwards, xs, dmask, use_dmask, Wb, out):
+    """out = [x_t * dmask | 1] @ [W; b] for the rows of a thread at processing step s: the
+    input projection of one step, computed where it is used (``Wb`` = ``_gemm.pack([W;
+    b])``; ``xs`` from ``stage_buffer(..., bias_column=True)``: the rows are staged with
+    their mask and bias input, so the product reads them where they were copied)."""
+    packed_dot(staged_inputs(x, t_off, T, s, b0, go_backwards, False, xs, dmask, use_dmask),
+               Wb, out)
 
 
 @njit(inline="always", **config.NJIT_OPTIONS)

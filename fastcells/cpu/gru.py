@@ -52,14 +52,13 @@ def _forward_kernel(b0, b1, T, xw, x, t_off, stage, Wb, dmask, use_dmask, from_x
     dt = y.dtype
     h = h0[b0:b1].copy()
     out = out0[b0:b1].copy()
-    sx = np.empty((n, x.shape[2] + 1), dt)
     xs = np.empty((n, G * H), dt)
     rec = np.empty((n, G * H), dt)
     hr = np.empty((n, H), dt)
     zk = np.empty((n, H), dt)
     q = np.empty((n, H), dt)
     g_scratch = np.empty((n, G * H), dt)
-    xst = stage_buffer(x, n, T, stage)
+    xst = stage_buffer(x, n, T, stage, True)
     ca, cs, co = coef[0], coef[1], coef[2]
     for s in range(T):
         t = T - 1 - s if go_backwards else s
@@ -87,8 +86,7 @@ def _forward_kernel(b0, b1, T, xw, x, t_off, stage, Wb, dmask, use_dmask, from_x
         else:
             g, off = g_scratch, 0
         if from_x:
-            project_rows(staged_inputs(x, t_off, T, s, b0, go_backwards, False, xst), b0,
-                         dmask, use_dmask, Wb, sx, xs)
+            project_rows(x, t_off, T, s, b0, go_backwards, xst, dmask, use_dmask, Wb, xs)
             xt, xo = xs, 0
         else:
             xt, xo = xw[t], b0
@@ -290,7 +288,7 @@ def _backward_fused_kernel(b0, b1, R, window, gates, hprev, aux, x, t_off, stage
     sxw = np.zeros((nb, window * R, D + 1), dt)
     shw = np.zeros((nb, window * R, H + 1), dt)
     flat = packed_buffer(window * R, GH, dzw)
-    xst = stage_buffer(x, n, T, stage)
+    xst = stage_buffer(x, n, T, stage, False)
     ddx = np.empty((R, D), dt)
     ddh = np.empty((R, H), dt)
     dxw = np.empty((n, window, D), dt)
@@ -301,7 +299,7 @@ def _backward_fused_kernel(b0, b1, R, window, gates, hprev, aux, x, t_off, stage
     for s in range(T - 1, -1, -1):
         t = T - 1 - s if go_backwards else s
         add_output_grad(carry, dy, s, T, b0, b1)
-        xt = staged_inputs(x, t_off, T, s, b0, go_backwards, True, xst)
+        xt = staged_inputs(x, t_off, T, s, b0, go_backwards, True, xst, dmask, False)
         for i in range(n):
             b = b0 + i
             k, row = window_row(i, w, R, n)

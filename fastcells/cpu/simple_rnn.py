@@ -35,14 +35,13 @@ def _forward_kernel(b0, b1, T, xw, x, t_off, stage, Wb, dmask, use_dmask, from_x
     H = h0.shape[1]
     full = y.shape[0] == T
     dt = y.dtype
-    sx = np.empty((n, x.shape[2] + 1), dt)
     xs = np.empty((n, H), dt)
     h = h0[b0:b1].copy()
     hr = np.empty((n, H), dt)
     z = np.empty((n, H), dt)
     out = out0[b0:b1].copy()
     g_scratch = np.empty((n, H), dt)
-    xst = stage_buffer(x, n, T, stage)
+    xst = stage_buffer(x, n, T, stage, True)
     for s in range(T):
         t = T - 1 - s if go_backwards else s
         if use_rmask:
@@ -58,8 +57,7 @@ def _forward_kernel(b0, b1, T, xw, x, t_off, stage, Wb, dmask, use_dmask, from_x
         else:
             g, off = g_scratch, 0
         if from_x:
-            project_rows(staged_inputs(x, t_off, T, s, b0, go_backwards, False, xst), b0,
-                         dmask, use_dmask, Wb, sx, xs)
+            project_rows(x, t_off, T, s, b0, go_backwards, xst, dmask, use_dmask, Wb, xs)
             xt, xo = xs, 0
         else:
             xt, xo = xw[t], b0
@@ -157,12 +155,12 @@ def _backward_fused_kernel(b0, b1, R, window, hs, hprev, x, t_off, stage, dmask,
     dxw = np.empty((n, window, D), dt)
     part = np.empty((F, H), dt)
     live = np.empty(n, np.bool_)
-    xst = stage_buffer(x, n, T, stage)
+    xst = stage_buffer(x, n, T, stage, False)
     w = 0
     for s in range(T - 1, -1, -1):
         t = T - 1 - s if go_backwards else s
         add_output_grad(carry, dy, s, T, b0, b1)
-        xt = staged_inputs(x, t_off, T, s, b0, go_backwards, True, xst)
+        xt = staged_inputs(x, t_off, T, s, b0, go_backwards, True, xst, dmask, False)
         for i in range(n):
             b = b0 + i
             k, row = window_row(i, w, R, n)
