@@ -23,8 +23,8 @@ from ..config import NJIT_OPTIONS
 from .._workspace import workspace
 from .._math import SIGMOID, TANH, activate, activate_grad, tanh32
 from ._common import (add_output_grad, flush_window, initial_output, input_and_state_grads,
-                      copy_row, copy_rows, masked_row, optional, pending_carry, stage_steps,
-                      window_row)
+                      copy_row, copy_rows, masked_row, optional, pending_carry, stage_buffer,
+                      staged_inputs, window_row)
 from ._gemm import pack, pack_stack, packed_buffer, packed_dot
 from ._jit import kernel
 from ._fpstate import flush_denormals, restore
@@ -53,18 +53,13 @@ def _gates(z, g, off, n, H, fused, coef, act, ract, fast):
 
 
 @njit(inline="always", **NJIT_OPTIONS)
-def _cell_update(g, ac, off, c, hc, hn, hoff, out, mask, use_mask, t, b0, n, H, act, fast,
-                 zero_output):
-    """c = f c + i c~, h = o act(c) for the processed rows (ac[off + i] = act(c)). The state
-    h entering the step is hc[i, hoff:hoff + H], the new one goes to hn[i, hoff:hoff + H]
-    (the same array in the plain kernel; the next step's row [x | h | 1] in the fused one).
-    A masked row keeps its state and repeats its output (or outputs zeros)."""
+def _cell_update(g, ac, off, c, h, out, mask, use_mask, t, b0, n, H, act, fast, zero_output):
+    """c = f c + i c~, h = o act(c) for the processed rows (ac[off + i] = act(c)); a masked
+    row keeps its state and repeats its output (or outputs zeros)."""
     for i in range(n):
         gi = g[off + i]
         ai = ac[off + i]
-        hi = hn[i][hoff:hoff + H]
         if use_mask and not mask[t, b0 + i]:
-            copy_row(hi, hc[i][hoff:hoff + H])
             if zero_output:
                 for j in range(H):
                     out[i, j] = 0.0
@@ -72,7 +67,7 @@ def _cell_update(g, ac, off, c, hc, hn, hoff, out, mask, use_mask, t, b0, n, H, 
         # one output array per loop: LLVM vectorises a loop only when it can rule out
         # overlaps, and a loop storing to two arrays ran 2.7 times slower (1.6 -> 0.6 ms
         # for 64 rows x 500 steps at H=32)
-        ci, oi = c[i], out[i]
+        ci, hi, oi = c[i], h[i], out[i]
         for j in range(H):
             ci[j] = gi[H + j] * ci[j] + gi[j] * gi[2 * H + j]
         for j in range(H):
@@ -164,7 +159,7 @@ def _forward_kernel(b0, b1, xw, U, Ug, rmask, use_rmask, mask, use_mask, h0, c0,
                 z[i, j] += xt[b0 + i, j]
         # gates of every row (masked rows too: branch-free, their results are not used)
         _gates(z, g, off, n, H, fused, coef, act, ract, fast)
-        _cell_update(g, ac, off, c, h, h, 0, out, mask, use_mask, t, b0, n, H, act, fast,
+        _cell_update(g, ac, off, c, h, out, mask, use_mask, t, b0, n, H, act, fast,
                      zero_output)
         if full:
             copy_rows(y[s, b0:b1], out)
@@ -307,18 +302,6 @@ def backward(cache, U, rmask, mask, dy, dh, dc, act, ract, go_backwards, zero_ou
 # dh_{t-1} together, and adds s^T dz over a window of steps to the block's share of
 # [dW; dU; db]. Batch blocks of ``config.BLOCK_ROWS`` rows each keep their own share, so the
 # sums do not depend on how many threads ran.
-@njit(inline="always", **NJIT_OPTIONS)
-def _step_rows(s, T, go_backwards, keep_cache, xh, b0, b1, sbuf, hend):
-    """The rows s_t = [x_t | h_{t-1} | 1] of a thread at processing step s: the cache rows
-    xh[t, b0:b1] when training, else slot s % C of the thread's buffer ``sbuf`` [C, n, F];
-    ``hend`` [n, F] for s == T (only its h part is used: the final state)."""
-    if s == T:
-        return hend
-    if keep_cache:
-        return xh[T - 1 - s if go_backwards else s, b0:b1]
-    return sbuf[s % sbuf.shape[0]]
-
-
 @kernel
 def _forward_fused_kernel(b0, b1, x, t_off, T, stage, V, dmask, use_dmask, mask, use_mask, h0,
                           c0, act, ract, fast, coef, fused, go_backwards, zero_output,
@@ -330,12 +313,6 @@ def _forward_fused_kernel(b0, b1, x, t_off, T, stage, V, dmask, use_dmask, mask,
     # mask:   [T, B]      True where the step is processed
     # cache (keep_cache): gates [T, B, 4H]; xh [T, B, F] the rows s_t; cprev, actc [T, B, H]
     # other arguments as in _forward_kernel
-    #
-    # The rows s_t are written in place, never copied: a chunk of steps of the inputs goes
-    # straight from x into the x part of each row (as _common.staged_inputs does, each batch
-    # row's chunk one contiguous read), and the cell update writes h_t into the h part of the
-    # next step's row. Copying x and h into s_t at every step cost 1.0 of 8.9 ms per thread
-    # (64 rows, 500 steps, D = H = 32).
     fpmode = flush_denormals()
     n = b1 - b0
     D = x.shape[2]
@@ -344,52 +321,38 @@ def _forward_fused_kernel(b0, b1, x, t_off, T, stage, V, dmask, use_dmask, mask,
     F = D + H + 1
     full = y.shape[0] == T
     dt = y.dtype
+    h = h0[b0:b1].copy()
     c = c0[b0:b1].copy()
     out = out0[b0:b1].copy()
     z = np.empty((n, GH), dt)
-    C = stage_steps(x, n, T, stage * D // F)         # steps per chunk: ``stage`` bytes of rows
-    sbuf = np.empty((0 if keep_cache else C, n, F), dt)
-    hend = np.empty((n, F), dt)
+    s_scratch = np.empty((n, F), dt)
     g_scratch = np.empty((n, GH), dt)
     a_scratch = np.empty((n, H), dt)
-    first = _step_rows(0, T, go_backwards, keep_cache, xh, b0, b1, sbuf, hend)
-    for i in range(n):
-        copy_row(first[i][D:D + H], h0[b0 + i])
+    xs = stage_buffer(x, n, T, stage, False)
     for s in range(T):
         t = T - 1 - s if go_backwards else s
-        if s % C == 0:          # entering a chunk: its steps' inputs, row by row
-            for i in range(n):
-                xi = x[b0 + i]
-                for sl in range(s, min(s + C, T)):
-                    tl = T - 1 - sl if go_backwards else sl
-                    row = _step_rows(sl, T, go_backwards, keep_cache, xh, b0, b1, sbuf,
-                                     hend)[i]
-                    src = xi[t_off + tl]
-                    if use_dmask:
-                        dm = dmask[b0 + i]
-                        for j in range(D):
-                            row[j] = src[j] * dm[j]
-                    else:
-                        copy_row(row, src)
-                    row[D + H] = 1.0
-        st = _step_rows(s, T, go_backwards, keep_cache, xh, b0, b1, sbuf, hend)
-        nxt = _step_rows(s + 1, T, go_backwards, keep_cache, xh, b0, b1, sbuf, hend)
         if keep_cache:
-            g, off, ac = gates[t], b0, actc[t]
+            st, g, off, ac = xh[t, b0:b1], gates[t], b0, actc[t]
             copy_rows(cprev[t, b0:b1], c)
         else:
-            g, off, ac = g_scratch, 0, a_scratch
+            st, g, off, ac = s_scratch, g_scratch, 0, a_scratch
+        xt = staged_inputs(x, t_off, T, s, b0, go_backwards, False, xs, dmask, use_dmask)
+        for i in range(n):
+            xi = xt[i]
+            for j in range(D):
+                st[i, j] = xi[j]
+            for j in range(H):
+                st[i, D + j] = h[i, j]
+            st[i, D + H] = 1.0
         packed_dot(st, V, z)
         _gates(z, g, off, n, H, fused, coef, act, ract, fast)
-        _cell_update(g, ac, off, c, st, nxt, D, out, mask, use_mask, t, b0, n, H, act, fast,
+        _cell_update(g, ac, off, c, h, out, mask, use_mask, t, b0, n, H, act, fast,
                      zero_output)
         if full:
             copy_rows(y[s, b0:b1], out)
     if not full:
         y[0, b0:b1] = out
-    last = _step_rows(T, T, go_backwards, keep_cache, xh, b0, b1, sbuf, hend)
-    for i in range(n):
-        copy_row(h_out[b0 + i], last[i][D:D + H])
+    h_out[b0:b1] = h
     c_out[b0:b1] = c
     restore(fpmode)
 
