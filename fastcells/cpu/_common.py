@@ -61,18 +61,12 @@ def copy_rows(dst, src):
 
 
 @njit(inline="always", **config.NJIT_OPTIONS)
-def stage_steps(x, rows, T, stage_bytes):
-    """How many steps of ``rows`` batch rows of x [B, Tx, D] a thread copies at once: about
-    ``stage_bytes`` of them, at least 1, at most T."""
-    return max(1, min(T, stage_bytes // max(1, rows * x.shape[2] * x.itemsize)))
-
-
-@njit(inline="always", **config.NJIT_OPTIONS)
 def stage_buffer(x, rows, T, stage_bytes, bias_column):
-    """A thread's staging buffer for :func:`staged_inputs`: ``[C, rows, D]``, C steps from
-    :func:`stage_steps`; with ``bias_column``, ``[C, rows, D + 1]`` for :func:`project_rows`."""
+    """A thread's staging buffer for :func:`staged_inputs`: ``[C, rows, D]`` with C steps
+    (at least 1, at most T) taking about ``stage_bytes``; with ``bias_column``,
+    ``[C, rows, D + 1]`` for :func:`project_rows`."""
     D = x.shape[2]
-    C = stage_steps(x, rows, T, stage_bytes)
+    C = max(1, min(T, stage_bytes // max(1, rows * D * x.itemsize)))
     return np.empty((C, rows, D + 1 if bias_column else D), x.dtype)
 
 
@@ -173,10 +167,7 @@ def add_window_product(s, dz, flat, part, acc):
     its strides (OpenBLAS re-packed both operands: 109 against 96 us for K=512, F=65,
     N=128), ``part`` [F, N] scratch."""
     packed_dot(s.T, pack_into(dz, flat), part)
-    for f in range(part.shape[0]):
-        af, pf = acc[f], part[f]
-        for j in range(pf.shape[0]):
-            af[j] += pf[j]
+    add_rows(acc, part)
 
 
 @njit(inline="always", **config.NJIT_OPTIONS)

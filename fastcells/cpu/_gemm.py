@@ -232,8 +232,9 @@ def pack_into(V, flat):
             ps = P[s, k]
             for j in range(w):
                 ps[j] = row[c0 + j]
-            for j in range(w, NR):
-                ps[j] = 0.0
+            pad = ps[w:]            # a view from 0: see _math.activate
+            for j in range(pad.shape[0]):
+                pad[j] = 0.0
     return P
 
 

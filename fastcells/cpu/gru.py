@@ -299,7 +299,7 @@ def _backward_fused_kernel(b0, b1, R, window, gates, hprev, aux, x, t_off, stage
     for s in range(T - 1, -1, -1):
         t = T - 1 - s if go_backwards else s
         add_output_grad(carry, dy, s, T, b0, b1)
-        xt = staged_inputs(x, t_off, T, s, b0, go_backwards, True, xst, dmask, False)
+        xt = staged_inputs(x, t_off, T, s, b0, go_backwards, True, xst, dmask, use_dmask)
         for i in range(n):
             b = b0 + i
             k, row = window_row(i, w, R, n)
@@ -309,8 +309,7 @@ def _backward_fused_kernel(b0, b1, R, window, gates, hprev, aux, x, t_off, stage
             sh = shw[k, row]
             xi = xt[i]
             hp = hprev[t, b]
-            for j in range(D):
-                sx[j] = xi[j] * dmask[b, j] if use_dmask else xi[j]
+            copy_row(sx, xi)                # x_t * m, masked when staged
             sx[D] = 1.0
             for j in range(H):
                 sh[j] = hp[j]

@@ -7,7 +7,7 @@ import numpy as np
 from .._workspace import workspace
 from .._math import activate, activate_grad
 from .. import config
-from ._common import (add_output_grad, copy_rows, flush_window, initial_output,
+from ._common import (add_output_grad, copy_row, copy_rows, flush_window, initial_output,
                       input_and_state_grads, masked_row, optional, pending_carry,
                       project_rows, stage_buffer, staged_inputs, window_row)
 from ._gemm import pack, packed_buffer, packed_dot
@@ -160,7 +160,7 @@ def _backward_fused_kernel(b0, b1, R, window, hs, hprev, x, t_off, stage, dmask,
     for s in range(T - 1, -1, -1):
         t = T - 1 - s if go_backwards else s
         add_output_grad(carry, dy, s, T, b0, b1)
-        xt = staged_inputs(x, t_off, T, s, b0, go_backwards, True, xst, dmask, False)
+        xt = staged_inputs(x, t_off, T, s, b0, go_backwards, True, xst, dmask, use_dmask)
         for i in range(n):
             b = b0 + i
             k, row = window_row(i, w, R, n)
@@ -168,8 +168,7 @@ def _backward_fused_kernel(b0, b1, R, window, hs, hprev, x, t_off, stage, dmask,
             si = sw[k, row]
             xi = xt[i]
             hp = hprev[t, b]
-            for j in range(D):
-                si[j] = xi[j] * dmask[b, j] if use_dmask else xi[j]
+            copy_row(si, xi)                # x_t * m, masked when staged
             for j in range(H):
                 si[D + j] = hp[j] * rmask[b, j] if use_rmask else hp[j]
             si[D + H] = 1.0
