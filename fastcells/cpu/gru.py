@@ -428,6 +428,6 @@ def backward(cache, U, rmask, mask, dy, dh, act, ract, reset_after, go_backwards
     rm = rmask if use_rmask else np.empty((G, 0, 0), dt)
     m, use_mask = optional(mask, 2, np.bool_)
     run_block_parallel(_backward_kernel, B, config.BLOCK_ROWS, gates, hprev, aux, UT, UgT, rm,
-                       use_rmask, m, use_mask, dy, dh, act, ract, reset_after, go_backwards, zero_output,
-                       pending_carry(carry, B, H, dt), dz, dah_rec, dh0)
+                       use_rmask, m, use_mask, dy, dh, act, ract, reset_after, go_backwards,
+                       zero_output, pending_carry(carry, B, H, dt), dz, dah_rec, dh0)
     return dz, (dah_rec if reset_after else None), dh0

@@ -338,12 +338,10 @@ def _forward_fused_kernel(b0, b1, x, t_off, T, stage, V, dmask, use_dmask, mask,
             st, g, off, ac = s_scratch, g_scratch, 0, a_scratch
         xt = staged_inputs(x, t_off, T, s, b0, go_backwards, False, xs, dmask, use_dmask)
         for i in range(n):
-            xi = xt[i]
-            for j in range(D):
-                st[i, j] = xi[j]
-            for j in range(H):
-                st[i, D + j] = h[i, j]
-            st[i, D + H] = 1.0
+            row = st[i]
+            copy_row(row, xt[i])
+            copy_row(row[D:], h[i])     # a view from 0: see _math.activate
+            row[D + H] = 1.0
         packed_dot(st, V, z)
         _gates(z, g, off, n, H, fused, coef, act, ract, fast)
         _cell_update(g, ac, off, c, h, out, mask, use_mask, t, b0, n, H, act, fast,
