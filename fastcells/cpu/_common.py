@@ -17,6 +17,20 @@ def add_rows(acc, a):
 
 
 @njit(inline="always", **config.NJIT_OPTIONS)
+def take_pending(dst, dh, carry):
+    """dst[:H] = dh + carry, then carry = 0, for one row (1-D, H = len(dh)): the gradient
+    reaching h_t, with the pending output gradient consumed. Backward element loops store
+    to one array each: LLVM vectorises a loop only after ruling out overlaps between every
+    stored and every loaded row at run time, and gives up past a few pairs (the LSTM gate
+    gradients stored four rows of d in one loop and ran scalar, 102 against 55 ns per row
+    at H=32, 413 against 149 at H=128)."""
+    for j in range(dh.shape[0]):
+        dst[j] = dh[j] + carry[j]
+    for j in range(carry.shape[0]):
+        carry[j] = 0.0
+
+
+@njit(inline="always", **config.NJIT_OPTIONS)
 def add_output_grad(carry, dy, s, T, b0, b1):
     """carry += the gradient of the output of processing step s (dy [T, B, H] holds every
     step; dy [1, B, H] only the last one)."""

@@ -17,7 +17,7 @@ from .._workspace import workspace
 from ..config import NJIT_OPTIONS
 from ._common import (add_output_grad, add_rows, add_window_product, copy_row, copy_rows,
                       flush_window, initial_output, masked_row, optional, pending_carry,
-                      project_rows, stage_buffer, staged_inputs, window_row)
+                      project_rows, stage_buffer, staged_inputs, take_pending, window_row)
 from ._gemm import pack, pack_stack, packed_buffer, packed_dot
 from ._jit import kernel
 from ._fpstate import flush_denormals, restore
@@ -149,14 +149,16 @@ def _forward_kernel(b0, b1, T, xw, x, t_off, stage, Wb, dmask, use_dmask, from_x
 @njit(inline="always", **NJIT_OPTIONS)
 def _state_grads(d, g, hp, dh, carry, dhz, i, H, act):
     """Of one processed row: dz (into d[:H]), dah (into d[2H:]) and dh * z, the direct
-    path to h_{t-1} (into dhz[i]), from dh[i] plus the pending output gradient."""
+    path to h_{t-1} (into dhz[i]), from dh[i] plus the pending output gradient. One stored
+    array per loop (see _common.take_pending)."""
+    dhr = dhz[i]
+    take_pending(dhr, dh[i], carry[i])
     for j in range(H):
-        dhj = dh[i, j] + carry[i, j]
-        carry[i, j] = 0.0
-        z = g[j]
-        d[j] = dhj * (hp[j] - g[2 * H + j])
-        d[2 * H + j] = dhj - dhj * z
-        dhz[i, j] = dhj * z
+        d[j] = dhr[j] * (hp[j] - g[2 * H + j])
+    for j in range(H):
+        d[2 * H + j] = dhr[j] - dhr[j] * g[j]
+    for j in range(H):
+        dhr[j] = dhr[j] * g[j]
     activate_grad(act, g, d, 2 * H, 3 * H)
 
 
@@ -208,6 +210,7 @@ def _backward_kernel(b0, b1, gates, hprev, aux, UT, UgT, rmask, use_rmask, mask,
                 ax = aux[t, b]
                 for j in range(H):
                     d[H + j] = d[2 * H + j] * ax[j]
+                for j in range(H):
                     drec[i, 2 * H + j] = d[2 * H + j] * g[H + j]
         if not reset_after:
             for i in range(n):
@@ -220,6 +223,7 @@ def _backward_kernel(b0, b1, gates, hprev, aux, UT, UgT, rmask, use_rmask, mask,
                     for j in range(H):
                         hrh = hprev[t, b, j] * rmask[2, b, j] if use_rmask else hprev[t, b, j]
                         dzt[b, H + j] = dq[i, j] * hrh
+                    for j in range(H):
                         r_h = rmask[2, b, j] if use_rmask else 1.0
                         dhz[i, j] += dq[i, j] * gates[t, b, H + j] * r_h
         for i in range(n):
@@ -322,6 +326,7 @@ def _backward_fused_kernel(b0, b1, R, window, gates, hprev, aux, x, t_off, stage
             _state_grads(d, g, hp, dh, carry, dhz, i, H, act)
             for j in range(H):
                 d[H + j] = d[2 * H + j] * ax[j]
+            for j in range(H):
                 dr[2 * H + j] = d[2 * H + j] * g[H + j]
             activate_grad(ract, g, d, 0, 2 * H)
             for j in range(2 * H):

@@ -24,7 +24,7 @@ from .._workspace import workspace
 from .._math import SIGMOID, TANH, activate, activate_grad, tanh32
 from ._common import (add_output_grad, flush_window, initial_output, input_and_state_grads,
                       copy_row, copy_rows, masked_row, optional, pending_carry, stage_buffer,
-                      staged_inputs, window_row)
+                      staged_inputs, take_pending, window_row)
 from ._gemm import pack, pack_stack, packed_buffer, packed_dot
 from ._jit import kernel
 from ._fpstate import flush_denormals, restore
@@ -80,21 +80,27 @@ def _cell_update(g, ac, off, c, h, out, mask, use_mask, t, b0, n, H, act, fast, 
 
 
 @njit(inline="always", **NJIT_OPTIONS)
-def _gate_grads(d, g, ac, cp, dh, dc, carry, i, H, act, ract, da):
+def _gate_grads(d, g, ac, cp, dh, dc, carry, i, H, act, ract, dht, da):
     """The gate pre-activation gradients d (di, df, dc~, do) of one processed row; dc[i]
-    becomes the gradient reaching c_{t-1} (see the derivation above _backward_kernel)."""
+    becomes the gradient reaching c_{t-1} (see the derivation above _backward_kernel).
+    dht, da: [H] scratch. One stored array per loop (see _common.take_pending)."""
+    take_pending(dht, dh[i], carry[i])
     for j in range(H):
-        dhj = dh[i, j] + carry[i, j]
-        carry[i, j] = 0.0
-        d[3 * H + j] = dhj * ac[j]
-        da[j] = dhj * g[3 * H + j]              # gradient reaching a(c_t)
+        d[3 * H + j] = dht[j] * ac[j]
+    for j in range(H):
+        da[j] = dht[j] * g[3 * H + j]           # gradient reaching a(c_t)
     activate_grad(act, ac, da, 0, H)
+    dci = dc[i]
     for j in range(H):
-        dcj = dc[i, j] + da[j]
-        d[j] = dcj * g[2 * H + j]
-        d[H + j] = dcj * cp[j]
-        d[2 * H + j] = dcj * g[j]
-        dc[i, j] = dcj * g[H + j]
+        da[j] = dci[j] + da[j]                  # now the gradient reaching c_t
+    for j in range(H):
+        d[j] = da[j] * g[2 * H + j]
+    for j in range(H):
+        d[H + j] = da[j] * cp[j]
+    for j in range(H):
+        d[2 * H + j] = da[j] * g[j]
+    for j in range(H):
+        dci[j] = da[j] * g[H + j]
     activate_grad(ract, g, d, 0, 2 * H)
     activate_grad(act, g, d, 2 * H, 3 * H)
     activate_grad(ract, g, d, 3 * H, 4 * H)
@@ -202,6 +208,7 @@ def _backward_kernel(b0, b1, gates, cprev, actc, UT, UgT, rmask, use_rmask, mask
     dhn = np.empty((n, H), dt)
     dk = np.empty((n, H), dt)
     zk = np.empty((n, H), dt)
+    dht = np.empty(H, dt)
     da = np.empty(H, dt)
     live = np.empty(n, np.bool_)
     for s in range(T - 1, -1, -1):
@@ -214,7 +221,8 @@ def _backward_kernel(b0, b1, gates, cprev, actc, UT, UgT, rmask, use_rmask, mask
             d = dzt[b]
             if masked_row(d, carry, live, i, mask, use_mask, t, b, zero_output):
                 continue
-            _gate_grads(d, gt[b], actc[t, b], cprev[t, b], dh, dc, carry, i, H, act, ract, da)
+            _gate_grads(d, gt[b], actc[t, b], cprev[t, b], dh, dc, carry, i, H, act, ract,
+                        dht, da)
         # dh_{t-1} = sum_k (dz_k @ U_k^T) * r_k
         if use_rmask:
             dhn[:] = 0.0
@@ -409,28 +417,31 @@ def _backward_fused_kernel(b0, b1, R, window, gates, xh, cprev, actc, VT, dmask,
             ac = actc[t, b]
             cp = cprev[t, b]
             if standard:
-                # tanh and sigmoid, derivatives from the outputs. Loops with one output
-                # array each: few enough possible overlaps for LLVM to vectorise them.
-                dhi, dci, cri = dh[i], dc[i], carry[i]
-                for j in range(H):
-                    dht[j] = dhi[j] + cri[j]
-                for j in range(H):
-                    cri[j] = 0.0
+                # tanh and sigmoid, derivatives from the outputs; one stored array per
+                # loop (see _common.take_pending)
+                take_pending(dht, dh[i], carry[i])
+                dci = dc[i]
                 for j in range(H):      # no literal constants: they would be float64
                     a = ac[j]
                     e = dht[j] * g[3 * H + j]
                     dct[j] = dci[j] + (e - e * a * a)
                 for j in range(H):
-                    gi, gf, gc, go = g[j], g[H + j], g[2 * H + j], g[3 * H + j]
-                    e = dct[j] * gi
-                    d[j] = dct[j] * gc * (gi - gi * gi)
+                    gi = g[j]
+                    d[j] = dct[j] * g[2 * H + j] * (gi - gi * gi)
+                for j in range(H):
+                    gf = g[H + j]
                     d[H + j] = dct[j] * cp[j] * (gf - gf * gf)
+                for j in range(H):
+                    e = dct[j] * g[j]
+                    gc = g[2 * H + j]
                     d[2 * H + j] = e - e * gc * gc
+                for j in range(H):
+                    go = g[3 * H + j]
                     d[3 * H + j] = dht[j] * ac[j] * (go - go * go)
                 for j in range(H):
                     dci[j] = dct[j] * g[H + j]
                 continue
-            _gate_grads(d, g, ac, cp, dh, dc, carry, i, H, act, ract, da)
+            _gate_grads(d, g, ac, cp, dh, dc, carry, i, H, act, ract, dht, da)
         input_and_state_grads(dzw, w, R, VT, dd, dxw, dh, live, n, dmask, use_dmask,
                               dmask, False, b0)
         w += 1

@@ -9,7 +9,7 @@ from .._math import activate, activate_grad
 from .. import config
 from ._common import (add_output_grad, copy_row, copy_rows, flush_window, initial_output,
                       input_and_state_grads, masked_row, optional, pending_carry,
-                      project_rows, stage_buffer, staged_inputs, window_row)
+                      project_rows, stage_buffer, staged_inputs, take_pending, window_row)
 from ._gemm import pack, packed_buffer, packed_dot
 from ._jit import kernel
 from ._fpstate import flush_denormals, restore
@@ -110,9 +110,7 @@ def _backward_kernel(b0, b1, hs, UT, rmask, use_rmask, mask, use_mask, dy, dh_in
             d = dzt[b]
             if masked_row(d, carry, live, i, mask, use_mask, t, b, zero_output):
                 continue
-            for j in range(H):
-                d[j] = dh[i, j] + carry[i, j]
-                carry[i, j] = 0.0
+            take_pending(d, dh[i], carry[i])
             activate_grad(act, hs[t, b], d, 0, H)
         packed_dot(dzt[b0:b1], UT, dhn)
         for i in range(n):
@@ -174,9 +172,7 @@ def _backward_fused_kernel(b0, b1, R, window, hs, hprev, x, t_off, stage, dmask,
             si[D + H] = 1.0
             if masked_row(d, carry, live, i, mask, use_mask, t, b, zero_output):
                 continue
-            for j in range(H):
-                d[j] = dh[i, j] + carry[i, j]
-                carry[i, j] = 0.0
+            take_pending(d, dh[i], carry[i])
             activate_grad(act, hs[t, b], d, 0, H)
         input_and_state_grads(dzw, w, R, VT, dd, dxw, dh, live, n, dmask, use_dmask, rmask,
                               use_rmask, b0)
