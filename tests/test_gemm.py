@@ -40,6 +40,37 @@ def test_packed_dot_matches_numpy(dtype, M, K, N):
         "a column outside `out` was written"
 
 
+@njit(cache=False)
+def _dot_strips(a, V, out):
+    _gemm.packed_dot(a, _gemm.strip_view(V), out)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("N", [1, 31, 32, 33, 96, 128])
+@pytest.mark.parametrize("K", [1, 40, 512])
+def test_strip_view_reads_an_unpacked_matrix_in_place(dtype, K, N):
+    """``packed_dot`` through ``strip_view`` of V widened to whole strips (the extra
+    columns zero, as the fused backwards allocate their window gradients) gives the bits
+    of the packed copy, stores only the N columns of ``out``, and is right."""
+    rng = np.random.default_rng(K + N)
+    M = 17
+    a = rng.standard_normal((K, M)).astype(dtype).T        # s^T, as in the window products
+    V = rng.standard_normal((K, N)).astype(dtype)
+    width = _gemm.strip_columns(N, V)
+    assert width % _gemm.strip_width(dtype) == 0 and N <= width < N + _gemm.strip_width(dtype)
+    wide = np.zeros((K, width), dtype)
+    wide[:, :N] = V
+    out = np.full((M, N + 1), 7.0, dtype)[:, :N]
+    packed = np.empty((M, N), dtype)
+    _dot_strips(a, wide, out)
+    _dot(a, _gemm.pack(V), packed)
+    assert np.array_equal(out, packed)
+    assert (out.base[:, N] == 7.0).all(), "a column outside `out` was written"
+    ref = a.astype(np.float64) @ V.astype(np.float64)
+    tol = 2e-6 if dtype == "float32" else 1e-13
+    assert np.abs(out - ref).max() <= tol * np.sqrt(K) * np.abs(ref).max()
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("view", ["transposed", "every_other_column"])
 def test_any_view_of_a_gives_the_bits_of_a_contiguous_copy(dtype, view):

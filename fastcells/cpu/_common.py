@@ -3,7 +3,7 @@ import numpy as np
 from numba import njit
 
 from .. import config
-from ._gemm import pack_into, packed_dot
+from ._gemm import packed_dot, strip_view
 
 
 @njit(inline="always", **config.NJIT_OPTIONS)
@@ -175,17 +175,17 @@ def input_and_state_grads(dzw, w, R, VT, dd, dxw, dh, live, n, dmask, use_dmask,
 
 
 @njit(inline="always", **config.NJIT_OPTIONS)
-def add_window_product(s, dz, flat, part, acc):
-    """acc += s^T @ dz for the rows of a window (s [K, F], dz [K, N]): dz packed into
-    ``flat`` (``_gemm.packed_buffer``), the product by ``packed_dot`` reading s^T through
-    its strides (OpenBLAS re-packed both operands: 109 against 96 us for K=512, F=65,
-    N=128), ``part`` [F, N] scratch."""
-    packed_dot(s.T, pack_into(dz, flat), part)
+def add_window_product(s, dz, part, acc):
+    """acc += s^T @ dz for the rows of a window (s [K, F], dz [K, N'] with N' a whole number
+    of strips, ``_gemm.strip_columns``; acc, part [F, N]), by ``packed_dot`` reading s^T
+    through its strides and dz in place as strips (OpenBLAS re-packed both operands: 109
+    against 96 us for K=512, F=65, N=128), ``part`` scratch."""
+    packed_dot(s.T, strip_view(dz), part)
     add_rows(acc, part)
 
 
 @njit(inline="always", **config.NJIT_OPTIONS)
-def flush_window(sw, dzw, flat, acc, part, k0, R, w, n, dxw, dx, b0, s, T, t_off,
+def flush_window(sw, dzw, acc, part, k0, R, w, n, dxw, dx, b0, s, T, t_off,
                  go_backwards):
     """End of a window of ``w`` steps (the last processed one is step s): add each block's
     s_w^T @ dz_w to its share of the weight gradients, and write the window's dx rows,
@@ -194,7 +194,7 @@ def flush_window(sw, dzw, flat, acc, part, k0, R, w, n, dxw, dx, b0, s, T, t_off
     nb = (n + R - 1) // R
     for k in range(nb):
         rw = w * min(R, n - k * R)
-        add_window_product(sw[k, :rw], dzw[k, :rw], flat, part, acc[k0 + k])
+        add_window_product(sw[k, :rw], dzw[k, :rw], part, acc[k0 + k])
     for i in range(n):
         for slot in range(w):
             sl = s + w - 1 - slot                   # the step held in this slot

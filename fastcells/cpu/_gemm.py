@@ -120,6 +120,11 @@ def _make_tile(MR):
             else:               # any view, e.g. a transposed one: step over a's k stride
                 ks = builder.sdiv(a_kstride, ir.Constant(i64, itemsize))
             _, K, NR = cgutils.unpack_tuple(builder, Pa.shape, 3)
+            # strips and their rows are found through P's strides: a packed copy, or the
+            # strip view of an unpacked matrix (strip_view)
+            p_sstride, p_kstride, _ = cgutils.unpack_tuple(builder, Pa.strides, 3)
+            p_ss = builder.sdiv(p_sstride, ir.Constant(i64, itemsize))
+            p_ks = builder.sdiv(p_kstride, ir.Constant(i64, itemsize))
             N = cgutils.unpack_tuple(builder, O.shape, 2)[1]
             o_stride = cgutils.unpack_tuple(builder, O.strides, 2)[0]
             fma = cgutils.get_or_insert_function(
@@ -129,13 +134,13 @@ def _make_tile(MR):
                     for _ in range(NV)] for _ in range(MR)]
             rows = [_row_pointer(builder, A.data, builder.add(r0_v, ir.Constant(i64, r)),
                                  a_stride, itemsize) for r in range(MR)]
-            strip = builder.gep(Pa.data, [builder.mul(builder.mul(s_v, K), NR)])
+            strip = builder.gep(Pa.data, [builder.mul(s_v, p_ss)])
             undef = ir.Constant(vty, ir.Undefined)
             splat = ir.Constant(ir.VectorType(i32, lanes), [0] * lanes)
             with cgutils.for_range(builder, K) as loop:
                 k = loop.index
                 ka = k if ks is None else builder.mul(k, ks)
-                pk = builder.gep(strip, [builder.mul(k, NR)])
+                pk = builder.gep(strip, [builder.mul(k, p_ks)])
                 w = [builder.load(builder.bitcast(
                     builder.gep(pk, [ir.Constant(i64, v * lanes)]), vty.as_pointer()),
                     align=itemsize) for v in range(NV)]
@@ -209,17 +214,28 @@ _STRIP_BYTES = STRIP_VECTORS * VECTOR_BYTES
 
 
 @njit(inline="always", **config.NJIT_OPTIONS)
-def packed_buffer(K, N, dtype_of):
-    """Flat room for ``pack_into`` of up to K x N values of ``dtype_of``'s dtype."""
+def strip_columns(N, dtype_of):
+    """N rounded up to whole strips (``dtype_of``'s dtype): the width to give a matrix that
+    ``strip_view`` will read, with the extra columns zero."""
     NR = _STRIP_BYTES // dtype_of.itemsize
-    return np.empty(-(-N // NR) * K * NR, dtype_of.dtype)
+    return -(-N // NR) * NR
+
+
+@njit(inline="always", **config.NJIT_OPTIONS)
+def strip_view(V):
+    """The strips ``[S, K, NR]`` of a C-contiguous V [K, S * NR] as a view, no copy:
+    ``packed_dot(a, strip_view(V), out)`` = ``a @ V``, reading each strip's row k (NR
+    contiguous values) a row of V apart. For operands made during a call, as the gate
+    gradients of a window of steps in the weight-gradient products: copying them into
+    packed strips took as long as the product (GRU, 512 x 96: 29 us each)."""
+    K, N = V.shape
+    NR = _STRIP_BYTES // V.itemsize
+    return V.reshape((K, N // NR, NR)).transpose((1, 0, 2))
 
 
 @njit(inline="always", **config.NJIT_OPTIONS)
 def pack_into(V, flat):
-    """``pack(V)`` inside a kernel, into the front of ``flat`` (from ``packed_buffer``):
-    returns the [S, K, NR] strips. For operands made during a call, as the gate gradients
-    of a window of steps in the weight-gradient products."""
+    """``pack(V)`` into the front of ``flat``: returns the [S, K, NR] strips."""
     K, N = V.shape
     NR = _STRIP_BYTES // V.itemsize
     S = -(-N // NR)

@@ -18,7 +18,7 @@ from ..config import NJIT_OPTIONS
 from ._common import (add_output_grad, add_rows, add_window_product, copy_row, copy_rows,
                       flush_window, initial_output, masked_row, optional, pending_carry,
                       project_rows, stage_buffer, staged_inputs, take_pending, window_row)
-from ._gemm import pack, pack_stack, packed_buffer, packed_dot
+from ._gemm import pack, pack_stack, packed_dot, strip_columns
 from ._jit import kernel
 from ._fpstate import flush_denormals, restore
 from ._parallel import run_block_parallel
@@ -287,11 +287,11 @@ def _backward_fused_kernel(b0, b1, R, window, gates, hprev, aux, x, t_off, stage
     dh = dh_in[b0:b1].copy()
     carry = carry_io[b0:b1].copy()
     dhz = np.empty((n, H), dt)
-    dzw = np.zeros((nb, window * R, GH), dt)     # input side (daz, dar, dah)
-    drw = np.zeros((nb, window * R, GH), dt)     # recurrent side (daz, dar, da_h)
+    # columns: whole strips (read in place, _gemm.strip_view)
+    dzw = np.zeros((nb, window * R, strip_columns(GH, gates)), dt)     # input side:
+    drw = np.zeros(dzw.shape, dt)       # (daz, dar, dah); recurrent side: (daz, dar, da_h)
     sxw = np.zeros((nb, window * R, D + 1), dt)
     shw = np.zeros((nb, window * R, H + 1), dt)
-    flat = packed_buffer(window * R, GH, dzw)
     xst = stage_buffer(x, n, T, stage, False)
     ddx = np.empty((R, D), dt)
     ddh = np.empty((R, H), dt)
@@ -351,8 +351,8 @@ def _backward_fused_kernel(b0, b1, R, window, gates, hprev, aux, x, t_off, stage
         if w == window or s == 0:
             for k in range(nb):
                 rw = w * min(R, n - k * R)
-                add_window_product(shw[k, :rw], drw[k, :rw], flat, part_rec, acc_rec[k0 + k])
-            flush_window(sxw, dzw, flat, acc_in, part_in, k0, R, w, n, dxw, dx, b0, s, T, t_off,
+                add_window_product(shw[k, :rw], drw[k, :rw], part_rec, acc_rec[k0 + k])
+            flush_window(sxw, dzw, acc_in, part_in, k0, R, w, n, dxw, dx, b0, s, T, t_off,
                          go_backwards)
             w = 0
     dh0[b0:b1] = dh

@@ -25,7 +25,7 @@ from .._math import SIGMOID, TANH, activate, activate_grad, tanh32
 from ._common import (add_output_grad, flush_window, initial_output, input_and_state_grads,
                       copy_row, copy_rows, masked_row, optional, pending_carry, stage_buffer,
                       staged_inputs, take_pending, window_row)
-from ._gemm import pack, pack_stack, packed_buffer, packed_dot
+from ._gemm import pack, pack_stack, packed_dot, strip_columns
 from ._jit import kernel
 from ._fpstate import flush_denormals, restore
 from ._parallel import run_batch_parallel, run_block_parallel
@@ -390,9 +390,9 @@ def _backward_fused_kernel(b0, b1, R, window, gates, xh, cprev, actc, VT, dmask,
     dh = dh_in[b0:b1].copy()
     dc = dc_in[b0:b1].copy()
     carry = carry_io[b0:b1].copy()
-    dzw = np.zeros((nb, window * R, GH), dt)     # rows: see _common.window_row
+    # rows: see _common.window_row; columns: whole strips (read in place, _gemm.strip_view)
+    dzw = np.zeros((nb, window * R, strip_columns(GH, gates)), dt)
     sw = np.zeros((nb, window * R, F), dt)
-    flat = packed_buffer(window * R, GH, dzw)
     dd = np.empty((R, D + H), dt)
     dxw = np.empty((n, window, D), dt)
     part = np.empty((F, GH), dt)
@@ -446,7 +446,7 @@ def _backward_fused_kernel(b0, b1, R, window, gates, xh, cprev, actc, VT, dmask,
                               dmask, False, b0)
         w += 1
         if w == window or s == 0:
-            flush_window(sw, dzw, flat, acc, part, k0, R, w, n, dxw, dx, b0, s, T, t_off,
+            flush_window(sw, dzw, acc, part, k0, R, w, n, dxw, dx, b0, s, T, t_off,
                          go_backwards)
             w = 0
     dh0[b0:b1] = dh

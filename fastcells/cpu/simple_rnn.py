@@ -10,7 +10,7 @@ from .. import config
 from ._common import (add_output_grad, copy_row, copy_rows, flush_window, initial_output,
                       input_and_state_grads, masked_row, optional, pending_carry,
                       project_rows, stage_buffer, staged_inputs, take_pending, window_row)
-from ._gemm import pack, packed_buffer, packed_dot
+from ._gemm import pack, packed_dot, strip_columns
 from ._jit import kernel
 from ._fpstate import flush_denormals, restore
 from ._parallel import run_block_parallel
@@ -146,9 +146,9 @@ def _backward_fused_kernel(b0, b1, R, window, hs, hprev, x, t_off, stage, dmask,
     nb = (n + R - 1) // R
     dh = dh_in[b0:b1].copy()
     carry = carry_io[b0:b1].copy()
-    dzw = np.zeros((nb, window * R, H), dt)      # rows: see _common.window_row
+    # rows: see _common.window_row; columns: whole strips (read in place, _gemm.strip_view)
+    dzw = np.zeros((nb, window * R, strip_columns(H, hs)), dt)
     sw = np.zeros((nb, window * R, F), dt)
-    flat = packed_buffer(window * R, H, dzw)
     dd = np.empty((R, D + H), dt)
     dxw = np.empty((n, window, D), dt)
     part = np.empty((F, H), dt)
@@ -178,7 +178,7 @@ def _backward_fused_kernel(b0, b1, R, window, hs, hprev, x, t_off, stage, dmask,
                               use_rmask, b0)
         w += 1
         if w == window or s == 0:
-            flush_window(sw, dzw, flat, acc, part, k0, R, w, n, dxw, dx, b0, s, T, t_off,
+            flush_window(sw, dzw, acc, part, k0, R, w, n, dxw, dx, b0, s, T, t_off,
                          go_backwards)
             w = 0
     dh0[b0:b1] = dh
