@@ -15,8 +15,9 @@ Its coefficients were fitted for this project by a Lawson minimax iteration on
 tanh(x)/x = P(x^2)/Q(x^2) over [0, 9]; relative error 6.6e-9 in exact arithmetic, 3.6e-7
 absolute when evaluated in float32 (about 3 ulp of 1.0). The CPU kernels compile it with
 multiply-adds fused (``config.NJIT_OPTIONS``): 2.9e-7 against 3.2e-7 unfused on every 7th
-float32 of [2^-10, 9.5]. Beyond |x| = 9, tanh rounds to +-1 in float32. The coefficients are float32 constants so that float32 arithmetic stays
-float32 (a float64 literal would promote every operation).
+float32 of [2^-10, 9.5]. Beyond |x| = 9, tanh rounds to +-1 in float32. The coefficients
+are float32 constants so that float32 arithmetic stays float32 (a float64 literal would
+promote every operation).
 """
 import math
 

@@ -390,7 +390,8 @@ def _backward_fused_kernel(b0, b1, R, window, gates, xh, cprev, actc, VT, dmask,
     dh = dh_in[b0:b1].copy()
     dc = dc_in[b0:b1].copy()
     carry = carry_io[b0:b1].copy()
-    # rows: see _common.window_row; columns: whole strips (read in place, _gemm.strip_view)
+    # rows: see _common.window_row; columns: whole strips (read in place, _gemm.strip_view;
+    # the in-step product reads the first GH, its K being that of the packed VT)
     dzw = np.zeros((nb, window * R, strip_columns(GH, gates)), dt)
     sw = np.zeros((nb, window * R, F), dt)
     dd = np.empty((R, D + H), dt)
