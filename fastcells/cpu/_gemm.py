@@ -75,7 +75,20 @@ def pack(V, out=None):
 
 @kernel
 def _pack(V, P):
-    pack_into(V, P.reshape(P.size))     # P [S, K, NR], C-contiguous
+    """P [S, K, NR] = the column strips of V [K, N], zero past column N."""
+    K, N = V.shape
+    S, _, NR = P.shape
+    for k in range(K):              # rows of V in order: V may be a transposed view
+        row = V[k]
+        for s in range(S):
+            c0 = s * NR
+            w = min(NR, N - c0)
+            ps = P[s, k]
+            for j in range(w):
+                ps[j] = row[c0 + j]
+            pad = ps[w:]            # a view from 0: see _math.activate
+            for j in range(pad.shape[0]):
+                pad[j] = 0.0
 
 
 def _row_pointer(builder, data, row, stride_bytes, itemsize):
@@ -231,27 +244,6 @@ def strip_view(V):
     K, N = V.shape
     NR = _STRIP_BYTES // V.itemsize
     return V.reshape((K, N // NR, NR)).transpose((1, 0, 2))
-
-
-@njit(inline="always", **config.NJIT_OPTIONS)
-def pack_into(V, flat):
-    """``pack(V)`` into the front of ``flat``: returns the [S, K, NR] strips."""
-    K, N = V.shape
-    NR = _STRIP_BYTES // V.itemsize
-    S = -(-N // NR)
-    P = flat[:S * K * NR].reshape((S, K, NR))
-    for k in range(K):              # rows of V in order: V may be a transposed view
-        row = V[k]
-        for s in range(S):
-            c0 = s * NR
-            w = min(NR, N - c0)
-            ps = P[s, k]
-            for j in range(w):
-                ps[j] = row[c0 + j]
-            pad = ps[w:]            # a view from 0: see _math.activate
-            for j in range(pad.shape[0]):
-                pad[j] = 0.0
-    return P
 
 
 def pack_stack(Vs):

@@ -287,9 +287,10 @@ def _backward_fused_kernel(b0, b1, R, window, gates, hprev, aux, x, t_off, stage
     dh = dh_in[b0:b1].copy()
     carry = carry_io[b0:b1].copy()
     dhz = np.empty((n, H), dt)
-    # columns: whole strips (read in place, _gemm.strip_view)
-    dzw = np.zeros((nb, window * R, strip_columns(GH, gates)), dt)     # input side:
-    drw = np.zeros(dzw.shape, dt)       # (daz, dar, dah); recurrent side: (daz, dar, da_h)
+    # gate gradients of a window, input side (daz, dar, dah) and recurrent side (daz, dar,
+    # da_h); columns: whole strips (read in place, _gemm.strip_view)
+    dzw = np.zeros((nb, window * R, strip_columns(GH, gates)), dt)
+    drw = np.zeros(dzw.shape, dt)
     sxw = np.zeros((nb, window * R, D + 1), dt)
     shw = np.zeros((nb, window * R, H + 1), dt)
     xst = stage_buffer(x, n, T, stage, False)
