@@ -52,6 +52,7 @@ def _forward_kernel(b0, b1, T, xw, x, t_off, stage, Wb, dmask, use_dmask, from_x
     dt = y.dtype
     h = h0[b0:b1].copy()
     out = out0[b0:b1].copy()
+    res = out if use_mask else h    # the output rows
     xs = np.empty((n, G * H), dt)
     rec = np.empty((n, G * H), dt)
     hr = np.empty((n, H), dt)
@@ -134,14 +135,15 @@ def _forward_kernel(b0, b1, T, xw, x, t_off, stage, Wb, dmask, use_dmask, from_x
             for j in range(H):
                 hh = gi[2 * H + j]
                 hi[j] = hh + gi[j] * (hi[j] - hh)
-            for j in range(H):
-                oi[j] = hi[j]
+            if use_mask:            # without a mask the output is h (``res``)
+                for j in range(H):
+                    oi[j] = hi[j]
             if keep_cache:
                 copy_row(aux[t, b0 + i], q[i])
         if full:
-            copy_rows(y[s, b0:b1], out)
+            copy_rows(y[s, b0:b1], res)
     if not full:
-        y[0, b0:b1] = out
+        y[0, b0:b1] = res
     h_out[b0:b1] = h
     restore(fpmode)
 

@@ -55,7 +55,30 @@ def _gates(z, g, off, n, H, fused, coef, act, ract, fast):
 @njit(inline="always", **NJIT_OPTIONS)
 def _cell_update(g, ac, off, c, h, out, mask, use_mask, t, b0, n, H, act, fast, zero_output):
     """c = f c + i c~, h = o act(c) for the processed rows (ac[off + i] = act(c)); a masked
-    row keeps its state and repeats its output (or outputs zeros)."""
+    row keeps its state and repeats its output (or outputs zeros) in ``out``. Without a
+    mask the output is h and ``out`` is not written."""
+    if not use_mask:
+        # act(c) as one sweep over the n x H block (c and ac[off:off + n] are contiguous):
+        # per row, each 32-float loop paid its alias checks and remainder. 1.4 -> 0.8 ms
+        # for the cell updates of 64 rows x 500 steps at H=32
+        for i in range(n):
+            gi, ci = g[off + i], c[i]
+            for j in range(H):
+                ci[j] = gi[H + j] * ci[j] + gi[j] * gi[2 * H + j]
+        cf = c.reshape(n * H)
+        af = ac[off:off + n].reshape(n * H)
+        if act == TANH and fast:
+            for k in range(n * H):
+                af[k] = tanh32(cf[k])
+        else:
+            for k in range(n * H):
+                af[k] = cf[k]
+            activate(act, fast, af, 0, n * H)
+        for i in range(n):
+            gi, ai, hi = g[off + i], ac[off + i], h[i]
+            for j in range(H):
+                hi[j] = gi[3 * H + j] * ai[j]
+        return
     for i in range(n):
         gi = g[off + i]
         ai = ac[off + i]
@@ -134,6 +157,7 @@ def _forward_kernel(b0, b1, xw, U, Ug, rmask, use_rmask, mask, use_mask, h0, c0,
     h = h0[b0:b1].copy()
     c = c0[b0:b1].copy()
     out = out0[b0:b1].copy()
+    res = out if use_mask else h    # the output rows (see _cell_update)
     z = np.empty((n, GH), dt)
     hr = np.empty((n, H), dt)
     zk = np.empty((n, H), dt)
@@ -168,9 +192,9 @@ def _forward_kernel(b0, b1, xw, U, Ug, rmask, use_rmask, mask, use_mask, h0, c0,
         _cell_update(g, ac, off, c, h, out, mask, use_mask, t, b0, n, H, act, fast,
                      zero_output)
         if full:
-            copy_rows(y[s, b0:b1], out)
+            copy_rows(y[s, b0:b1], res)
     if not full:
-        y[0, b0:b1] = out
+        y[0, b0:b1] = res
     h_out[b0:b1] = h
     c_out[b0:b1] = c
     restore(fpmode)
@@ -332,6 +356,7 @@ def _forward_fused_kernel(b0, b1, x, t_off, T, stage, V, dmask, use_dmask, mask,
     h = h0[b0:b1].copy()
     c = c0[b0:b1].copy()
     out = out0[b0:b1].copy()
+    res = out if use_mask else h    # the output rows (see _cell_update)
     z = np.empty((n, GH), dt)
     s_scratch = np.empty((n, F), dt)
     g_scratch = np.empty((n, GH), dt)
@@ -355,9 +380,9 @@ def _forward_fused_kernel(b0, b1, x, t_off, T, stage, V, dmask, use_dmask, mask,
         _cell_update(g, ac, off, c, h, out, mask, use_mask, t, b0, n, H, act, fast,
                      zero_output)
         if full:
-            copy_rows(y[s, b0:b1], out)
+            copy_rows(y[s, b0:b1], res)
     if not full:
-        y[0, b0:b1] = out
+        y[0, b0:b1] = res
     h_out[b0:b1] = h
     c_out[b0:b1] = c
     restore(fpmode)

@@ -5,7 +5,7 @@ Same conventions (time-major arrays) as ``fastcells.cpu.lstm`` (G = 1 gate).
 import numpy as np
 
 from .._workspace import workspace
-from .._math import activate, activate_grad
+from .._math import TANH, activate, activate_grad, tanh32
 from .. import config
 from ._common import (add_output_grad, copy_row, copy_rows, flush_window, initial_output,
                       input_and_state_grads, masked_row, optional, pending_carry,
@@ -61,6 +61,25 @@ def _forward_kernel(b0, b1, T, xw, x, t_off, stage, Wb, dmask, use_dmask, from_x
             xt, xo = xs, 0
         else:
             xt, xo = xw[t], b0
+        if not use_mask:
+            # the n x H block in one sweep (every array here is contiguous over it); the
+            # output is h
+            gf = g[off:off + n].reshape(n * H)
+            xf = xt[xo:xo + n].reshape(n * H)
+            zf = z.reshape(n * H)
+            hf = h.reshape(n * H)
+            if act == TANH and fast:
+                for k in range(n * H):
+                    gf[k] = tanh32(xf[k] + zf[k])
+            else:
+                for k in range(n * H):
+                    gf[k] = xf[k] + zf[k]
+                activate(act, fast, gf, 0, n * H)
+            for k in range(n * H):
+                hf[k] = gf[k]
+            if full:
+                copy_rows(y[s, b0:b1], h)
+            continue
         for i in range(n):
             gi = g[off + i]
             for j in range(H):
@@ -79,7 +98,7 @@ def _forward_kernel(b0, b1, T, xw, x, t_off, stage, Wb, dmask, use_dmask, from_x
         if full:
             copy_rows(y[s, b0:b1], out)
     if not full:
-        y[0, b0:b1] = out
+        y[0, b0:b1] = out if use_mask else h
     h_out[b0:b1] = h
     restore(fpmode)
 
