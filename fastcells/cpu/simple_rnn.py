@@ -40,6 +40,7 @@ def _forward_kernel(b0, b1, T, xw, x, t_off, stage, Wb, dmask, use_dmask, from_x
     hr = np.empty((n, H), dt)
     z = np.empty((n, H), dt)
     out = out0[b0:b1].copy()
+    res = out if use_mask else h    # the output rows
     g_scratch = np.empty((n, H), dt)
     xst = stage_buffer(x, n, T, stage, True)
     for s in range(T):
@@ -61,44 +62,37 @@ def _forward_kernel(b0, b1, T, xw, x, t_off, stage, Wb, dmask, use_dmask, from_x
             xt, xo = xs, 0
         else:
             xt, xo = xw[t], b0
-        if not use_mask:
-            # the n x H block in one sweep (every array here is contiguous over it); the
-            # output is h
-            gf = g[off:off + n].reshape(n * H)
-            xf = xt[xo:xo + n].reshape(n * H)
-            zf = z.reshape(n * H)
-            hf = h.reshape(n * H)
-            if act == TANH and fast:
-                for k in range(n * H):
-                    gf[k] = tanh32(xf[k] + zf[k])
-            else:
-                for k in range(n * H):
-                    gf[k] = xf[k] + zf[k]
-                activate(act, fast, gf, 0, n * H)
+        # pre-activation and activation of the n x H block in one sweep (every array here
+        # is contiguous over it; a masked row's results are not used)
+        gf = g[off:off + n].reshape(n * H)
+        xf = xt[xo:xo + n].reshape(n * H)
+        zf = z.reshape(n * H)
+        if act == TANH and fast:
             for k in range(n * H):
-                hf[k] = gf[k]
-            if full:
-                copy_rows(y[s, b0:b1], h)
-            continue
-        for i in range(n):
-            gi = g[off + i]
-            for j in range(H):
-                gi[j] = xt[xo + i, j] + z[i, j]
-            activate(act, fast, gi, 0, H)
-        for i in range(n):
-            if use_mask and not mask[t, b0 + i]:
-                if zero_output:
-                    out[i] = 0.0
-            else:
+                gf[k] = tanh32(xf[k] + zf[k])
+        else:
+            for k in range(n * H):
+                gf[k] = xf[k] + zf[k]
+            activate(act, fast, gf, 0, n * H)
+        if use_mask:
+            for i in range(n):
+                if not mask[t, b0 + i]:
+                    if zero_output:
+                        out[i] = 0.0
+                    continue
                 hi, gi, oi = h[i], g[off + i], out[i]
                 for j in range(H):
                     hi[j] = gi[j]
                 for j in range(H):
                     oi[j] = hi[j]
+        else:                       # the output is h
+            hf = h.reshape(n * H)
+            for k in range(n * H):
+                hf[k] = gf[k]
         if full:
-            copy_rows(y[s, b0:b1], out)
+            copy_rows(y[s, b0:b1], res)
     if not full:
-        y[0, b0:b1] = out if use_mask else h
+        y[0, b0:b1] = res
     h_out[b0:b1] = h
     restore(fpmode)
 
