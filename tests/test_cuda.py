@@ -6,6 +6,8 @@ thread, padded row groups and both places for the recurrent weights (shared memo
 global memory) take part. On a GPU the same tests also run at full size with the default
 tunables.
 """
+import os
+
 import numba
 import numpy as np
 import pytest
@@ -459,3 +461,45 @@ def test_awkward_shapes_equal_reference(cell, shape, small, rng):
                                                 np.float64).items():
         if want is not None:
             assert_close(got, want, config.TOL_F64 * max(1.0, np.abs(want).max()), name)
+
+
+# --------------------------------------------------------------------------- real compiler
+@pytest.mark.skipif(not SIM, reason="on a GPU every test above compiles the kernels it runs")
+def test_every_kernel_compiles_to_ptx_for_a_gpu(monkeypatch, rng, tmp_path):
+    """The simulator never types or lowers a kernel. Record the launches of the drivers and
+    ops (every cell, both dtypes, every driver option, weights in shared and in global
+    memory), then compile each kernel with its argument types to PTX for an H100 with NVVM
+    in a process of its own (tests/ptx_compile.py). Skipped only where no CUDA toolkit
+    with NVVM is installed. The driver options kept are those that change the compiled
+    kernels (activations, exact or fast, weights in global memory); the others are
+    run-time arguments of the same kernels."""
+    import pickle
+    import subprocess
+    import sys
+
+    import ptx_compile
+    mods = _Mods(lstm, gru, simple_rnn)
+    with ptx_compile.recording() as seen:
+        for cell in CELLS:
+            for dtype in DTYPES:
+                for option in ("plain", "recurrent_dropout_mask", "relu_hard_sigmoid",
+                               "exact_activations_linear"):
+                    o = DRIVER_OPTIONS[option]
+                    for k, v in CUDA_SMALL_TUNABLES.items():
+                        monkeypatch.setattr(config, k, v)
+                    if option == "recurrent_dropout_mask":
+                        monkeypatch.setattr(config, "CUDA_SHARED_MEMORY_BYTES", 600)
+                    p = _driver_problem(rng, cell, TINY, dtype, o)
+                    _run_driver(mods, cell, p, o, dtype, True)
+                    monkeypatch.setattr(config, "CUDA_SHARED_MEMORY_BYTES", 48 * 1024)
+            for option in ("plain", "shared_dropout_last_only", "checkpoint"):
+                _ops_vs_reference(rng, cell, TINY, option, np.float32)
+    path = tmp_path / "launches.pkl"
+    path.write_bytes(pickle.dumps(seen))
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
+    run = subprocess.run([sys.executable, ptx_compile.__file__, str(path)], env=env,
+                         capture_output=True, text=True, timeout=1200)
+    if run.returncode == ptx_compile.NO_NVVM:
+        pytest.skip(run.stdout.strip())
+    assert run.returncode == 0, run.stdout[-20000:] + run.stderr[-5000:]
+    assert f"{len(seen)} of {len(seen)} kernels compiled" in run.stdout

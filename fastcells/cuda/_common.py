@@ -61,8 +61,19 @@ def numba_type(dtype):
 
 
 def kernel_variant(factory):
-    """Memoise a kernel factory: one compiled kernel family per compile-time key."""
-    return functools.lru_cache(maxsize=None)(factory)
+    """Memoise a kernel factory: one compiled kernel family per compile-time key. Each
+    kernel carries its key as ``fastcells_variant`` (module, factory, arguments, position in
+    what the factory returns), so that a launch recorded under the simulator can be rebuilt
+    and compiled for a real GPU (tests/ptx_compile.py)."""
+    @functools.lru_cache(maxsize=None)
+    @functools.wraps(factory)
+    def make(*key):
+        made = factory(*key)
+        for i, kernel in enumerate(made if isinstance(made, tuple) else (made,)):
+            if hasattr(kernel, "py_func"):
+                kernel.fastcells_variant = (factory.__module__, factory.__name__, key, i)
+        return made
+    return make
 
 
 def row_stride(n):

@@ -1,0 +1,140 @@
+"""Compile the CUDA kernels for a real GPU without one: NVVM turns them into PTX.
+
+The simulator runs the kernels as Python, so it never types or lowers them; a kernel that
+the simulator runs could still fail to compile on a GPU. This closes that gap where the
+CUDA toolkit's NVVM and libdevice are installed (a GPU and its driver are not needed):
+
+1. ``recording()`` (in the simulator process of the tests) notes every kernel launched and
+   the numba types of its arguments;
+2. ``python tests/ptx_compile.py RECORD`` (two worker processes with the simulator off)
+   rebuilds each kernel from its module (``fastcells_variant`` names the factory and its
+   compile-time key) and compiles it with ``numba.cuda.compile_ptx`` for compute
+   capability 9.0, the H100.
+
+Exit status 0: all compiled; 1: some failed (listed); 77: no NVVM or libdevice found.
+The CUDA toolkit is looked up in ``$CUDA_HOME``, ``$CUDA_PATH`` and ``/usr/local/cuda*``.
+"""
+import contextlib
+import glob
+import os
+import pickle
+import sys
+
+NO_NVVM = 77
+CC = (9, 0)
+
+
+# --------------------------------------------------------------------------- recording
+def _kernel_key(kernel):
+    """How the compile process finds the kernel: its factory and key, or its module name."""
+    variant = getattr(kernel, "fastcells_variant", None)
+    if variant is not None:
+        return ("variant",) + tuple(variant)
+    fn = kernel.fn
+    return ("module", fn.__module__, fn.__name__)
+
+
+@contextlib.contextmanager
+def recording():
+    """Within the block, every simulated kernel launch is noted; yields the set of
+    ``(key, argument types)``."""
+    import numba
+    from numba.cuda.simulator import kernel as simk
+    seen = set()
+    real_call = simk.FakeCUDAKernel.__call__
+
+    def call(self, *args):
+        if not self._device and simk._get_kernel_context() is None:
+            seen.add((_kernel_key(self), tuple(numba.typeof(a) for a in args)))
+        return real_call(self, *args)
+
+    simk.FakeCUDAKernel.__call__ = call
+    try:
+        yield seen
+    finally:
+        simk.FakeCUDAKernel.__call__ = real_call
+
+
+# --------------------------------------------------------------------------- compiling
+def _toolkit():
+    """(libnvvm.so, libdevice.10.bc) of the first CUDA toolkit found, or None."""
+    roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    roots += sorted(glob.glob("/usr/local/cuda*"), reverse=True)
+    for root in filter(None, roots):
+        nvvm = (glob.glob(os.path.join(root, "nvvm", "lib64", "libnvvm.so*"))
+                + glob.glob(os.path.join(root, "lib*", "libnvvm.so*")))
+        libdevice = glob.glob(os.path.join(root, "nvvm", "libdevice", "libdevice*.bc"))
+        if nvvm and libdevice:
+            return root, sorted(nvvm)[0], libdevice[0]
+    return None
+
+
+def _offline_numba(root, libnvvm, libdevice):
+    """numba-cuda asks the driver for the device's compute capability and NVRTC for the
+    supported ones before it compiles; neither is needed to produce PTX, so both answers
+    are given here, and NVVM and libdevice are taken from the toolkit found."""
+    os.environ["CUDA_HOME"] = root
+    os.environ.setdefault("NUMBA_CUDA_NVVM", libnvvm)
+    from numba.cuda import dispatcher
+    from numba.cuda.cudadrv import libs, nvrtc, nvvm
+
+    class Device:
+        compute_capability = CC
+
+    dispatcher.get_current_device = lambda: Device()
+    supported = lambda: ((7, 5), (8, 0), (8, 6), (8, 9), CC)   # noqa: E731
+    nvrtc.get_supported_ccs = supported
+    libs.get_libdevice = lambda: libdevice
+    for mod in (nvvm,):
+        if hasattr(mod, "get_supported_ccs"):
+            mod.get_supported_ccs = supported
+        if hasattr(mod, "get_libdevice"):
+            mod.get_libdevice = libs.get_libdevice
+
+
+def _rebuild(key):
+    import importlib
+    mod = importlib.import_module(key[1])
+    if key[0] == "variant":
+        made = getattr(mod, key[2])(*key[3])
+        return made[key[4]] if isinstance(made, tuple) else made
+    return getattr(mod, key[2])
+
+
+def _compile(record):
+    """'' or why ``record`` (key, signature) did not compile."""
+    from numba import cuda
+    key, sig = record
+    try:
+        ptx, _ = cuda.compile_ptx(_rebuild(key).py_func, sig, cc=CC)
+        assert ".entry" in ptx, "no kernel entry in the PTX"
+        return ""
+    except Exception as e:      # report every kernel, not the first failure only
+        return f"{key} {sig}: {type(e).__name__}: {str(e)[:2000]}"
+
+
+def _init_worker(found):
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "0"
+    _offline_numba(*found)
+
+
+def main(path, workers=2):
+    found = _toolkit()
+    if found is None:
+        print("no CUDA toolkit with NVVM and libdevice found")
+        return NO_NVVM
+    with open(path, "rb") as f:
+        records = sorted(pickle.load(f), key=repr)
+    import multiprocessing
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(workers, _init_worker, (found,)) as pool:
+        failed = [r for r in pool.map(_compile, records, chunksize=1) if r]
+    for f in failed:
+        print("FAILED", f)
+    print(f"{len(records) - len(failed)} of {len(records)} kernels compiled to PTX "
+          f"(sm_{CC[0]}{CC[1]}) with {found[1]}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
