@@ -124,6 +124,18 @@ CUDA_DEFAULT_SM_COUNT = _env_int("FASTCELLS_CUDA_DEFAULT_SM_COUNT", 1)
 #: 227 KiB on an H100, 99 KiB on consumer GPUs) and falls back to 48 KiB if that fails.
 CUDA_SHARED_MEMORY_BYTES = _env_int("FASTCELLS_CUDA_SHARED_MEMORY_BYTES", 48 * 1024)
 
+#: Hidden sizes from which a recurrence splits its units over blocks: blocks then own
+#: (batch slice, unit slice) pairs, keep their columns of U in shared memory, pass each
+#: step's h (or dz) through global memory and meet at a grid barrier (a cooperative launch)
+#: every step. Below it a block owns all units of its rows; sizes whose state does not fit
+#: in a block that way are split whatever this says. The default is set from a model of
+#: L2 traffic, not a measurement (see fastcells/cuda/_common.py).
+CUDA_SPLIT_MIN_UNITS = _env_int("FASTCELLS_CUDA_SPLIT_MIN_UNITS", 512)
+
+#: Most units one block of a split recurrence owns. Units are otherwise spread over the
+#: multiprocessors first (CUDA_BLOCKS_PER_SM blocks on each, all resident at once).
+CUDA_SPLIT_MAX_UNITS_PER_BLOCK = _env_int("FASTCELLS_CUDA_SPLIT_MAX_UNITS_PER_BLOCK", 64)
+
 #: Tiles of the GEMM kernel: a block computes BLOCK_M x BLOCK_N outputs, stepping through
 #: the summed dimension BLOCK_K at a time through shared memory; each thread computes
 #: THREAD_M x THREAD_N outputs in registers, so a block has

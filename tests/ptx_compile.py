@@ -4,8 +4,8 @@ The simulator runs the kernels as Python, so it never types or lowers them; a ke
 the simulator runs could still fail to compile on a GPU. This closes that gap where the
 CUDA toolkit's NVVM and libdevice are installed (a GPU and its driver are not needed):
 
-1. ``recording()`` (in the simulator process of the tests) notes every kernel launched and
-   the numba types of its arguments;
+1. ``recording()`` (in the simulator process of the tests) notes every kernel launched
+   (cooperative launches included) and the numba types of its arguments;
 2. ``python tests/ptx_compile.py RECORD`` (two worker processes with the simulator off)
    rebuilds each kernel from its module (``fastcells_variant`` names the factory and its
    compile-time key) and compiles it with ``numba.cuda.compile_ptx`` for compute
@@ -40,19 +40,31 @@ def recording():
     ``(key, argument types)``."""
     import numba
     from numba.cuda.simulator import kernel as simk
+
+    from fastcells.cuda import _simulator
     seen = set()
     real_call = simk.FakeCUDAKernel.__call__
+    real_cooperative = _simulator.launch_cooperative
+
+    def note(kernel, args):
+        seen.add((_kernel_key(kernel), tuple(numba.typeof(a) for a in args)))
 
     def call(self, *args):
         if not self._device and simk._get_kernel_context() is None:
-            seen.add((_kernel_key(self), tuple(numba.typeof(a) for a in args)))
+            note(self, args)
         return real_call(self, *args)
 
+    def cooperative(kernel, blocks, threads, nshared, args):
+        note(kernel, args)
+        return real_cooperative(kernel, blocks, threads, nshared, args)
+
     simk.FakeCUDAKernel.__call__ = call
+    _simulator.launch_cooperative = cooperative
     try:
         yield seen
     finally:
         simk.FakeCUDAKernel.__call__ = real_call
+        _simulator.launch_cooperative = real_cooperative
 
 
 # --------------------------------------------------------------------------- compiling

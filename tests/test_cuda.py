@@ -79,24 +79,47 @@ def assert_close(got, want, tol, name=""):
 
 # --------------------------------------------------------------------------- launch shapes
 def test_launch_plan_spreads_the_batch_and_falls_back_to_global_weights(small, monkeypatch):
-    state = lambda NR: 10 * NR * 5          # noqa: E731
-    p = _common.plan(5, 5, np.float32, 100, state)
+    # without a split 10 numbers per row and unit; split, 2 (the exchanged rows are global)
+    state = lambda NR, Hb, split: (2 if split else 10) * NR * Hb          # noqa: E731
+    p = _common.plan(5, 5, np.float32, 20, state)
     assert (p.rows, p.R, p.threads, p.blocks, p.padded_rows) == (2, 2, 4, 3, 2)
-    assert p.u_shared and p.shared_bytes == (100 + state(2)) * 4
-    monkeypatch.setattr(config, "CUDA_SHARED_MEMORY_BYTES", state(2) * 4 + 10)
-    p = _common.plan(5, 5, np.float32, 100, state)
-    assert not p.u_shared and p.shared_bytes == state(2) * 4
+    assert p.u_shared and p.shared_bytes == (100 + state(2, 5, False)) * 4
+    assert not p.split and (p.unit_blocks, p.block_units, p.exchange_rows) == (1, 5, 0)
+    monkeypatch.setattr(config, "CUDA_SHARED_MEMORY_BYTES", state(2, 5, False) * 4 + 10)
+    p = _common.plan(5, 5, np.float32, 20, state)
+    assert not p.u_shared and p.shared_bytes == state(2, 5, False) * 4
+    # one row's state does not fit: the units are split over blocks (2 units each here)
+    monkeypatch.setattr(config, "CUDA_SHARED_MEMORY_BYTES", state(1, 5, False) * 4 - 4)
+    monkeypatch.setattr(config, "CUDA_SPLIT_MAX_UNITS_PER_BLOCK", 2)
+    monkeypatch.setattr(config, "CUDA_DEFAULT_SM_COUNT", 8)
+    p = _common.plan(5, 5, np.float32, 20, state)
+    assert p.split and (p.unit_blocks, p.block_units, p.rows, p.blocks) == (3, 2, 3, 6)
+    assert not p.u_shared and p.shared_bytes == state(4, 2, True) * 4
     monkeypatch.setattr(config, "CUDA_SHARED_MEMORY_BYTES", 16)
     with pytest.raises(ValueError, match="shared memory"):
-        _common.plan(5, 5, np.float32, 100, state)
+        _common.plan(5, 5, np.float32, 20, state)
 
 
 def test_default_plan_for_a_typical_shape():
     """B=128, H=32 LSTM forward in float32: the whole batch spread over the GPU, U in shared
     memory, and within 48 KiB without opting in."""
-    p = _common.plan(128, 32, np.float32, 32 * 128, lambda NR: lstm._forward_state(NR, 32, False))
+    p = _common.plan(128, 32, np.float32, 4 * 32,
+                     lambda NR, Hb, split: lstm._forward_state(NR, Hb, 32, False, split))
     assert p.u_shared and p.shared_bytes <= _common.DEFAULT_SHARED_BYTES
-    assert p.blocks * p.rows >= 128 and p.threads % 32 == 0
+    assert p.blocks * p.rows >= 128 and p.threads % 32 == 0 and not p.split
+
+
+def test_split_plan_for_a_large_lstm_on_an_h100(monkeypatch):
+    """B=32, H=1024 LSTM forward in float32 on 132 multiprocessors with 227 KiB of shared
+    memory: the units spread over 128 blocks of 8, each with its 128 KiB of U in shared
+    memory, the whole batch in each block, one block per multiprocessor."""
+    monkeypatch.setattr(_common, "sm_count", lambda: 132)
+    monkeypatch.setattr(_common, "shared_limit", lambda: 227 * 1024)
+    p = _common.plan(32, 1024, np.float32, 4 * 1024,
+                     lambda NR, Hb, split: lstm._forward_state(NR, Hb, 1024, False, split))
+    assert p.split and (p.unit_blocks, p.block_units, p.rows, p.blocks) == (128, 8, 32, 128)
+    assert p.u_shared and p.shared_bytes == (4 * 1024 * 8 + 3 * 32 * 8) * 4
+    assert p.exchange_rows == 32 and p.threads == 64
 
 
 # --------------------------------------------------------------------------- _linalg
@@ -353,8 +376,9 @@ def test_drivers_match_the_cpu_drivers(shape, cell, dtype, option, monkeypatch, 
 
 @pytest.mark.parametrize("cell", CELLS)
 def test_results_do_not_depend_on_the_launch_shape(cell, monkeypatch, rng):
-    """Bit-identical results for other blocks, rows per thread, threads, and U in global
-    memory: every sum runs in the same order whatever the launch shape."""
+    """Bit-identical results for other blocks, rows per thread, threads, U in global
+    memory, and units split over blocks: every sum runs in the same order whatever the
+    launch shape."""
     shape = TINY if SIM else (45, 9, 4, 40)
     o = dict(mask=True, rmask=True)
     p = _driver_problem(rng, cell, shape, np.float32, o)
@@ -362,13 +386,14 @@ def test_results_do_not_depend_on_the_launch_shape(cell, monkeypatch, rng):
     results = []
     other = dict(CUDA_SMALL_TUNABLES, CUDA_MAX_ROWS_PER_BLOCK=3, CUDA_ROWS_PER_THREAD=1,
                  CUDA_THREADS_PER_BLOCK=7, CUDA_SHARED_MEMORY_BYTES=500)
-    for tun in (CUDA_SMALL_TUNABLES, other):
+    for tun in (CUDA_SMALL_TUNABLES, other, dict(other, **SPLIT_TUNABLES)):
         for k, v in tun.items():
             monkeypatch.setattr(config, k, v)
         results.append(_run_driver(mods, cell, p, o, np.float32, True))
-    for name, a in results[0].items():
-        if name != "actc":
-            np.testing.assert_array_equal(a, results[1][name], err_msg=name)
+    for other_result in results[1:]:
+        for name, a in results[0].items():
+            if name != "actc":
+                np.testing.assert_array_equal(a, other_result[name], err_msg=name)
 
 
 # --------------------------------------------------------------------------- ops vs reference
@@ -469,8 +494,8 @@ def test_every_kernel_compiles_to_ptx_for_a_gpu(monkeypatch, rng, tmp_path):
     """The simulator never types or lowers a kernel. Record the launches of the drivers and
     ops (every cell, both dtypes, every driver option, weights in shared and in global
     memory), then compile each kernel with its argument types to PTX for an H100 with NVVM
-    in a process of its own (tests/ptx_compile.py). Skipped only where no CUDA toolkit
-    with NVVM is installed. The driver options kept are those that change the compiled
+    in a process of its own (tests/ptx_compile.py), split-unit (cooperative) kernels
+    included. Skipped only where no CUDA toolkit with NVVM is installed. The options kept are those that change the compiled
     kernels (activations, exact or fast, weights in global memory); the others are
     run-time arguments of the same kernels."""
     import pickle
@@ -494,6 +519,18 @@ def test_every_kernel_compiles_to_ptx_for_a_gpu(monkeypatch, rng, tmp_path):
                     monkeypatch.setattr(config, "CUDA_SHARED_MEMORY_BYTES", 48 * 1024)
             for option in ("plain", "shared_dropout_last_only", "checkpoint"):
                 _ops_vs_reference(rng, cell, TINY, option, np.float32)
+            for option in ("plain", "recurrent_dropout_mask"):      # split units
+                for k, v in SPLIT_TUNABLES.items():
+                    monkeypatch.setattr(config, k, v)
+                if option == "recurrent_dropout_mask":
+                    monkeypatch.setattr(config, "CUDA_SHARED_MEMORY_BYTES", 200)
+                o = DRIVER_OPTIONS[option]
+                p = _driver_problem(rng, cell, TINY, np.float32, o)
+                _run_driver(mods, cell, p, o, np.float32, True)
+                monkeypatch.setattr(config, "CUDA_SPLIT_MIN_UNITS", 512)
+                monkeypatch.setattr(config, "CUDA_SHARED_MEMORY_BYTES", 48 * 1024)
+    split = {k[1:3] for k, _ in seen if k[0] == "variant" and k[3][-1] is True}
+    assert len(split) == 6, split       # the forward and backward of each cell, split
     path = tmp_path / "launches.pkl"
     path.write_bytes(pickle.dumps(seen))
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
@@ -503,3 +540,44 @@ def test_every_kernel_compiles_to_ptx_for_a_gpu(monkeypatch, rng, tmp_path):
         pytest.skip(run.stdout.strip())
     assert run.returncode == 0, run.stdout[-20000:] + run.stderr[-5000:]
     assert f"{len(seen)} of {len(seen)} kernels compiled" in run.stdout
+
+
+# --------------------------------------------------------------------------- split units
+#: Tunables that split TINY's 5 units over 3 blocks (2, 2 and 1 units) and its 5 rows over 2
+#: (3 and 2 rows, padded to 4), so that 6 blocks meet at each step's grid barrier.
+SPLIT_TUNABLES = dict(CUDA_SMALL_TUNABLES, CUDA_SPLIT_MIN_UNITS=1,
+                      CUDA_SPLIT_MAX_UNITS_PER_BLOCK=2, CUDA_DEFAULT_SM_COUNT=8)
+
+
+@pytest.mark.parametrize("option", ["plain", "mask_backwards", "mask_zero_output_last",
+                                    "recurrent_dropout_mask", "out0_carry"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_split_units_match_the_cpu_drivers(cell, dtype, option, monkeypatch, rng):
+    """Units split over blocks that exchange h (forward) and dz (backward) through global
+    memory at a grid barrier (under the simulator, every block runs at once, see
+    fastcells/cuda/_simulator.py): the same results as the CPU drivers."""
+    for k, v in SPLIT_TUNABLES.items():
+        monkeypatch.setattr(config, k, v)
+    shape = TINY if SIM else (67, 37, 19, 45)
+    if option == "recurrent_dropout_mask" and SIM:      # U in global memory
+        monkeypatch.setattr(config, "CUDA_SHARED_MEMORY_BYTES", 50 * np.dtype(dtype).itemsize)
+    B, _, _, H = shape
+    G = {"lstm": 4, "gru": 3, "gru_rb": 3, "simple_rnn": 1}[cell]
+    p = _common.plan(B, H, dtype, G * H, lambda NR, Hb, split: 4 * NR * Hb)
+    assert p.split and p.unit_blocks >= 2 and p.blocks == p.unit_blocks * -(-B // p.rows)
+    if SIM:
+        assert (p.unit_blocks, p.block_units, p.rows, p.padded_rows, p.blocks) == (3, 2, 3, 4, 6)
+    o = DRIVER_OPTIONS[option]
+    p = _driver_problem(rng, cell, shape, dtype, o)
+    want = _run_driver(_Mods(cpu_lstm, cpu_gru, cpu_rnn), cell, p, o, dtype, False)
+    got = _run_driver(_Mods(lstm, gru, simple_rnn), cell, p, o, dtype, True)
+    for name, w in want.items():
+        if w is None:
+            assert got[name] is None, name
+            continue
+        g = got[name]
+        if name == "actc" and p["mask"] is not None:
+            live = p["mask"][:, :, None].repeat(w.shape[2], 2)
+            g, w = np.where(live, g, 0), np.where(live, w, 0)
+        assert_close(g, w, TOL[dtype] * max(1.0, np.abs(w).max()), name)

@@ -3,8 +3,9 @@ memory, kernel variants and optional arguments.
 
 Launch shape of a recurrence (``plan``)
 ---------------------------------------
-One launch runs a whole sequence. Block ``k`` owns batch rows ``[k*rows, (k+1)*rows)`` and
-every unit for all time steps, so blocks never wait for each other; inside a block the
+One launch runs a whole sequence. Without a split, block ``k`` owns batch rows
+``[k*rows, (k+1)*rows)`` and every unit for all time steps, so blocks never wait for each
+other; inside a block the
 threads meet at ``syncthreads`` once or twice per step. A thread takes *items*: one unit j
 of a group of ``R`` rows (``R`` = rows per thread, a compile-time constant so that its
 accumulators live in registers), and a block's items are dealt to its threads round-robin,
@@ -23,9 +24,32 @@ the whole sequence.
   L2 (50 MB on an H100), and rows per block is raised to at least R so that each weight
   read serves several rows. A limit above 48 KiB makes the kernel opt in to the larger
   dynamic shared memory (up to the device's opt-in maximum, 227 KiB on an H100).
-- If the state alone does not fit at one row per block (H in the thousands) the call raises
-  ``ValueError``; splitting units over blocks with a grid-wide barrier per step is the path
-  for such sizes and is not written yet.
+
+Split units (``split``; H >= ``CUDA_SPLIT_MIN_UNITS``, or a state that does not fit at one
+row per block)
+------------------------------------------------------------------------------------------
+Blocks own (batch slice, unit slice) pairs: block k takes row block k // UB and units
+[j0, j0 + Hb) with j0 = (k % UB) * Hb. Everything a thread does for an item is unchanged;
+what changes is where the row vectors that every unit of a row reads (the recurrent input
+h or h * r_k, GRU's q; the backward's dz) live: in a global exchange buffer of
+``exchange_rows`` rows instead of shared memory, double-buffered by step parity like the
+shared ones, and the barrier between the phases of a step is the grid's
+(``cuda.cg.this_grid().sync()``, a cooperative launch; ``step_barrier`` picks it at compile
+time, so that only split kernels are cooperative). A block's shared memory holds its
+columns of U (``stage_units``: [H, G, Hb]) when they fit, and its own state [NR, Hb].
+
+- row blocks RB = ceil(B / ``CUDA_MAX_ROWS_PER_BLOCK``), fewer if the grid would not fit
+  (UB >= ceil(H / ``CUDA_SPLIT_MAX_UNITS_PER_BLOCK``) unit blocks each);
+- unit blocks UB = min(H, max(that minimum, multiprocessors * ``CUDA_BLOCKS_PER_SM`` / RB)),
+  Hb = ceil(H / UB) (the last block may own fewer units);
+- the whole grid must be resident at once: ``launch`` checks it against
+  ``max_cooperative_grid_blocks`` and raises ``ValueError`` naming the settings otherwise.
+
+Why 512 units: at B=32, H=1024 (float32 LSTM, U = 16 MB) the unsplit plan has 8 blocks of
+4 rows, each streaming all of U from L2 every step (128 MB per step on 8 of 132 SMs); split,
+128 blocks each keep 128 KB of U in shared memory and read the 128 KB of h from L2. Below
+a few hundred units the unsplit plan already keeps the GPU busy without a grid barrier.
+This is a model, not a measurement; ``FASTCELLS_CUDA_SPLIT_MIN_UNITS`` moves the threshold.
 """
 import functools
 import warnings
@@ -106,10 +130,14 @@ class Plan(NamedTuple):
     rows: int           # batch rows per block
     R: int              # rows per thread (compile-time)
     threads: int        # threads per block
-    blocks: int         # blocks (ceil(B / rows))
-    u_shared: bool      # U (or U^T) kept in shared memory
+    blocks: int         # blocks: row blocks x unit blocks
+    u_shared: bool      # U (or U^T) kept in shared memory (the block's columns of it)
     shared_bytes: int   # dynamic shared memory per block
     padded_rows: int    # ceil(rows / R) * R: rows of the shared state buffers
+    split: bool         # units split over blocks, a grid barrier per step (compile-time)
+    unit_blocks: int    # blocks that share a batch slice (1 unless split)
+    block_units: int    # units per block (H unless split; the last block may have fewer)
+    exchange_rows: int  # rows of the global exchange buffers (0 unless split)
 
 
 def _rows_per_thread(rows):
@@ -123,33 +151,84 @@ def padded(rows, R):
     return -(-rows // R) * R
 
 
-def plan(B, H, dtype, u_elems, state_elems):
+def _threads(items):
+    return max(1, min(config.CUDA_THREADS_PER_BLOCK, -(-items // 32) * 32))
+
+
+def plan(B, H, dtype, u_per_unit, state_elems):
     """The launch shape of a recurrence over B rows and H units (see the module docstring).
 
-    ``u_elems``: elements of the recurrent weights a block would keep in shared memory;
-    ``state_elems(padded_rows)``: elements of its state buffers."""
+    ``u_per_unit``: elements of the recurrent weights that one unit's outputs need (its
+    column of every gate: G * H); ``state_elems(NR, Hb, split)``: elements of the shared
+    state buffers of a block with NR rows and Hb units."""
+    if H < config.CUDA_SPLIT_MIN_UNITS:
+        try:
+            return _row_plan(B, H, dtype, u_per_unit, state_elems)
+        except ValueError:
+            pass                # the state of one row does not fit: split the units
+    return _split_plan(B, H, dtype, u_per_unit, state_elems)
+
+
+def _row_plan(B, H, dtype, u_per_unit, state_elems):
+    """Blocks own batch slices and every unit (no barrier between blocks)."""
     itemsize = np.dtype(dtype).itemsize
     limit = shared_limit()
+    u_elems = u_per_unit * H
+    state_of = lambda rows, R: state_elems(padded(rows, R), H, False)   # noqa: E731
     target = max(1, sm_count() * config.CUDA_BLOCKS_PER_SM)
     rows = max(1, min(-(-B // target), config.CUDA_MAX_ROWS_PER_BLOCK, B))
     R = _rows_per_thread(rows)
-    u_shared = (u_elems + state_elems(padded(rows, R))) * itemsize <= limit
+    u_shared = (u_elems + state_of(rows, R)) * itemsize <= limit
     if not u_shared:
         rows = max(1, min(max(rows, config.CUDA_ROWS_PER_THREAD),
                           config.CUDA_MAX_ROWS_PER_BLOCK, B))
         R = _rows_per_thread(rows)
-    while state_elems(padded(rows, R)) * itemsize > limit and rows > 1:
+    while state_of(rows, R) * itemsize > limit and rows > 1:
         rows = (rows + 1) // 2
         R = _rows_per_thread(rows)
-    state = state_elems(padded(rows, R)) * itemsize
+    state = state_of(rows, R) * itemsize
     if state > limit:
         raise ValueError(f"fastcells.cuda: {H} units need {state} bytes of shared memory per "
                          f"block for the recurrent state, more than the {limit} allowed "
                          f"(config.CUDA_SHARED_MEMORY_BYTES, clipped to the device's limit)")
-    items = H * (padded(rows, R) // R)
-    threads = max(1, min(config.CUDA_THREADS_PER_BLOCK, -(-items // 32) * 32))
+    NR = padded(rows, R)
     nbytes = state + (u_elems * itemsize if u_shared else 0)
-    return Plan(rows, R, threads, -(-B // rows), u_shared, nbytes, padded(rows, R))
+    return Plan(rows, R, _threads(H * (NR // R)), -(-B // rows), u_shared, nbytes, NR, False,
+                1, H, 0)
+
+
+def _split_plan(B, H, dtype, u_per_unit, state_elems):
+    """Blocks own (batch slice, unit slice) pairs and meet at a grid barrier every step."""
+    itemsize = np.dtype(dtype).itemsize
+    limit = shared_limit()
+    target = max(1, sm_count() * config.CUDA_BLOCKS_PER_SM)
+    ub_min = -(-H // config.CUDA_SPLIT_MAX_UNITS_PER_BLOCK)
+    rb = max(1, min(-(-B // config.CUDA_MAX_ROWS_PER_BLOCK), target // ub_min))
+    rows = -(-B // rb)
+    rb = -(-B // rows)
+    ub = min(H, max(ub_min, target // rb))
+    Hb = -(-H // ub)
+    ub = -(-H // Hb)
+    R = _rows_per_thread(rows)
+    NR = padded(rows, R)
+    state = state_elems(NR, Hb, True) * itemsize
+    if state > limit:
+        raise ValueError(f"fastcells.cuda: a block of {rows} batch rows and {Hb} of the {H} "
+                         f"units needs {state} bytes of shared memory, more than the {limit} "
+                         f"allowed (config.CUDA_SHARED_MEMORY_BYTES, clipped to the device's "
+                         f"limit; config.CUDA_SPLIT_MAX_UNITS_PER_BLOCK)")
+    u_shared = state + u_per_unit * Hb * itemsize <= limit
+    nbytes = state + (u_per_unit * Hb * itemsize if u_shared else 0)
+    return Plan(rows, R, _threads(Hb * (NR // R)), rb * ub, u_shared, nbytes, NR, True, ub,
+                Hb, (rb - 1) * rows + NR)
+
+
+def step_barrier(split):
+    """The barrier between the phases of a step: ``syncthreads`` when a block owns all the
+    units of its rows, the grid-wide barrier (cooperative launch) when they are split over
+    blocks. A device function picked at compile time, so that only split kernels are
+    cooperative."""
+    return _grid_sync if split else _block_sync
 
 
 def _compiled(dispatcher, args):
@@ -168,15 +247,38 @@ def _allow_shared(kernel, nbytes):
 def launch(kernel, p, *args):
     """Launch a recurrence kernel with the shape of plan ``p``. More than 256 threads are
     clipped to what the compiled kernel allows (its register use bounds them; the kernels
-    are correct for any thread count); more than 48 KiB of shared memory is opted in to."""
+    are correct for any thread count); more than 48 KiB of shared memory is opted in to. A
+    split plan's kernel is cooperative: its grid must fit on the GPU at once."""
     threads = p.threads
-    if not SIMULATOR and (threads > 256 or p.shared_bytes > DEFAULT_SHARED_BYTES):
+    if SIMULATOR:
+        if p.split:
+            from ._simulator import launch_cooperative
+            return launch_cooperative(kernel, p.blocks, threads, p.shared_bytes, args)
+    elif threads > 256 or p.shared_bytes > DEFAULT_SHARED_BYTES or p.split:
         compiled = _compiled(kernel, args)
         if threads > 256:
             threads = max(32, min(threads, compiled.max_threads_per_block) // 32 * 32)
         if p.shared_bytes > DEFAULT_SHARED_BYTES:
             _allow_shared(compiled, p.shared_bytes)
+        if p.split:
+            most = compiled.max_cooperative_grid_blocks(threads, p.shared_bytes)
+            if p.blocks > most:
+                raise ValueError(f"fastcells.cuda: the units of this recurrence are split over "
+                                 f"{p.blocks} blocks of {threads} threads and "
+                                 f"{p.shared_bytes} bytes of shared memory, but this GPU runs "
+                                 f"at most {most} such blocks at once (a grid barrier needs "
+                                 f"them all); raise config.CUDA_SPLIT_MAX_UNITS_PER_BLOCK or "
+                                 f"lower config.CUDA_MAX_ROWS_PER_BLOCK")
     kernel[p.blocks, threads, 0, p.shared_bytes](*args)
+
+
+def exchange_buffer(p, elems_per_row, dtype):
+    """The global buffer through which the blocks of a split plan pass a step's row vectors
+    (zeros: rows past the batch are read, never written); an empty stand-in otherwise."""
+    from . import _linalg
+    if not p.split:
+        return empty_stand_in(1, dtype)
+    return _linalg.zeros((p.exchange_rows * elems_per_row,), dtype)
 
 
 # --------------------------------------------------------------------------- arguments
@@ -244,15 +346,30 @@ def inline_device(f):
     return cuda.jit(device=True, forceinline=True)(f)
 
 
-@cuda.jit(device=True)
-def stage_matrix(sm, off, M, tid, nt):
-    """sm[off + r * M.shape[1] + c] = M[r, c] for the whole matrix (block-cooperative)."""
-    cols = M.shape[1]
-    for e in range(tid, M.shape[0] * cols, nt):
-        sm[off + e] = M[e // cols, e % cols]
+@inline_device
+def _block_sync():
+    cuda.syncthreads()
 
 
-@cuda.jit(device=True)
+@inline_device
+def _grid_sync():
+    cuda.cg.this_grid().sync()
+
+
+@inline_device
+def stage_units(sm, M, groups, width, j0, Hb, nu, tid, nt):
+    """The block's columns of M at sm[0:] (block-cooperative): for each of the ``groups``
+    column groups of M (``width`` apart), the ``nu`` columns from j0, as
+    sm[l * groups * Hb + k * Hb + jl] = M[l, k * width + j0 + jl]."""
+    per_row = groups * nu
+    for e in range(tid, M.shape[0] * per_row, nt):
+        l = e // per_row
+        k = (e % per_row) // nu
+        jl = e % nu
+        sm[l * groups * Hb + k * Hb + jl] = M[l, k * width + j0 + jl]
+
+
+@inline_device
 def zero_range(sm, lo, hi, zero, tid, nt):
     """sm[lo:hi] = 0 (block-cooperative)."""
     for e in range(lo + tid, hi, nt):
@@ -260,59 +377,72 @@ def zero_range(sm, lo, hi, zero, tid, nt):
 
 
 @inline_device
-def begin_block(sm, M, u_shared, lo, hi, zero, rows, NR, R, B, H):
-    """The prologue of a recurrence kernel: M (U or U^T) staged at sm[0:] when ``u_shared``,
-    the state buffers sm[lo:hi] zeroed (block-cooperative, no barrier), and this thread's
-    view of the launch: ``tid, nt, b0, n, items`` (thread, threads, first batch row of the
-    block, its rows, its (unit, R-row group) items; see the module docstring)."""
+def begin_block(sm, M, u_shared, groups, width, lo, hi, zero, rows, NR, R, B, UB, Hb, H):
+    """The prologue of a recurrence kernel: the block's columns of M (U or U^T, see
+    ``stage_units``) staged at sm[0:] when ``u_shared``, the state buffers sm[lo:hi] zeroed
+    (block-cooperative, no barrier), and this thread's view of the launch:
+    ``tid, nt, b0, n, j0, nu, items`` (thread, threads, first batch row of the block and its
+    rows, first unit and its units, its (unit, R-row group) items; see the module
+    docstring). Block k owns row block k // UB and unit block k % UB."""
     tid = cuda.threadIdx.x
     nt = cuda.blockDim.x
-    b0 = cuda.blockIdx.x * rows
+    b0 = (cuda.blockIdx.x // UB) * rows
+    j0 = (cuda.blockIdx.x % UB) * Hb
+    nu = min(Hb, H - j0)
     if u_shared:
-        stage_matrix(sm, 0, M, tid, nt)
+        stage_units(sm, M, groups, width, j0, Hb, nu, tid, nt)
     zero_range(sm, lo, hi, zero, tid, nt)
-    return tid, nt, b0, min(rows, B - b0), H * (NR // R)
+    return tid, nt, b0, min(rows, B - b0), j0, nu, nu * (NR // R)
 
 
 @inline_device
-def load_rows(sm, off, src, b0, n, H, tid, nt):
-    """sm[off + i * H + j] = src[b0 + i, j] for the block's n rows (block-cooperative)."""
-    for e in range(tid, n * H, nt):
-        sm[off + e] = src[b0 + e // H, e % H]
+def load_rows(sm, off, src, b0, n, j0, nu, Hb, tid, nt):
+    """sm[off + i * Hb + jl] = src[b0 + i, j0 + jl] for the block's n rows and nu units
+    (block-cooperative)."""
+    for e in range(tid, n * nu, nt):
+        i = e // nu
+        jl = e % nu
+        sm[off + i * Hb + jl] = src[b0 + i, j0 + jl]
 
 
 @inline_device
-def store_rows(dst, sm, off, b0, n, H, tid, nt):
-    """dst[b0 + i, j] = sm[off + i * H + j] for the block's n rows (block-cooperative)."""
-    for e in range(tid, n * H, nt):
-        dst[b0 + e // H, e % H] = sm[off + e]
+def store_rows(dst, sm, off, b0, n, j0, nu, Hb, tid, nt):
+    """dst[b0 + i, j0 + jl] = sm[off + i * Hb + jl] for the block's n rows and nu units
+    (block-cooperative)."""
+    for e in range(tid, n * nu, nt):
+        i = e // nu
+        jl = e % nu
+        dst[b0 + i, j0 + jl] = sm[off + i * Hb + jl]
 
 
 @inline_device
-def put_recurrent_input(sm, base, plane, HS, i, j, h, rmask, use_rmask, b, NG):
-    """The recurrent input of (row i, unit j) into the [NG, NR, HS] buffer at ``base``:
-    h * r_k in plane k of each of the NG gates with recurrent dropout ([NG, B, H] mask),
-    h in plane 0 without."""
+def put_recurrent_input(xs, base, plane, HS, i, j, h, rmask, use_rmask, b, NG):
+    """The recurrent input of (row i, unit j) into the [NG, rows, HS] buffer at ``base`` of
+    ``xs`` (shared memory, or the global exchange buffer of a split plan): h * r_k in plane
+    k of each of the NG gates with recurrent dropout ([NG, B, H] mask), h in plane 0
+    without."""
     if use_rmask:
         for k in range(NG):
-            sm[base + k * plane + i * HS + j] = h * rmask[k, b, j]
+            xs[base + k * plane + i * HS + j] = h * rmask[k, b, j]
     else:
-        sm[base + i * HS + j] = h
+        xs[base + i * HS + j] = h
 
 
 @inline_device
-def load_initial_state(sm, own, outs, hb, plane, HS, h0, out0, rmask, use_rmask, NG, b0, n,
-                       H, tid, nt):
-    """The forward's starting state of the block's rows: h0 at ``own``, out0 at ``outs`` and
-    the first recurrent input (``put_recurrent_input``) in the buffer at ``hb``."""
-    for e in range(tid, n * H, nt):
-        i = e // H
-        j = e % H
+def load_initial_state(sm, own, outs, xs, hb, plane, HS, h0, out0, rmask, use_rmask, NG, b0,
+                       n, j0, nu, Hb, tid, nt):
+    """The forward's starting state of the block's rows and units: h0 at ``own``, out0 at
+    ``outs`` (both [NR, Hb]) and the first recurrent input (``put_recurrent_input``) in the
+    buffer at ``hb`` of ``xs``."""
+    for e in range(tid, n * nu, nt):
+        i = e // nu
+        jl = e % nu
+        j = j0 + jl
         b = b0 + i
         h = h0[b, j]
-        sm[own + e] = h
-        sm[outs + e] = out0[b, j]
-        put_recurrent_input(sm, hb, plane, HS, i, j, h, rmask, use_rmask, b, NG)
+        sm[own + i * Hb + jl] = h
+        sm[outs + i * Hb + jl] = out0[b, j]
+        put_recurrent_input(xs, hb, plane, HS, i, j, h, rmask, use_rmask, b, NG)
 
 
 @inline_device

@@ -10,8 +10,9 @@ Gate order z, r, h (G = 3). With ``xw = x @ W + b_in`` and recurrent dropout mas
 
 Parallel decomposition as in ``fastcells.cuda.lstm``: a block owns batch rows for the whole
 sequence, a thread owns (unit j, R rows) items and computes the three gates of its unit.
-reset_after=True needs one ``syncthreads`` per step. reset_after=False needs two: q of the
-whole row must be in shared memory before ``q @ U_h``. The backward takes one barrier per
+reset_after=True needs one barrier per step (``syncthreads``, or the grid's when the units
+are split over blocks). reset_after=False needs two: q of the whole row must be in shared
+(or, split, global) memory before ``q @ U_h``. The backward takes one barrier per
 step with reset_after (dz of the step, then dh_{t-1}) and two without (dah of the row, then
 dq = dah @ U_h^T and the z, r gradients, then dh_{t-1}).
 """
@@ -20,83 +21,100 @@ from numba import cuda
 
 from .. import _math
 from . import _linalg
-from ._common import (IDX, begin_block, cache_arrays, initial_output, kernel_variant, launch,
-                      load_initial_state, load_rows, masks, numba_type, output_grad, outputs,
-                      pending_carry, plan, put_recurrent_input, row_stride, store_rows,
-                      zero_range)
+from ._common import (IDX, begin_block, cache_arrays, exchange_buffer, initial_output,
+                      kernel_variant, launch, load_initial_state, load_rows, masks, numba_type,
+                      output_grad, outputs, pending_carry, plan, put_recurrent_input,
+                      row_stride, step_barrier, store_rows)
 
 G = 3
 
 
-def _forward_state(NR, H, use_rmask, reset_after):
-    """Shared elements of a forward block's state: two buffers of the recurrent input
-    [NH, NR, HS], own h and output [NR, H]; without reset_after also q [NR, HS] and z
-    [NR, H]."""
-    nh = G if use_rmask else 1
-    n = 2 * nh * NR * row_stride(H) + 2 * NR * H
-    return n if reset_after else n + NR * row_stride(H) + NR * H
+def _forward_state(NR, Hb, H, use_rmask, reset_after, split):
+    """Shared elements of a forward block's state: own h and output [NR, Hb], without
+    reset_after z [NR, Hb] too; without a split, two buffers of the recurrent input
+    [NH, NR, HS] and (without reset_after) q [NR, HS], which a split plan exchanges through
+    global memory instead."""
+    own = (2 if reset_after else 3) * NR * Hb
+    if split:
+        return own
+    return own + (2 * (G if use_rmask else 1) + (0 if reset_after else 1)) * NR * row_stride(H)
+
+
+def _forward_exchange(H, use_rmask, reset_after):
+    """Elements per exchange row of a split forward: 2 x [NH, H] recurrent input, q [H]."""
+    return (2 * (G if use_rmask else 1) + (0 if reset_after else 1)) * H
 
 
 @kernel_variant
-def _forward_kernel(dtype, R, u_shared, act, ract, fast, reset_after):
+def _forward_kernel(dtype, R, u_shared, act, ract, fast, reset_after, split):
     DT = numba_type(dtype)
     NPT = np.dtype(dtype).type
     zero = NPT(0)
     f_act = _math.scalar_activation(act, fast)
     f_ract = _math.scalar_activation(ract, fast)
     NACC = R * G
+    barrier = step_barrier(split)
 
     @cuda.jit
     def forward(xw, U, brec, rmask, use_rmask, mask, use_mask, h0, out0, go_backwards,
-                zero_output, keep_cache, rows, NR, y, h_out, gates, hprev, aux):
+                zero_output, keep_cache, rows, NR, UB, Hb, xg, XR, y, h_out, gates, hprev,
+                aux):
         # xw:    [T, B, 3H]  x @ W + input bias (input dropout already applied)
         # U:     [H, 3H]     recurrent kernel
         # brec:  [3H]        recurrent bias (reset_after; zeros otherwise)
         # rmask: [3, B, H]   recurrent dropout mask per gate;  mask: [T, B]
         # h0, out0: [B, H];  y: [T, B, H] or [1, B, H];  h_out: [B, H]
         # rows: batch rows per block;  NR: rows of the shared state buffers
+        # UB, Hb: unit blocks per batch slice and units per block (1 and H unless split)
+        # xg:    split: the global exchange buffer, 2 x [NH, XR, H] | q [XR, H]
         # cache: gates [T, B, 3H] (z, r, hh); hprev [T, B, H];
         #        aux [T, B, H] = a_h (reset_after) or q (reset_after=False), 0 where masked
         T = xw.shape[0]
         B = h0.shape[0]
         H = h0.shape[1]
-        GH = G * H
-        HS = H | 1
+        GHb = G * Hb
+        HS = H if split else H | 1
         full = y.shape[0] == T
-        # shared: [U] | 2 x [NH, NR, HS] recurrent input | h, out [NR, H] | q [NR, HS], z [NR, H]
+        # shared: [U columns] | h, out, z [NR, Hb] | 2 x [NH, NR, HS] recurrent input,
+        # q [NR, HS] (without a split; with one they are in xg)
         sm = cuda.shared.array(0, DT)
-        hb = H * GH if u_shared else 0
-        plane = NR * HS
+        own = H * GHb if u_shared else 0
+        outs = own + NR * Hb
+        zsv = outs + NR * Hb
+        hb = zsv + (0 if reset_after else NR * Hb)
+        plane = XR * HS if split else NR * HS
         buf = (G if use_rmask else 1) * plane
-        own = hb + 2 * buf
-        outs = own + NR * H
-        qs = outs + NR * H
-        zsv = qs + plane
+        qs = hb + 2 * buf
         hplane = 2 * plane if use_rmask else 0         # the plane holding h * r_h
         acc = cuda.local.array(NACC, DT)
-        tid, nt, b0, n, items = begin_block(sm, U, u_shared, hb, own, zero, rows, NR, R, B, H)
-        if not reset_after:
-            zero_range(sm, qs, zsv, zero, tid, nt)
+        tid, nt, b0, n, j0, nu, items = begin_block(
+            sm, U, u_shared, G, H, hb, hb if split else qs + (0 if reset_after else plane),
+            zero, rows, NR, R, B, UB, Hb, H)
+        xs = xg if split else sm
+        if split:
+            hb = b0 * HS
+            qs = 2 * buf + b0 * HS
         cuda.syncthreads()
-        load_initial_state(sm, own, outs, hb, plane, HS, h0, out0, rmask, use_rmask, G, b0, n,
-                           H, tid, nt)
-        cuda.syncthreads()
+        load_initial_state(sm, own, outs, xs, hb, plane, HS, h0, out0, rmask, use_rmask, G,
+                           b0, n, j0, nu, Hb, tid, nt)
+        barrier()
         for s in range(T):
             t = T - 1 - s if go_backwards else s
             cur = hb + (s % 2) * buf
             nxt = hb + ((s + 1) % 2) * buf
             # phase A: the recurrent terms of z, r (and h with reset_after) of each item
             for it in range(tid, items, nt):
-                j = it % H
-                r0 = (it // H) * R
+                jl = it % nu
+                j = j0 + jl
+                r0 = (it // nu) * R
                 for q in range(NACC):
                     acc[q] = zero
                 for l in range(H):
                     if u_shared:
-                        p = l * GH + j
+                        p = l * GHb + jl
                         u0 = sm[IDX(p)]
-                        u1 = sm[IDX(p + H)]
-                        u2 = sm[IDX(p + 2 * H)] if reset_after else zero
+                        u1 = sm[IDX(p + Hb)]
+                        u2 = sm[IDX(p + 2 * Hb)] if reset_after else zero
                     else:
                         lu = IDX(l)
                         u0 = U[lu, IDX(j)]
@@ -105,13 +123,13 @@ def _forward_kernel(dtype, R, u_shared, act, ract, fast, reset_after):
                     if use_rmask:
                         for r in range(R):
                             p = cur + (r0 + r) * HS + l
-                            acc[r * G] += sm[IDX(p)] * u0
-                            acc[r * G + 1] += sm[IDX(p + plane)] * u1
+                            acc[r * G] += xs[IDX(p)] * u0
+                            acc[r * G + 1] += xs[IDX(p + plane)] * u1
                             if reset_after:
-                                acc[r * G + 2] += sm[IDX(p + 2 * plane)] * u2
+                                acc[r * G + 2] += xs[IDX(p + 2 * plane)] * u2
                     else:
                         for r in range(R):
-                            hv = sm[IDX(cur + (r0 + r) * HS + l)]
+                            hv = xs[IDX(cur + (r0 + r) * HS + l)]
                             acc[r * G] += hv * u0
                             acc[r * G + 1] += hv * u1
                             if reset_after:
@@ -120,7 +138,7 @@ def _forward_kernel(dtype, R, u_shared, act, ract, fast, reset_after):
                     i = r0 + r
                     if i < n:
                         b = b0 + i
-                        e = i * H + j
+                        e = i * Hb + jl
                         gz = NPT(f_ract(xw[t, b, j] + acc[r * G] + brec[j]))
                         gr = NPT(f_ract(xw[t, b, H + j] + acc[r * G + 1] + brec[H + j]))
                         hp = sm[own + e]
@@ -144,34 +162,36 @@ def _forward_kernel(dtype, R, u_shared, act, ract, fast, reset_after):
                             if keep_cache:
                                 gates[t, b, 2 * H + j] = g_h
                                 aux[t, b, j] = a_h if live else zero
-                            put_recurrent_input(sm, nxt, plane, HS, i, j, h, rmask, use_rmask,
+                            put_recurrent_input(xs, nxt, plane, HS, i, j, h, rmask, use_rmask,
                                                 b, G)
                             if full:
                                 y[s, b, j] = sm[outs + e]
                         else:
-                            q = gr * sm[cur + hplane + i * HS + j]    # r * (h * r_h)
-                            sm[qs + i * HS + j] = q
+                            q = gr * xs[cur + hplane + i * HS + j]    # r * (h * r_h)
+                            xs[qs + i * HS + j] = q
                             sm[zsv + e] = gz
                             if keep_cache:
                                 # aux feeds the dU GEMM, where 0 * garbage could be NaN
                                 aux[t, b, j] = q if live else zero
             if not reset_after:
-                cuda.syncthreads()
+                barrier()
                 # phase B: hh = act(xw_h + q @ U_h) and the state update
                 for it in range(tid, items, nt):
-                    j = it % H
-                    r0 = (it // H) * R
+                    jl = it % nu
+                    j = j0 + jl
+                    r0 = (it // nu) * R
                     for r in range(R):
                         acc[r * G] = zero
                     for l in range(H):
-                        u = sm[IDX(l * GH + 2 * H + j)] if u_shared else U[IDX(l), IDX(2 * H + j)]
+                        u = (sm[IDX(l * GHb + 2 * Hb + jl)] if u_shared
+                             else U[IDX(l), IDX(2 * H + j)])
                         for r in range(R):
-                            acc[r * G] += sm[IDX(qs + (r0 + r) * HS + l)] * u
+                            acc[r * G] += xs[IDX(qs + (r0 + r) * HS + l)] * u
                     for r in range(R):
                         i = r0 + r
                         if i < n:
                             b = b0 + i
-                            e = i * H + j
+                            e = i * Hb + jl
                             pre = xw[t, b, 2 * H + j] + acc[r * G]
                             hp = sm[own + e]
                             h = hp
@@ -187,25 +207,34 @@ def _forward_kernel(dtype, R, u_shared, act, ract, fast, reset_after):
                                 sm[outs + e] = h
                                 if keep_cache:
                                     gates[t, b, 2 * H + j] = hh
-                            put_recurrent_input(sm, nxt, plane, HS, i, j, h, rmask, use_rmask,
+                            put_recurrent_input(xs, nxt, plane, HS, i, j, h, rmask, use_rmask,
                                                 b, G)
                             if full:
                                 y[s, b, j] = sm[outs + e]
-            cuda.syncthreads()
-        store_rows(h_out, sm, own, b0, n, H, tid, nt)
+            barrier()
+        store_rows(h_out, sm, own, b0, n, j0, nu, Hb, tid, nt)
         if not full:
-            store_rows(y[0], sm, outs, b0, n, H, tid, nt)
+            store_rows(y[0], sm, outs, b0, n, j0, nu, Hb, tid, nt)
 
     return forward
 
 
-def _backward_state(NR, H, reset_after):
-    """Shared elements of a backward block's state. reset_after: two buffers of the
-    recurrent-side gradients (daz, dar, da_h) [NR, ZS], own dh, carry, dh*z [NR, H].
-    Otherwise: dah [NR, HS], (daz, dar) [NR, ZS], own dh, carry, dh*z, dz_z [NR, H]."""
+def _backward_state(NR, Hb, H, reset_after, split):
+    """Shared elements of a backward block's state: own dh, carry, dh*z [NR, Hb] (and dz_z
+    without reset_after); without a split, the row vectors passed between units too:
+    reset_after, two buffers of the recurrent-side gradients (daz, dar, da_h) [NR, ZS];
+    otherwise dah [NR, HS] and (daz, dar) [NR, ZS]. A split plan exchanges those through
+    global memory instead (``_backward_exchange`` elements per row)."""
+    own = (3 if reset_after else 4) * NR * Hb
+    if split:
+        return own
     if reset_after:
-        return 2 * NR * row_stride(G * H) + 3 * NR * H
-    return NR * row_stride(H) + NR * row_stride(2 * H) + 4 * NR * H
+        return own + 2 * NR * row_stride(G * H)
+    return own + NR * row_stride(H) + NR * row_stride(2 * H)
+
+
+def _backward_exchange(H, reset_after):
+    return 2 * G * H if reset_after else 3 * H
 
 
 # Backward per processed step, dh the gradient reaching h_t (state and output):
@@ -218,62 +247,71 @@ def _backward_state(NR, H, reset_after):
 # and dah_rec [T, B, H] = da_h (reset_after only), the gradient of the recurrent h term.
 # Masked steps pass dh through and have dz = 0; output gradients as in lstm.py (carry).
 @kernel_variant
-def _backward_kernel(dtype, R, u_shared, act, ract, reset_after):
+def _backward_kernel(dtype, R, u_shared, act, ract, reset_after, split):
     DT = numba_type(dtype)
     NPT = np.dtype(dtype).type
     zero = NPT(0)
     d_act = _math.scalar_derivative(act)
     d_ract = _math.scalar_derivative(ract)
     NACC = R * G
+    barrier = step_barrier(split)
 
     @cuda.jit
     def backward(gates, hprev, aux, UT, rmask, use_rmask, mask, use_mask, dy, dh_in,
-                 go_backwards, zero_output, rows, NR, carry_io, dz, dah_rec, dh0):
+                 go_backwards, zero_output, rows, NR, UB, Hb, xg, XR, carry_io, dz, dah_rec,
+                 dh0):
         # gates, hprev, aux: the forward cache, [T, B, .];  UT: [3H, H] U transposed
         # rmask: [3, B, H];  mask: [T, B];  dy: [T, B, H] or [1, B, H];  dh_in: [B, H]
         # carry_io: [B, H] in/out pending output gradient (chunks)
         # dz: [T, B, 3H] out;  dah_rec: [T, B, H] out (reset_after);  dh0: [B, H] out
+        # UB, Hb, xg, XR: as in the forward (xg exchanges the row vectors below)
         T = gates.shape[0]
         B = dh_in.shape[0]
         H = dh_in.shape[1]
         GH = G * H
-        HS = H | 1
+        HS = H if split else H | 1
         full = dy.shape[0] == T
+        # shared: [U^T columns] | dh, carry, dh*z (, dz_z) [NR, Hb] | the row vectors passed
+        # between units (without a split; with one they are in xg, XR rows):
+        #   reset_after: 2 x (daz, dar, da_h) [NR, ZS];  otherwise dah [NR, HS] | (daz, dar)
+        #   [NR, ZS]
         sm = cuda.shared.array(0, DT)
-        ut = GH * H if u_shared else 0
-        if reset_after:
-            # shared: [U^T] | 2 x (daz, dar, da_h) [NR, ZS] | dh, carry, dh*z [NR, H]
-            ZS = GH | 1
-            zbuf = NR * ZS
-            dab = 0                       # (unused)
-            dhs = ut + 2 * zbuf
-        else:
-            # shared: [U^T] | dah [NR, HS] | (daz, dar) [NR, ZS] | dh, carry, dh*z, dz_z [NR, H]
-            ZS = (2 * H) | 1
-            zbuf = NR * ZS
-            dab = ut
-            dhs = ut + NR * HS + zbuf
-        car = dhs + NR * H
-        dhz = car + NR * H
-        dzz = dhz + NR * H
+        dhs = GH * Hb if u_shared else 0
+        car = dhs + NR * Hb
+        dhz = car + NR * Hb
+        dzz = dhz + NR * Hb
+        xb = dzz + (0 if reset_after else NR * Hb)
+        ZS = (GH if reset_after else 2 * H) | (0 if split else 1)
+        XN = XR if split else NR
+        zbuf = XN * ZS
+        dab = xb                          # dah (without reset_after)
+        zb0 = xb if reset_after else xb + XN * HS
+        tid, nt, b0, n, j0, nu, items = begin_block(sm, UT, u_shared, 1, 0, xb,
+                                                    xb if split else zb0 + zbuf * (
+                                                        2 if reset_after else 1),
+                                                    zero, rows, NR, R, B, UB, Hb, H)
         acc = cuda.local.array(NACC, DT)
-        tid, nt, b0, n, items = begin_block(sm, UT, u_shared, ut, dhs, zero, rows, NR, R, B, H)
-        load_rows(sm, dhs, dh_in, b0, n, H, tid, nt)
-        load_rows(sm, car, carry_io, b0, n, H, tid, nt)
+        xs = xg if split else sm
+        if split:
+            dab = b0 * HS
+            zb0 = (0 if reset_after else XR * HS) + b0 * ZS
+        load_rows(sm, dhs, dh_in, b0, n, j0, nu, Hb, tid, nt)
+        load_rows(sm, car, carry_io, b0, n, j0, nu, Hb, tid, nt)
         cuda.syncthreads()
         for s in range(T - 1, -1, -1):
             t = T - 1 - s if go_backwards else s
             # the buffer of the recurrent-side gradients this step
-            zb = ut + (s % 2) * zbuf if reset_after else ut + NR * HS
+            zb = zb0 + (s % 2) * zbuf if reset_after else zb0
             # phase 1: dz, dah (and with reset_after da_h) of the thread's items
             for it in range(tid, items, nt):
-                j = it % H
-                r0 = (it // H) * R
+                jl = it % nu
+                j = j0 + jl
+                r0 = (it // nu) * R
                 for r in range(R):
                     i = r0 + r
                     if i < n:
                         b = b0 + i
-                        e = i * H + j
+                        e = i * Hb + jl
                         cr = output_grad(sm, car, e, dy, full, s, T, b, j)
                         if use_mask and not mask[t, b]:
                             for k in range(G):
@@ -281,9 +319,9 @@ def _backward_kernel(dtype, R, u_shared, act, ract, reset_after):
                             if reset_after:
                                 dah_rec[t, b, j] = zero
                                 for k in range(G):
-                                    sm[zb + i * ZS + k * H + j] = zero
+                                    xs[zb + i * ZS + k * H + j] = zero
                             else:
-                                sm[dab + i * HS + j] = zero
+                                xs[dab + i * HS + j] = zero
                             sm[car + e] = zero if zero_output else cr
                         else:
                             dhj = sm[dhs + e] + cr
@@ -302,33 +340,34 @@ def _backward_kernel(dtype, R, u_shared, act, ract, reset_after):
                                 dz[t, b, j] = daz
                                 dz[t, b, H + j] = dar
                                 dah_rec[t, b, j] = drh
-                                sm[zb + i * ZS + j] = daz
-                                sm[zb + i * ZS + H + j] = dar
-                                sm[zb + i * ZS + 2 * H + j] = drh
+                                xs[zb + i * ZS + j] = daz
+                                xs[zb + i * ZS + H + j] = dar
+                                xs[zb + i * ZS + 2 * H + j] = drh
                             else:
-                                sm[dab + i * HS + j] = dah
+                                xs[dab + i * HS + j] = dah
                                 sm[dzz + e] = d_z
-            cuda.syncthreads()
+            barrier()
             if not reset_after:
                 # phase 2: dq = dah @ U_h^T, then dr, daz, dar and the direct dh_{t-1} terms
                 for it in range(tid, items, nt):
-                    j = it % H
-                    r0 = (it // H) * R
+                    jl = it % nu
+                    j = j0 + jl
+                    r0 = (it // nu) * R
                     for r in range(R):
                         acc[r * G] = zero
                     for l in range(H):
                         col = 2 * H + l
-                        u = sm[IDX(col * H + j)] if u_shared else UT[IDX(col), IDX(j)]
+                        u = sm[IDX(col * Hb + jl)] if u_shared else UT[IDX(col), IDX(j)]
                         for r in range(R):
-                            acc[r * G] += sm[IDX(dab + (r0 + r) * HS + l)] * u
+                            acc[r * G] += xs[IDX(dab + (r0 + r) * HS + l)] * u
                     for r in range(R):
                         i = r0 + r
                         if i < n:
                             b = b0 + i
-                            e = i * H + j
+                            e = i * Hb + jl
                             if use_mask and not mask[t, b]:
-                                sm[zb + i * ZS + j] = zero
-                                sm[zb + i * ZS + H + j] = zero
+                                xs[zb + i * ZS + j] = zero
+                                xs[zb + i * ZS + H + j] = zero
                             else:
                                 dq = acc[r * G]
                                 gr = gates[t, b, H + j]
@@ -343,33 +382,34 @@ def _backward_kernel(dtype, R, u_shared, act, ract, reset_after):
                                 dar = NPT(d_ract(d_r, gr))
                                 dz[t, b, j] = daz
                                 dz[t, b, H + j] = dar
-                                sm[zb + i * ZS + j] = daz
-                                sm[zb + i * ZS + H + j] = dar
-                cuda.syncthreads()
+                                xs[zb + i * ZS + j] = daz
+                                xs[zb + i * ZS + H + j] = dar
+                barrier()
             # last phase: dh_{t-1} = dh * z (+ dq terms) + sum_k (da_k @ U_k^T) * r_k
             NK = G if reset_after else 2
             for it in range(tid, items, nt):
-                j = it % H
-                r0 = (it // H) * R
+                jl = it % nu
+                j = j0 + jl
+                r0 = (it // nu) * R
                 for q in range(NACC):
                     acc[q] = zero
                 if use_rmask or not reset_after:
                     for k in range(NK):
                         for l in range(H):
                             col = k * H + l
-                            u = sm[IDX(col * H + j)] if u_shared else UT[IDX(col), IDX(j)]
+                            u = sm[IDX(col * Hb + jl)] if u_shared else UT[IDX(col), IDX(j)]
                             for r in range(R):
-                                acc[r * G + k] += sm[IDX(zb + (r0 + r) * ZS + col)] * u
+                                acc[r * G + k] += xs[IDX(zb + (r0 + r) * ZS + col)] * u
                 else:
                     for col in range(GH):
-                        u = sm[IDX(col * H + j)] if u_shared else UT[IDX(col), IDX(j)]
+                        u = sm[IDX(col * Hb + jl)] if u_shared else UT[IDX(col), IDX(j)]
                         for r in range(R):
-                            acc[r * G] += sm[IDX(zb + (r0 + r) * ZS + col)] * u
+                            acc[r * G] += xs[IDX(zb + (r0 + r) * ZS + col)] * u
                 for r in range(R):
                     i = r0 + r
                     if i < n:
                         b = b0 + i
-                        e = i * H + j
+                        e = i * Hb + jl
                         if not (use_mask and not mask[t, b]):
                             if use_rmask or not reset_after:
                                 v = sm[dhz + e]
@@ -382,8 +422,8 @@ def _backward_kernel(dtype, R, u_shared, act, ract, reset_after):
                                 v = acc[r * G] + sm[dhz + e]
                             sm[dhs + e] = v
         cuda.syncthreads()
-        store_rows(dh0, sm, dhs, b0, n, H, tid, nt)
-        store_rows(carry_io, sm, car, b0, n, H, tid, nt)
+        store_rows(dh0, sm, dhs, b0, n, j0, nu, Hb, tid, nt)
+        store_rows(carry_io, sm, car, b0, n, j0, nu, Hb, tid, nt)
 
     return backward
 
@@ -403,11 +443,14 @@ def forward(xw, U, brec, rmask, mask, h0, act, ract, reset_after, go_backwards, 
     o0 = initial_output(out0, B, H, dt)
     ra = bool(reset_after)
     if B:
-        p = plan(B, H, dt, H * G * H, lambda NR: _forward_state(NR, H, use_rmask, ra))
-        kern = _forward_kernel(dt.str, p.R, p.u_shared, int(act), int(ract), bool(fast), ra)
+        p = plan(B, H, dt, G * H, lambda NR, Hb, split: _forward_state(NR, Hb, H, use_rmask,
+                                                                        ra, split))
+        kern = _forward_kernel(dt.str, p.R, p.u_shared, int(act), int(ract), bool(fast), ra,
+                               p.split)
+        xg = exchange_buffer(p, _forward_exchange(H, use_rmask, ra), dt)
         launch(kern, p, xw, U, brec, rm, use_rmask, m, use_mask, h0, o0, bool(go_backwards),
-               bool(zero_output), bool(keep_cache), p.rows, p.padded_rows, y, h, gates, hprev,
-               aux)
+               bool(zero_output), bool(keep_cache), p.rows, p.padded_rows, p.unit_blocks,
+               p.block_units, xg, p.exchange_rows, y, h, gates, hprev, aux)
     return y, h, ((gates, hprev, aux) if keep_cache else None)
 
 
@@ -428,9 +471,10 @@ def backward(cache, U, rmask, mask, dy, dh, act, ract, reset_after, go_backwards
     cr = pending_carry(carry, B, H, dt)
     if B:
         UT = _linalg.transpose(U)
-        p = plan(B, H, dt, G * H * H, lambda NR: _backward_state(NR, H, ra))
-        kern = _backward_kernel(dt.str, p.R, p.u_shared, int(act), int(ract), ra)
+        p = plan(B, H, dt, G * H, lambda NR, Hb, split: _backward_state(NR, Hb, H, ra, split))
+        kern = _backward_kernel(dt.str, p.R, p.u_shared, int(act), int(ract), ra, p.split)
+        xg = exchange_buffer(p, _backward_exchange(H, ra), dt)
         launch(kern, p, gates, hprev, aux, UT, rm, use_rmask, m, use_mask, dy, dh,
-               bool(go_backwards), bool(zero_output), p.rows, p.padded_rows, cr, dz, dah_rec,
-               dh0)
+               bool(go_backwards), bool(zero_output), p.rows, p.padded_rows, p.unit_blocks,
+               p.block_units, xg, p.exchange_rows, cr, dz, dah_rec, dh0)
     return dz, (dah_rec if ra else None), dh0
