@@ -8,8 +8,9 @@ CUDA toolkit's NVVM and libdevice are installed (a GPU and its driver are not ne
    (cooperative launches included) and the numba types of its arguments;
 2. ``python tests/ptx_compile.py RECORD`` (two worker processes with the simulator off)
    rebuilds each kernel from its module (``fastcells_variant`` names the factory and its
-   compile-time key) and compiles it with ``numba.cuda.compile_ptx`` for compute
-   capability 9.0, the H100.
+   compile-time key), compiles it with ``numba.cuda.compile_ptx`` for compute capability
+   9.0 (the H100), and, where the toolkit has ``ptxas``, assembles the PTX and reports the
+   registers and any spills.
 
 Exit status 0: all compiled; 1: some failed (listed); 77: no NVVM or libdevice found.
 The CUDA toolkit is looked up in ``$CUDA_HOME``, ``$CUDA_PATH`` and ``/usr/local/cuda*``.
@@ -114,15 +115,34 @@ def _rebuild(key):
 
 
 def _compile(record):
-    """'' or why ``record`` (key, signature) did not compile."""
+    """``(error, registers, spilled bytes)`` of ``record`` (key, signature): error is ''
+    when NVVM compiled it and ptxas (where the toolkit has it) assembled it for sm_90."""
+    import re
+    import subprocess
+    import tempfile
     from numba import cuda
     key, sig = record
     try:
         ptx, _ = cuda.compile_ptx(_rebuild(key).py_func, sig, cc=CC)
         assert ".entry" in ptx, "no kernel entry in the PTX"
-        return ""
     except Exception as e:      # report every kernel, not the first failure only
-        return f"{key} {sig}: {type(e).__name__}: {str(e)[:2000]}"
+        return f"{key} {sig}: {type(e).__name__}: {str(e)[:2000]}", None, None
+    ptxas = os.path.join(os.environ["CUDA_HOME"], "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        return "", None, None
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        # -c: relocatable code (the grid barrier calls into cudadevrt, linked at load time)
+        run = subprocess.run([ptxas, f"-arch=sm_{CC[0]}{CC[1]}", "-c", "-v", src, "-o",
+                              os.path.join(d, "k.o")], capture_output=True, text=True)
+    if run.returncode:
+        return f"{key} {sig}: ptxas: {run.stderr[-2000:]}", None, None
+    regs = [int(r) for r in re.findall(r"Used (\d+) registers", run.stderr)]
+    spills = [int(a) + int(b) for a, b in
+              re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", run.stderr)]
+    return "", max(regs, default=0), sum(spills)
 
 
 def _init_worker(found):
@@ -140,11 +160,20 @@ def main(path, workers=2):
     import multiprocessing
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(workers, _init_worker, (found,)) as pool:
-        failed = [r for r in pool.map(_compile, records, chunksize=1) if r]
+        results = pool.map(_compile, records, chunksize=1)
+    failed = [err for err, _, _ in results if err]
     for f in failed:
         print("FAILED", f)
     print(f"{len(records) - len(failed)} of {len(records)} kernels compiled to PTX "
           f"(sm_{CC[0]}{CC[1]}) with {found[1]}")
+    assembled = [(rec, regs, spill) for rec, (err, regs, spill) in zip(records, results)
+                 if regs is not None]
+    if assembled:
+        print(f"ptxas: {len(assembled)} assembled, at most "
+              f"{max(r for _, r, _ in assembled)} registers per thread")
+        for (key, _), regs, spill in assembled:
+            if spill:
+                print(f"SPILL {spill} bytes ({regs} registers): {key}")
     return 1 if failed else 0
 
 

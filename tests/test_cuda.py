@@ -495,7 +495,8 @@ def test_every_kernel_compiles_to_ptx_for_a_gpu(monkeypatch, rng, tmp_path):
     ops (every cell, both dtypes, every driver option, weights in shared and in global
     memory), then compile each kernel with its argument types to PTX for an H100 with NVVM
     in a process of its own (tests/ptx_compile.py), split-unit (cooperative) kernels
-    included. Skipped only where no CUDA toolkit with NVVM is installed. The options kept are those that change the compiled
+    included; where the toolkit has ptxas, assemble them for sm_90 and require that no
+    kernel spills registers. Skipped only where no CUDA toolkit with NVVM is installed. The options kept are those that change the compiled
     kernels (activations, exact or fast, weights in global memory); the others are
     run-time arguments of the same kernels."""
     import pickle
@@ -519,6 +520,14 @@ def test_every_kernel_compiles_to_ptx_for_a_gpu(monkeypatch, rng, tmp_path):
                     monkeypatch.setattr(config, "CUDA_SHARED_MEMORY_BYTES", 48 * 1024)
             for option in ("plain", "shared_dropout_last_only", "checkpoint"):
                 _ops_vs_reference(rng, cell, TINY, option, np.float32)
+            for dtype in DTYPES:    # the default tunables: 4 rows per thread, as on a GPU
+                for option in ("plain", "recurrent_dropout_mask"):
+                    monkeypatch.undo()
+                    if option == "recurrent_dropout_mask":
+                        monkeypatch.setattr(config, "CUDA_SHARED_MEMORY_BYTES", 600)
+                    o = DRIVER_OPTIONS[option]
+                    _run_driver(mods, cell, _driver_problem(rng, cell, TINY, dtype, o), o,
+                                dtype, True)
             for option in ("plain", "recurrent_dropout_mask"):      # split units
                 for k, v in SPLIT_TUNABLES.items():
                     monkeypatch.setattr(config, k, v)
@@ -540,6 +549,8 @@ def test_every_kernel_compiles_to_ptx_for_a_gpu(monkeypatch, rng, tmp_path):
         pytest.skip(run.stdout.strip())
     assert run.returncode == 0, run.stdout[-20000:] + run.stderr[-5000:]
     assert f"{len(seen)} of {len(seen)} kernels compiled" in run.stdout
+    assert "SPILL" not in run.stdout, run.stdout      # registers suffice for every kernel
+    print(run.stdout)                                   # counts and registers (pytest -s)
 
 
 # --------------------------------------------------------------------------- split units
