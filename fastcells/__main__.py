@@ -88,10 +88,12 @@ def _parser():
                    help="comma-separated cells (default: all)")
     b.add_argument("--modes", type=_csv(bench.MODES), default=None,
                    help="forward (inference), train (forward+backward); default both")
-    all_engines = list(dict.fromkeys(bench.ENGINES + bench_gpu.GPU_ENGINES))
+    all_engines = list(dict.fromkeys(bench.ENGINES + bench_gpu.GPU_ENGINES
+                                     + bench_gpu.GPU_OPTIONAL_ENGINES))
     b.add_argument("--engines", type=_csv(all_engines), default=None,
                    help=f"comma-separated engines from {', '.join(bench.ENGINES)} (with "
-                        f"--gpu: {', '.join(bench_gpu.GPU_ENGINES)}) (default: every one "
+                        f"--gpu: {', '.join(bench_gpu.GPU_ENGINES)}, and on request "
+                        f"{', '.join(bench_gpu.GPU_OPTIONAL_ENGINES)}) (default: every one "
                         f"available here; {bench.BASELINE} always runs)")
     b.add_argument("--repeats", type=int, default=None,
                    help=f"timed calls per case at least, median reported (default "
@@ -296,10 +298,11 @@ def gpu_bench_command(args, note=None):
                  for e in (args.engines or list(bench_gpu.GPU_ENGINES))]
     if bench.BASELINE not in requested:
         requested = [bench.BASELINE] + requested
+    gpu_engines = bench_gpu.GPU_ENGINES + bench_gpu.GPU_OPTIONAL_ENGINES
     unavailable = {e: "a CPU engine; the GPU comparison runs "
-                      + ", ".join(bench_gpu.GPU_ENGINES)
-                   for e in requested if e not in bench_gpu.GPU_ENGINES}
-    requested = [e for e in requested if e in bench_gpu.GPU_ENGINES]
+                      + ", ".join(gpu_engines)
+                   for e in requested if e not in gpu_engines}
+    requested = [e for e in requested if e in gpu_engines]
     engines, missing = bench_gpu.available_gpu_engines(requested)
     unavailable.update(missing)
     report.unavailable = unavailable             # printed with the tables ("not run: ...")

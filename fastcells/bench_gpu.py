@@ -11,7 +11,11 @@ TensorFlow is not installed). Every engine runs on torch CUDA tensors in this pr
   torch tensors (the kernels alone, no Keras);
 - ``fastcells-cuda-layer``: ``fastcells.LSTM/GRU/SimpleRNN(engine="cuda")`` under the torch
   backend (the kernels behind the drop-in layer, bridge included);
-- ``torch-cudnn``: ``torch.nn.LSTM/GRU/RNN`` on the GPU (cuDNN).
+- ``torch-cudnn``: ``torch.nn.LSTM/GRU/RNN`` on the GPU (cuDNN);
+- ``fastcells-cuda-unsplit`` (only when asked for with ``--engines``): ``fastcells-cuda``
+  with ``config.CUDA_SPLIT_MIN_UNITS`` out of reach, so that a block owns all the units of
+  its rows wherever that fits: beside ``fastcells-cuda`` at H >= 512 (``large``) it compares
+  the two launch plans of ``fastcells/cuda/_common.py`` on this GPU.
 
 Each call ends with ``torch.cuda.synchronize()`` (and ``numba.cuda.synchronize()``), so the
 timed region holds the whole computation. TF32 is off (``Settings.allow_tf32``): every engine
@@ -31,6 +35,7 @@ Example::
         results = bench_gpu.run_gpu_benchmarks(["imdb"], ["lstm"], ["train"])
         bench.write_report(bench.Report(layers=results), sys.stdout)
 """
+import contextlib
 import importlib.util
 import sys
 
@@ -39,12 +44,16 @@ import numpy as np
 from . import bench
 from ._bench_torch import nvtx_range, time_calls, torch_case
 
-__all__ = ["GPU_ENGINES", "GPU_SHAPES", "QUICK_GPU_SHAPES", "choose_bench", "no_gpu_reason",
+__all__ = ["GPU_ENGINES", "GPU_OPTIONAL_ENGINES", "GPU_SHAPES", "QUICK_GPU_SHAPES", "choose_bench", "no_gpu_reason",
            "gpu_engine_unavailable", "available_gpu_engines", "make_gpu_case",
            "run_gpu_benchmarks", "gpu_info", "configure", "synchronize", "LEGEND"]
 
 #: Engines of the GPU comparison, the baseline first.
 GPU_ENGINES = ("keras", "fastcells-cuda", "fastcells-cuda-layer", "torch-cudnn")
+
+#: Engines run only when asked for (``--engines``): the CUDA ops without the unit split.
+GPU_OPTIONAL_ENGINES = ("fastcells-cuda-unsplit",)
+_ALL_GPU_ENGINES = GPU_ENGINES + GPU_OPTIONAL_ENGINES
 
 #: The GPU workloads of the issue: the IMDB layer (B=128 T=500 D=32 H=32), B=64 T=100
 #: D=256 H=256, B=32 T=100 D=512 H=1024 and one sequence at a time (B=1 T=100 D=64 H=128).
@@ -57,7 +66,8 @@ _REFERENCES = ("keras", "torch-cudnn")
 LEGEND = ("keras = built-in Keras layer on the torch backend (cuDNN for LSTM/GRU); "
           "fastcells-cuda = fastcells.ops engine='cuda' on torch CUDA tensors; "
           "fastcells-cuda-layer = fastcells layer engine='cuda' under KERAS_BACKEND=torch; "
-          "torch-cudnn = torch.nn on CUDA")
+          "torch-cudnn = torch.nn on CUDA; fastcells-cuda-unsplit = fastcells-cuda with every "
+          "unit of a row in one block")
 
 
 # --------------------------------------------------------------------------- which run
@@ -116,8 +126,8 @@ def gpu_engine_unavailable(engine):
     Besides the static checks (a GPU, the Keras backend, numba.cuda) each engine runs a tiny
     LSTM forward+backward once: an engine that fails there is left out with the error.
     """
-    if engine not in GPU_ENGINES:
-        raise ValueError(f"engine must be one of {GPU_ENGINES}, got {engine!r}")
+    if engine not in _ALL_GPU_ENGINES:
+        raise ValueError(f"engine must be one of {_ALL_GPU_ENGINES}, got {engine!r}")
     if engine in _unavailable:
         return _unavailable[engine]
     reason = no_gpu_reason()
@@ -213,14 +223,27 @@ def make_gpu_case(engine, cell, shape, mode, seed=0, dtype="float32"):
     if engine == "torch-cudnn":
         run, fetch = torch_case(cell, shape, mode, weights, x, device="cuda")
         return bench.Case(engine, cell, shape, mode, run, fetch)
-    if engine == "fastcells-cuda":
-        return _ops_case(cell, shape, mode, weights, x)
+    if engine in ("fastcells-cuda", "fastcells-cuda-unsplit"):
+        return _ops_case(engine, cell, shape, mode, weights, x)
     if engine in ("keras", "fastcells-cuda-layer"):
         return _keras_case(engine, cell, shape, mode, weights, x)
-    raise ValueError(f"engine must be one of {GPU_ENGINES}, got {engine!r}")
+    raise ValueError(f"engine must be one of {_ALL_GPU_ENGINES}, got {engine!r}")
 
 
-def _ops_case(cell, shape, mode, weights, x_np):
+@contextlib.contextmanager
+def _unsplit(engine):
+    """Within the block, ``fastcells-cuda-unsplit`` keeps a row's units in one block."""
+    from . import config
+    saved = config.CUDA_SPLIT_MIN_UNITS
+    if engine == "fastcells-cuda-unsplit":
+        config.CUDA_SPLIT_MIN_UNITS = 1 << 62
+    try:
+        yield
+    finally:
+        config.CUDA_SPLIT_MIN_UNITS = saved
+
+
+def _ops_case(engine, cell, shape, mode, weights, x_np):
     """fastcells.ops with engine='cuda' on torch CUDA tensors; stacked layers in turn."""
     import torch
 
@@ -240,7 +263,7 @@ def _ops_case(cell, shape, mode, weights, x_np):
     d_out = torch.ones(out_shape, device=dev, dtype=x.dtype)      # d sum(outputs)
 
     def run():
-        with nvtx_range("fastcells-cuda"):
+        with nvtx_range(engine), _unsplit(engine):
             with nvtx_range(f"{cell} forward"):
                 y, caches = x, []
                 for i, (W, U, b) in enumerate(params):
@@ -266,7 +289,7 @@ def _ops_case(cell, shape, mode, weights, x_np):
         y, grads = out
         return _host(y), ([_host(g) for g in grads] if training else None)
 
-    return bench.Case("fastcells-cuda", cell, shape, mode, run, fetch)
+    return bench.Case(engine, cell, shape, mode, run, fetch)
 
 
 def _keras_case(engine, cell, shape, mode, weights, x_np):
@@ -325,8 +348,8 @@ def _keras_case(engine, cell, shape, mode, weights, x_np):
 
 # --------------------------------------------------------------------------- runner
 def _ordered(engines):
-    engines = [e for e in dict.fromkeys(engines) if e in GPU_ENGINES]
-    return sorted(engines, key=GPU_ENGINES.index)
+    engines = [e for e in dict.fromkeys(engines) if e in _ALL_GPU_ENGINES]
+    return sorted(engines, key=_ALL_GPU_ENGINES.index)
 
 
 def _tolerance_engine(engine):

@@ -174,6 +174,28 @@ def test_gpu_runner_without_keras_compares_with_cudnn(monkeypatch):
         assert r.speedup is None                  # no built-in layer: no ratio
 
 
+def test_unsplit_engine_runs_on_request_after_fastcells_cuda(monkeypatch):
+    """``fastcells-cuda-unsplit`` is not in the default grid, runs when asked for, is
+    ordered after the default engines, and lifts the split threshold only while it runs."""
+    from fastcells import config
+    assert "fastcells-cuda-unsplit" not in bench_gpu.GPU_ENGINES
+    _patch_gpu_runner(monkeypatch, {})
+    results = bench_gpu.run_gpu_benchmarks(
+        [TINY], ["lstm"], ["forward"], ["fastcells-cuda-unsplit", "fastcells-cuda", "keras"],
+        _quick())
+    assert [r.engine for r in results] == ["keras", "fastcells-cuda",
+                                           "fastcells-cuda-unsplit"]
+    before = config.CUDA_SPLIT_MIN_UNITS
+    with bench_gpu._unsplit("fastcells-cuda-unsplit"):
+        assert config.CUDA_SPLIT_MIN_UNITS > 1 << 40
+    with bench_gpu._unsplit("fastcells-cuda"):
+        assert config.CUDA_SPLIT_MIN_UNITS == before
+    assert config.CUDA_SPLIT_MIN_UNITS == before
+    assert cli._parser().parse_args(
+        ["bench", "--gpu", "--engines", "fastcells-cuda-unsplit"]).engines == [
+        "fastcells-cuda-unsplit"]
+
+
 @pytest.mark.skipif(not _gpu(), reason="no CUDA GPU")
 def test_gpu_cases_on_a_gpu(monkeypatch):
     monkeypatch.setattr(bench_gpu, "_unavailable", {})

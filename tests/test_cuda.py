@@ -542,7 +542,10 @@ def test_every_kernel_compiles_to_ptx_for_a_gpu(monkeypatch, rng, tmp_path):
     assert len(split) == 6, split       # the forward and backward of each cell, split
     path = tmp_path / "launches.pkl"
     path.write_bytes(pickle.dumps(seen))
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
+    import fastcells
+    here = os.path.dirname(os.path.dirname(fastcells.__file__))    # the fastcells under test
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0",
+               PYTHONPATH=os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])))
     run = subprocess.run([sys.executable, ptx_compile.__file__, str(path)], env=env,
                          capture_output=True, text=True, timeout=1200)
     if run.returncode == ptx_compile.NO_NVVM:

@@ -396,6 +396,16 @@ def begin_block(sm, M, u_shared, groups, width, lo, hi, zero, rows, NR, R, B, UB
 
 
 @inline_device
+def exchange_at(sm, xg, split, base, b0, row_elems):
+    """``(array, offset)`` of the block's first row vector passed between units: shared
+    memory at ``base``, or with a split the global exchange buffer ``xg`` at row b0 (rows of
+    ``row_elems`` elements)."""
+    if split:
+        return xg, b0 * row_elems
+    return sm, base
+
+
+@inline_device
 def load_rows(sm, off, src, b0, n, j0, nu, Hb, tid, nt):
     """sm[off + i * Hb + jl] = src[b0 + i, j0 + jl] for the block's n rows and nu units
     (block-cooperative)."""

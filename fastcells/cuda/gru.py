@@ -21,10 +21,10 @@ from numba import cuda
 
 from .. import _math
 from . import _linalg
-from ._common import (IDX, begin_block, cache_arrays, exchange_buffer, initial_output,
-                      kernel_variant, launch, load_initial_state, load_rows, masks, numba_type,
-                      output_grad, outputs, pending_carry, plan, put_recurrent_input,
-                      row_stride, step_barrier, store_rows)
+from ._common import (IDX, begin_block, cache_arrays, exchange_at, exchange_buffer,
+                      initial_output, kernel_variant, launch, load_initial_state, load_rows,
+                      masks, numba_type, output_grad, outputs, pending_carry, plan,
+                      put_recurrent_input, row_stride, step_barrier, store_rows)
 
 G = 3
 
@@ -90,10 +90,8 @@ def _forward_kernel(dtype, R, u_shared, act, ract, fast, reset_after, split):
         tid, nt, b0, n, j0, nu, items = begin_block(
             sm, U, u_shared, G, H, hb, hb if split else qs + (0 if reset_after else plane),
             zero, rows, NR, R, B, UB, Hb, H)
-        xs = xg if split else sm
-        if split:
-            hb = b0 * HS
-            qs = 2 * buf + b0 * HS
+        xs, hb = exchange_at(sm, xg, split, hb, b0, HS)
+        qs = hb + 2 * buf
         cuda.syncthreads()
         load_initial_state(sm, own, outs, xs, hb, plane, HS, h0, out0, rmask, use_rmask, G,
                            b0, n, j0, nu, Hb, tid, nt)
@@ -284,17 +282,13 @@ def _backward_kernel(dtype, R, u_shared, act, ract, reset_after, split):
         ZS = (GH if reset_after else 2 * H) | (0 if split else 1)
         XN = XR if split else NR
         zbuf = XN * ZS
-        dab = xb                          # dah (without reset_after)
-        zb0 = xb if reset_after else xb + XN * HS
-        tid, nt, b0, n, j0, nu, items = begin_block(sm, UT, u_shared, 1, 0, xb,
-                                                    xb if split else zb0 + zbuf * (
-                                                        2 if reset_after else 1),
+        in_shared = 0 if split else (zbuf * 2 if reset_after else NR * HS + zbuf)
+        tid, nt, b0, n, j0, nu, items = begin_block(sm, UT, u_shared, 1, 0, xb, xb + in_shared,
                                                     zero, rows, NR, R, B, UB, Hb, H)
         acc = cuda.local.array(NACC, DT)
-        xs = xg if split else sm
-        if split:
-            dab = b0 * HS
-            zb0 = (0 if reset_after else XR * HS) + b0 * ZS
+        xs, dab = exchange_at(sm, xg, split, xb, b0, HS)      # dah (without reset_after)
+        # then (daz, dar[, da_h]), two of them with reset_after
+        zb0 = (0 if reset_after else XN * HS) + (b0 * ZS if split else xb)
         load_rows(sm, dhs, dh_in, b0, n, j0, nu, Hb, tid, nt)
         load_rows(sm, car, carry_io, b0, n, j0, nu, Hb, tid, nt)
         cuda.syncthreads()

@@ -11,9 +11,10 @@ from numba import cuda
 
 from .. import _math
 from . import _linalg
-from ._common import (IDX, begin_block, cache_arrays, exchange_buffer, initial_output,
-                      kernel_variant, launch, load_rows, masks, numba_type, output_grad,
-                      outputs, pending_carry, plan, row_stride, step_barrier, store_rows)
+from ._common import (IDX, begin_block, cache_arrays, exchange_at, exchange_buffer,
+                      initial_output, kernel_variant, launch, load_rows, masks, numba_type,
+                      output_grad, outputs, pending_carry, plan, row_stride, step_barrier,
+                      store_rows)
 
 
 def _state(NR, Hb, H, split):
@@ -57,9 +58,7 @@ def _forward_kernel(dtype, R, u_shared, act, fast, split):
         tid, nt, b0, n, j0, nu, items = begin_block(sm, U, u_shared, 1, 0, hb,
                                                     hb if split else hb + 2 * buf, zero,
                                                     rows, NR, R, B, UB, Hb, H)
-        xs = xg if split else sm
-        if split:
-            hb = b0 * HS
+        xs, hb = exchange_at(sm, xg, split, hb, b0, HS)
         cuda.syncthreads()
         for e in range(tid, n * nu, nt):
             i = e // nu
@@ -147,9 +146,7 @@ def _backward_kernel(dtype, R, u_shared, act, split):
         tid, nt, b0, n, j0, nu, items = begin_block(sm, UT, u_shared, 1, 0, zb,
                                                     zb if split else zb + 2 * zbuf, zero,
                                                     rows, NR, R, B, UB, Hb, H)
-        xs = xg if split else sm
-        if split:
-            zb = b0 * HS
+        xs, zb = exchange_at(sm, xg, split, zb, b0, HS)
         load_rows(sm, dhs, dh_in, b0, n, j0, nu, Hb, tid, nt)
         load_rows(sm, car, carry_io, b0, n, j0, nu, Hb, tid, nt)
         cuda.syncthreads()
