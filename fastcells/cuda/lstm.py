@@ -80,14 +80,12 @@ def _forward_kernel(dtype, R, u_shared, act, ract, fast, split):
         T = xw.shape[0]
         B = h0.shape[0]
         H = h0.shape[1]
-        GH = G * H
         GHb = G * Hb
         full = y.shape[0] == T
         # shared memory: [U columns] | own h, c, out [NR, Hb] | 2 x [NH, NR, HS] recurrent
         # input (without a split; with one it is xg, [NH, XR, H] per step parity)
         sm = cuda.shared.array(0, DT)
-        hb = H * GHb if u_shared else 0
-        own = hb
+        own = H * GHb if u_shared else 0
         cs = own + NR * Hb
         outs = cs + NR * Hb
         rin = outs + NR * Hb
