@@ -84,14 +84,13 @@ def _forward_kernel(dtype, R, u_shared, act, ract, fast, reset_after, split):
         hb = zsv + (0 if reset_after else NR * Hb)
         plane = XR * HS if split else NR * HS
         buf = (G if use_rmask else 1) * plane
-        qs = hb + 2 * buf
         hplane = 2 * plane if use_rmask else 0         # the plane holding h * r_h
+        in_shared = 0 if split else 2 * buf + (0 if reset_after else plane)
         acc = cuda.local.array(NACC, DT)
-        tid, nt, b0, n, j0, nu, items = begin_block(
-            sm, U, u_shared, G, H, hb, hb if split else qs + (0 if reset_after else plane),
-            zero, rows, NR, R, B, UB, Hb, H)
+        tid, nt, b0, n, j0, nu, items = begin_block(sm, U, u_shared, G, H, hb, hb + in_shared,
+                                                    zero, rows, NR, R, B, UB, Hb, H)
         xs, hb = exchange_at(sm, xg, split, hb, b0, HS)
-        qs = hb + 2 * buf
+        qs = hb + 2 * buf                              # q, after the recurrent input
         cuda.syncthreads()
         load_initial_state(sm, own, outs, xs, hb, plane, HS, h0, out0, rmask, use_rmask, G,
                            b0, n, j0, nu, Hb, tid, nt)
