@@ -95,6 +95,15 @@ def test_launch_plan_spreads_the_batch_and_falls_back_to_global_weights(small, m
     p = _common.plan(5, 5, np.float32, 20, state)
     assert p.split and (p.unit_blocks, p.block_units, p.rows, p.blocks) == (3, 2, 3, 6)
     assert not p.u_shared and p.shared_bytes == state(4, 2, True) * 4
+    # a GPU without cooperative launches gets no split plan
+    monkeypatch.setattr(_common, "cooperative_launch", lambda: False)
+    with pytest.raises(ValueError, match="cooperative launch"):
+        _common.plan(5, 5, np.float32, 20, state)
+    monkeypatch.setattr(config, "CUDA_SHARED_MEMORY_BYTES", 48 * 1024)
+    monkeypatch.setattr(config, "CUDA_SPLIT_MIN_UNITS", 1)
+    assert not _common.plan(5, 5, np.float32, 20, state).split
+    monkeypatch.setattr(_common, "cooperative_launch", lambda: True)
+    assert _common.plan(5, 5, np.float32, 20, state).split
     monkeypatch.setattr(config, "CUDA_SHARED_MEMORY_BYTES", 16)
     with pytest.raises(ValueError, match="shared memory"):
         _common.plan(5, 5, np.float32, 20, state)

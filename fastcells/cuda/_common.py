@@ -43,7 +43,9 @@ columns of U (``stage_units``: [H, G, Hb]) when they fit, and its own state [NR,
 - unit blocks UB = min(H, max(that minimum, multiprocessors * ``CUDA_BLOCKS_PER_SM`` / RB)),
   Hb = ceil(H / UB) (the last block may own fewer units);
 - the whole grid must be resident at once: ``launch`` checks it against
-  ``max_cooperative_grid_blocks`` and raises ``ValueError`` naming the settings otherwise.
+  ``max_cooperative_grid_blocks`` and raises ``ValueError`` naming the settings otherwise;
+  a GPU without cooperative launches (``COOPERATIVE_LAUNCH`` attribute 0) is never given a
+  split plan.
 
 Why 512 units: at B=32, H=1024 (float32 LSTM, U = 16 MB) the unsplit plan has 8 blocks of
 4 rows, each streaming all of U from L2 every step (128 MB per step on 8 of 132 SMs); split,
@@ -161,12 +163,26 @@ def plan(B, H, dtype, u_per_unit, state_elems):
     ``u_per_unit``: elements of the recurrent weights that one unit's outputs need (its
     column of every gate: G * H); ``state_elems(NR, Hb, split)``: elements of the shared
     state buffers of a block with NR rows and Hb units."""
-    if H < config.CUDA_SPLIT_MIN_UNITS:
+    if H < config.CUDA_SPLIT_MIN_UNITS or not cooperative_launch():
         try:
             return _row_plan(B, H, dtype, u_per_unit, state_elems)
-        except ValueError:
-            pass                # the state of one row does not fit: split the units
+        except ValueError as e:
+            if not cooperative_launch():
+                raise ValueError(f"{e}; splitting the units over blocks would need a "
+                                 f"cooperative launch, which this GPU does not offer") from None
+            # the state of one row does not fit: split the units
     return _split_plan(B, H, dtype, u_per_unit, state_elems)
+
+
+def cooperative_launch():
+    """The device runs cooperative launches (a grid barrier); the simulator emulates them
+    (``fastcells.cuda._simulator``)."""
+    if SIMULATOR:
+        return True
+    try:
+        return bool(cuda.get_current_device().COOPERATIVE_LAUNCH)
+    except Exception:       # an older driver without the attribute: do not rely on it
+        return False
 
 
 def _row_plan(B, H, dtype, u_per_unit, state_elems):
