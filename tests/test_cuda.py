@@ -487,10 +487,15 @@ def test_float32_close_to_reference(shape, cell, option, monkeypatch, rng):
             assert err <= config.TOL_GRAD_F32, f"{name}: {err:.3e}"
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["rows", "split"])
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 1, 3, 2), (1, 3, 2, 3)], ids=_sid)
 @pytest.mark.parametrize("cell", ["lstm", "gru", "simple_rnn"])
-def test_awkward_shapes_equal_reference(cell, shape, small, rng):
-    """B=1, T=1, H=1 (a block with one row, a step with one unit)."""
+def test_awkward_shapes_equal_reference(cell, shape, split, small, monkeypatch, rng):
+    """B=1, T=1, H=1 (a block with one row, a step with one unit), with and without the
+    units split over blocks."""
+    if split:
+        for k, v in SPLIT_TUNABLES.items():
+            monkeypatch.setattr(config, k, v)
     for name, (got, want) in _ops_vs_reference(rng, cell, shape, "dropout_per_gate",
                                                 np.float64).items():
         if want is not None:
