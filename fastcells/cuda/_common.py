@@ -393,13 +393,21 @@ def zero_range(sm, lo, hi, zero, tid, nt):
 
 
 @inline_device
-def begin_block(sm, M, u_shared, groups, width, lo, hi, zero, rows, NR, R, B, UB, Hb, H):
-    """The prologue of a recurrence kernel: the block's columns of M (U or U^T, see
-    ``stage_units``) staged at sm[0:] when ``u_shared``, the state buffers sm[lo:hi] zeroed
-    (block-cooperative, no barrier), and this thread's view of the launch:
-    ``tid, nt, b0, n, j0, nu, items`` (thread, threads, first batch row of the block and its
-    rows, first unit and its units, its (unit, R-row group) items; see the module
-    docstring). Block k owns row block k // UB and unit block k % UB."""
+def begin_block(sm, M, u_shared, groups, width, xg, split, lo, n_shared, row_elems, zero, rows,
+                NR, R, B, UB, Hb, H):
+    """The prologue of a recurrence kernel (block-cooperative, no barrier):
+
+    - the block's columns of M (U or U^T, see ``stage_units``) staged at sm[0:] when
+      ``u_shared``;
+    - where the row vectors passed between units live: without a split, ``n_shared``
+      elements of shared memory from ``lo``, zeroed here; with one, the global exchange
+      buffer ``xg`` (rows of ``row_elems`` elements, the block's from its row b0);
+    - this thread's view of the launch (see the module docstring); block k owns row block
+      k // UB and unit block k % UB.
+
+    Returns ``tid, nt, b0, n, j0, nu, items, xs, base``: thread, threads, first batch row of
+    the block and its rows, first unit and its units, its (unit, R-row group) items, and
+    the exchange array with the offset of the block's first row vector in it."""
     tid = cuda.threadIdx.x
     nt = cuda.blockDim.x
     b0 = (cuda.blockIdx.x // UB) * rows
@@ -407,18 +415,11 @@ def begin_block(sm, M, u_shared, groups, width, lo, hi, zero, rows, NR, R, B, UB
     nu = min(Hb, H - j0)
     if u_shared:
         stage_units(sm, M, groups, width, j0, Hb, nu, tid, nt)
-    zero_range(sm, lo, hi, zero, tid, nt)
-    return tid, nt, b0, min(rows, B - b0), j0, nu, nu * (NR // R)
-
-
-@inline_device
-def exchange_at(sm, xg, split, base, b0, row_elems):
-    """``(array, offset)`` of the block's first row vector passed between units: shared
-    memory at ``base``, or with a split the global exchange buffer ``xg`` at row b0 (rows of
-    ``row_elems`` elements)."""
+    items = nu * (NR // R)
     if split:
-        return xg, b0 * row_elems
-    return sm, base
+        return tid, nt, b0, min(rows, B - b0), j0, nu, items, xg, b0 * row_elems
+    zero_range(sm, lo, lo + n_shared, zero, tid, nt)
+    return tid, nt, b0, min(rows, B - b0), j0, nu, items, sm, lo
 
 
 @inline_device

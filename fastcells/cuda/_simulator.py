@@ -44,7 +44,7 @@ class _Module(_api.FakeCUDAModule):
 
 
 class _Thread(threading.Thread):
-    def __init__(self, fn, args, block, thread, block_barrier, grid_barrier, shared, block_dim):
+    def __init__(self, fn, args, block, thread, block_barrier, grid_barrier, shared):
         super().__init__(daemon=True)
         self._fn, self._args = fn, args
         self.blockIdx = _api.Dim3(block, 0, 0)
@@ -88,7 +88,7 @@ def launch_cooperative(kernel, blocks, threads, nshared, args):
             shared = _api.FakeCUDAShared(nshared)
             for t in range(threads):
                 pool.append(_Thread(kernel.fn, kargs, blk, t, block_barrier, grid_barrier,
-                                    shared, threads))
+                                    shared))
         for t in pool:
             t.start()
         for t in pool:

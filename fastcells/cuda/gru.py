@@ -21,7 +21,7 @@ from numba import cuda
 
 from .. import _math
 from . import _linalg
-from ._common import (IDX, begin_block, cache_arrays, exchange_at, exchange_buffer,
+from ._common import (IDX, begin_block, cache_arrays, exchange_buffer,
                       initial_output, kernel_variant, launch, load_initial_state, load_rows,
                       masks, numba_type, output_grad, outputs, pending_carry, plan,
                       put_recurrent_input, row_stride, step_barrier, store_rows)
@@ -85,11 +85,10 @@ def _forward_kernel(dtype, R, u_shared, act, ract, fast, reset_after, split):
         plane = XR * HS if split else NR * HS
         buf = (G if use_rmask else 1) * plane
         hplane = 2 * plane if use_rmask else 0         # the plane holding h * r_h
-        in_shared = 0 if split else 2 * buf + (0 if reset_after else plane)
         acc = cuda.local.array(NACC, DT)
-        tid, nt, b0, n, j0, nu, items = begin_block(sm, U, u_shared, G, H, hb, hb + in_shared,
-                                                    zero, rows, NR, R, B, UB, Hb, H)
-        xs, hb = exchange_at(sm, xg, split, hb, b0, HS)
+        tid, nt, b0, n, j0, nu, items, xs, hb = begin_block(
+            sm, U, u_shared, G, H, xg, split, hb, 2 * buf + (0 if reset_after else plane), HS,
+            zero, rows, NR, R, B, UB, Hb, H)
         qs = hb + 2 * buf                              # q, after the recurrent input
         cuda.syncthreads()
         load_initial_state(sm, own, outs, xs, hb, plane, HS, h0, out0, rmask, use_rmask, G,
@@ -281,11 +280,11 @@ def _backward_kernel(dtype, R, u_shared, act, ract, reset_after, split):
         ZS = (GH if reset_after else 2 * H) | (0 if split else 1)
         XN = XR if split else NR
         zbuf = XN * ZS
-        in_shared = 0 if split else (zbuf * 2 if reset_after else NR * HS + zbuf)
-        tid, nt, b0, n, j0, nu, items = begin_block(sm, UT, u_shared, 1, 0, xb, xb + in_shared,
-                                                    zero, rows, NR, R, B, UB, Hb, H)
+        # dah (without reset_after) first
+        tid, nt, b0, n, j0, nu, items, xs, dab = begin_block(
+            sm, UT, u_shared, 1, 0, xg, split, xb, zbuf * 2 if reset_after else NR * HS + zbuf,
+            HS, zero, rows, NR, R, B, UB, Hb, H)
         acc = cuda.local.array(NACC, DT)
-        xs, dab = exchange_at(sm, xg, split, xb, b0, HS)      # dah (without reset_after)
         # then (daz, dar[, da_h]), two of them with reset_after
         zb0 = (0 if reset_after else XN * HS) + (b0 * ZS if split else xb)
         load_rows(sm, dhs, dh_in, b0, n, j0, nu, Hb, tid, nt)

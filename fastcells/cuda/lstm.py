@@ -28,7 +28,7 @@ from numba import cuda
 
 from .. import _math
 from . import _linalg
-from ._common import (IDX, begin_block, cache_arrays, exchange_at, exchange_buffer,
+from ._common import (IDX, begin_block, cache_arrays, exchange_buffer,
                       initial_output, kernel_variant, launch, load_initial_state, load_rows,
                       masks, numba_type, output_grad, outputs, pending_carry, plan,
                       put_recurrent_input, row_stride, step_barrier, store_rows)
@@ -93,10 +93,8 @@ def _forward_kernel(dtype, R, u_shared, act, ract, fast, split):
         plane = XR * H if split else NR * HS
         buf = (G if use_rmask else 1) * plane
         acc = cuda.local.array(NACC, DT)
-        tid, nt, b0, n, j0, nu, items = begin_block(sm, U, u_shared, G, H, rin,
-                                                    rin if split else rin + 2 * buf, zero,
-                                                    rows, NR, R, B, UB, Hb, H)
-        xs, rin = exchange_at(sm, xg, split, rin, b0, H)
+        tid, nt, b0, n, j0, nu, items, xs, rin = begin_block(
+            sm, U, u_shared, G, H, xg, split, rin, 2 * buf, H, zero, rows, NR, R, B, UB, Hb, H)
         cuda.syncthreads()
         load_initial_state(sm, own, outs, xs, rin, plane, HS, h0, out0, rmask, use_rmask, G,
                            b0, n, j0, nu, Hb, tid, nt)
@@ -240,10 +238,8 @@ def _backward_kernel(dtype, R, u_shared, act, ract, split):
         zb = car + NR * Hb
         zbuf = XR * ZS if split else NR * ZS
         acc = cuda.local.array(NACC, DT)
-        tid, nt, b0, n, j0, nu, items = begin_block(sm, UT, u_shared, 1, 0, zb,
-                                                    zb if split else zb + 2 * zbuf, zero,
-                                                    rows, NR, R, B, UB, Hb, H)
-        xs, zb = exchange_at(sm, xg, split, zb, b0, ZS)
+        tid, nt, b0, n, j0, nu, items, xs, zb = begin_block(
+            sm, UT, u_shared, 1, 0, xg, split, zb, 2 * zbuf, ZS, zero, rows, NR, R, B, UB, Hb, H)
         load_rows(sm, dhs, dh_in, b0, n, j0, nu, Hb, tid, nt)
         load_rows(sm, dcs, dc_in, b0, n, j0, nu, Hb, tid, nt)
         load_rows(sm, car, carry_io, b0, n, j0, nu, Hb, tid, nt)

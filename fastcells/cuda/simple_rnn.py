@@ -11,7 +11,7 @@ from numba import cuda
 
 from .. import _math
 from . import _linalg
-from ._common import (IDX, begin_block, cache_arrays, exchange_at, exchange_buffer,
+from ._common import (IDX, begin_block, cache_arrays, exchange_buffer,
                       initial_output, kernel_variant, launch, load_rows, masks, numba_type,
                       output_grad, outputs, pending_carry, plan, row_stride, step_barrier,
                       store_rows)
@@ -55,10 +55,8 @@ def _forward_kernel(dtype, R, u_shared, act, fast, split):
         hb = outs + NR * Hb
         buf = XR * HS if split else NR * HS
         acc = cuda.local.array(R, DT)
-        tid, nt, b0, n, j0, nu, items = begin_block(sm, U, u_shared, 1, 0, hb,
-                                                    hb if split else hb + 2 * buf, zero,
-                                                    rows, NR, R, B, UB, Hb, H)
-        xs, hb = exchange_at(sm, xg, split, hb, b0, HS)
+        tid, nt, b0, n, j0, nu, items, xs, hb = begin_block(
+            sm, U, u_shared, 1, 0, xg, split, hb, 2 * buf, HS, zero, rows, NR, R, B, UB, Hb, H)
         cuda.syncthreads()
         for e in range(tid, n * nu, nt):
             i = e // nu
@@ -143,10 +141,8 @@ def _backward_kernel(dtype, R, u_shared, act, split):
         zb = car + NR * Hb
         zbuf = XR * HS if split else NR * HS
         acc = cuda.local.array(R, DT)
-        tid, nt, b0, n, j0, nu, items = begin_block(sm, UT, u_shared, 1, 0, zb,
-                                                    zb if split else zb + 2 * zbuf, zero,
-                                                    rows, NR, R, B, UB, Hb, H)
-        xs, zb = exchange_at(sm, xg, split, zb, b0, HS)
+        tid, nt, b0, n, j0, nu, items, xs, zb = begin_block(
+            sm, UT, u_shared, 1, 0, xg, split, zb, 2 * zbuf, HS, zero, rows, NR, R, B, UB, Hb, H)
         load_rows(sm, dhs, dh_in, b0, n, j0, nu, Hb, tid, nt)
         load_rows(sm, car, carry_io, b0, n, j0, nu, Hb, tid, nt)
         cuda.syncthreads()
