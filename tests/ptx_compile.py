@@ -86,8 +86,7 @@ def _offline_numba(root, libnvvm, libdevice):
     """numba-cuda asks the driver for the device's compute capability and NVRTC for the
     supported ones before it compiles; neither is needed to produce PTX, so both answers
     are given here, and NVVM and libdevice are taken from the toolkit found."""
-    os.environ["CUDA_HOME"] = root
-    os.environ.setdefault("NUMBA_CUDA_NVVM", libnvvm)
+    os.environ["CUDA_HOME"] = root          # where numba-cuda finds libnvvm
     from numba.cuda import dispatcher
     from numba.cuda.cudadrv import libs, nvrtc, nvvm
 
@@ -95,14 +94,8 @@ def _offline_numba(root, libnvvm, libdevice):
         compute_capability = CC
 
     dispatcher.get_current_device = lambda: Device()
-    supported = lambda: ((7, 5), (8, 0), (8, 6), (8, 9), CC)   # noqa: E731
-    nvrtc.get_supported_ccs = supported
-    libs.get_libdevice = lambda: libdevice
-    for mod in (nvvm,):
-        if hasattr(mod, "get_supported_ccs"):
-            mod.get_supported_ccs = supported
-        if hasattr(mod, "get_libdevice"):
-            mod.get_libdevice = libs.get_libdevice
+    nvrtc.get_supported_ccs = lambda: ((7, 5), (8, 0), (8, 6), (8, 9), CC)
+    libs.get_libdevice = nvvm.get_libdevice = lambda: libdevice    # nvvm imported it by name
 
 
 def _rebuild(key):
