@@ -228,7 +228,7 @@ def _check_dout(c, d_outputs, d_states):
         shape = tuple(d.shape)
         if shape == (B, T, H) and c.return_sequences:
             dy = la.time_major(d.astype(dt, copy=False) if eng == "cpu"
-                               else _contiguous(d, dt, eng))
+                               else _contiguous(d, dt, eng), shared=True)
         elif shape == (B, H):        # a copy on the CPU: dy goes back to the workspace
             dy = (np.array(d, dt) if eng == "cpu" else _contiguous(d, dt, eng)).reshape(1, B, H)
         else:
@@ -287,6 +287,10 @@ def _prepare(cell, x, kernel, recurrent_kernel, bias, states, *, mask, go_backwa
         raise ValueError(f"{cell} takes {len(names)} initial state(s) {names}, got "
                          f"{len(states)}")
     states = list(states) + [None] * (len(names) - len(states))
+    missing = sum(s is None for s in states)
+    if missing > 1:                 # the missing states from one zero fill (one launch)
+        zeros = iter(E.linalg.zeros((missing, B, H), dt))
+        states = [next(zeros) if s is None else s for s in states]
     states = tuple(_check_state(n, s, B, H, dt, eng) for n, s in zip(names, states))
     opts = dict(act=_check_activation("activation", activation),
                 go_backwards=bool(go_backwards), zero_output=bool(zero_output_for_mask))
@@ -314,8 +318,8 @@ def _prepare(cell, x, kernel, recurrent_kernel, bias, states, *, mask, go_backwa
         x = np.ascontiguousarray(x)
         b_in = b if cell == "simple_rnn" or not reset_after else (None if b is None else b[0])
         Wb = np.concatenate([W, (b_in if b_in is not None else np.zeros(G * H, dt))[None]])
-    elif B:
-        xt = la.time_major(x)
+    elif B:     # an inference call reads x only during the call (training keeps a copy)
+        xt = la.time_major(x, shared=not training)
         if dmask is not None and dmask.ndim == 2:
             la.apply_shared_mask(xt, dmask)   # once, for the projection and dW
     mask_t = None

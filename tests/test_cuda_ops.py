@@ -100,6 +100,53 @@ def test_device_inputs_pick_cuda_under_auto_float32(name, rng):
         assert err <= config.TOL_GRAD_F32, (k, err)
 
 
+@pytest.mark.parametrize("name", CELLS)
+def test_streaming_calls_swap_layouts_without_copies(name, rng, monkeypatch):
+    """With one sequence (B = 1) the batch-major and time-major layouts are the same memory:
+    an inference call (zero initial states) launches no layout copy and no output fill,
+    returns views of its own outputs, and equals the CPU engine; a training call still
+    copies x (the backward must not see the caller change it)."""
+    from fastcells.cuda import _linalg
+    B, T, D, H = (1, 4, 2, 3) if SIM else (1, 100, 64, 128)
+    cell, p, opts = _problem(rng, name, "plain", B, T, D, H, np.float64)
+    fwd = getattr(ops, cell + "_forward")
+    args = [cuda.to_device(a) for a in (p["x"], p["kernel"], p["recurrent_kernel"],
+                                        p["bias"], *p["states"])]
+    for rs in (True, False):
+        want = fwd(p["x"], p["kernel"], p["recurrent_kernel"], p["bias"], engine="cpu",
+                   training=False, return_sequences=rs, **opts)
+        swaps, launched = [], []
+        real = _linalg._swap01
+        monkeypatch.setattr(_linalg, "_swap01", lambda a: swaps.append(a.shape) or real(a))
+        if SIM:         # count the launches (the simulator's kernels, device functions aside)
+            from numba.cuda.simulator import kernel as simk
+            launch = simk.FakeCUDAKernel.__call__
+
+            def counted(kern, *a):
+                if not kern._device and simk._get_kernel_context() is None:
+                    launched.append(kern.fn.__name__)
+                return launch(kern, *a)
+            monkeypatch.setattr(simk.FakeCUDAKernel, "__call__", counted)
+        got = fwd(*args[:4], engine="cuda", training=False, return_sequences=rs, **opts)
+        monkeypatch.undo()
+        assert swaps == [], f"layout copies launched: {swaps}"
+        # one zero fill for the initial states (both of the LSTM's; the GRU without
+        # reset_after fills its zero recurrent bias too), the projection and the
+        # recurrence: no output fill, no copies
+        fills = ["_fill_kernel"] * (2 if name == "gru_rb" else 1)
+        assert not SIM or sorted(launched) == fills + ["forward", "gemm"], launched
+        for a, b in zip([want.outputs, *want.states], [got.outputs, *got.states]):
+            np.testing.assert_allclose(_host(b), a, rtol=0, atol=config.TOL_F64)
+    f = fwd(*args, engine="cuda", training=True, **opts)
+    assert _pointer(f.cache.xt) != _pointer(args[0])
+    dy = rng.standard_normal((B, T, H))
+    g = getattr(ops, cell + "_backward")(f.cache, dy)
+    want = getattr(ops, cell + "_backward")(
+        fwd(p["x"], p["kernel"], p["recurrent_kernel"], p["bias"], *p["states"],
+            engine="cpu", training=True, **opts).cache, dy)
+    np.testing.assert_allclose(_host(g.kernel), want.kernel, rtol=0, atol=config.TOL_F64)
+
+
 def test_device_arrays_are_taken_without_a_copy(rng):
     x = cuda.to_device(rng.standard_normal((2, 3, 4)))
     got = ops._as_float_array("x", x, "cuda")

@@ -18,8 +18,9 @@ def zeros(shape, dtype):
     return np.zeros(shape, dtype)
 
 
-def time_major(a):
-    """[B, T, ...] -> C-contiguous [T, B, ...], in workspace memory (internal use only)."""
+def time_major(a, shared=False):
+    """[B, T, ...] -> C-contiguous [T, B, ...], in workspace memory (internal use only;
+    always a copy, which the caller gives back: ``shared`` is for the GPU engine)."""
     out = workspace.empty((a.shape[1], a.shape[0]) + a.shape[2:], a.dtype)
     np.copyto(out, np.swapaxes(a, 0, 1))
     return out

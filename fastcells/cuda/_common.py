@@ -319,9 +319,10 @@ def optional(array, ndim, dtype):
 
 
 def initial_output(out0, B, H, dtype):
-    """The output before the first step, [B, H]: ``out0`` or zeros."""
+    """The output before the first step, [B, H]: ``out0``, or for zeros a zero-size stand-in
+    that the forward kernels read as zeros (a fill would be one more launch per call)."""
     from . import _linalg
-    return _linalg.zeros((B, H), dtype) if out0 is None else _linalg.to_device(out0)
+    return empty_stand_in(2, dtype) if out0 is None else _linalg.to_device(out0)
 
 
 def pending_carry(carry, B, H, dtype):
@@ -457,10 +458,10 @@ def put_recurrent_input(xs, base, plane, HS, i, j, h, rmask, use_rmask, b, NG):
 
 @inline_device
 def load_initial_state(sm, own, outs, xs, hb, plane, HS, h0, out0, rmask, use_rmask, NG, b0,
-                       n, j0, nu, Hb, tid, nt):
+                       n, j0, nu, Hb, tid, nt, zero):
     """The forward's starting state of the block's rows and units: h0 at ``own``, out0 at
-    ``outs`` (both [NR, Hb]) and the first recurrent input (``put_recurrent_input``) in the
-    buffer at ``hb`` of ``xs``."""
+    ``outs`` (both [NR, Hb]; a zero-size out0 stands for zeros, see ``initial_output``) and
+    the first recurrent input (``put_recurrent_input``) in the buffer at ``hb`` of ``xs``."""
     for e in range(tid, n * nu, nt):
         i = e // nu
         jl = e % nu
@@ -468,7 +469,7 @@ def load_initial_state(sm, own, outs, xs, hb, plane, HS, h0, out0, rmask, use_rm
         b = b0 + i
         h = h0[b, j]
         sm[own + i * Hb + jl] = h
-        sm[outs + i * Hb + jl] = out0[b, j]
+        sm[outs + i * Hb + jl] = out0[b, j] if out0.shape[0] else zero
         put_recurrent_input(xs, hb, plane, HS, i, j, h, rmask, use_rmask, b, NG)
 
 

@@ -222,19 +222,34 @@ def _swap01(a):
     return out
 
 
-def time_major(a):
-    """[B, T, X] -> a fresh C-contiguous [T, B, X]."""
-    return _swap01(a)
+def _swapped_view(a):
+    """``a`` [n0, n1, X] seen as [n1, n0, X] without a copy, or None. With n0 or n1 equal
+    to 1 the two layouts are the same memory (streaming calls: B = 1), so the swap needs no
+    kernel launch."""
+    if (a.shape[0] == 1 or a.shape[1] == 1) and a.is_c_contiguous():
+        return a.reshape((a.shape[1], a.shape[0]) + tuple(a.shape[2:]))
+    return None
+
+
+def time_major(a, shared=False):
+    """[B, T, X] -> C-contiguous [T, B, X]: a fresh copy, or with ``shared`` (the caller
+    only reads the result, and only during the call) a view of ``a`` where the layouts are
+    the same memory (B or T is 1)."""
+    view = _swapped_view(a) if shared else None
+    return _swap01(a) if view is None else view
 
 
 def batch_major(a):
-    """[T, B, X] -> a fresh C-contiguous [B, T, X] (handed to the caller)."""
-    return _swap01(a)
+    """[T, B, X] -> C-contiguous [B, T, X] (handed to the caller; ``a`` is the call's own
+    fresh array, so where the layouts are the same memory it is a view of ``a``)."""
+    view = _swapped_view(a)
+    return _swap01(a) if view is None else view
 
 
 def finish_outputs(y, return_sequences):
-    """Kernel outputs [T or 1, B, H] (time-major) -> fresh [B, T, H] or [B, H]."""
-    return batch_major(y) if return_sequences else copy(y[0])
+    """Kernel outputs [T or 1, B, H] (time-major, the call's own) -> [B, T, H] or [B, H]
+    without a copy where the layouts allow."""
+    return batch_major(y) if return_sequences else y[0]
 
 
 @cuda.jit

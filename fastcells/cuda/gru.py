@@ -63,7 +63,8 @@ def _forward_kernel(dtype, R, u_shared, act, ract, fast, reset_after, split):
         # U:     [H, 3H]     recurrent kernel
         # brec:  [3H]        recurrent bias (reset_after; zeros otherwise)
         # rmask: [3, B, H]   recurrent dropout mask per gate;  mask: [T, B]
-        # h0, out0: [B, H];  y: [T, B, H] or [1, B, H];  h_out: [B, H]
+        # h0, out0: [B, H] (out0 zero-size for zeros);  y: [T, B, H] or [1, B, H];
+        # h_out: [B, H]
         # rows: batch rows per block;  NR: rows of the shared state buffers
         # UB, Hb: unit blocks per batch slice and units per block (1 and H unless split)
         # xg:    split: the global exchange buffer, 2 x [NH, XR, H] | q [XR, H]
@@ -92,7 +93,7 @@ def _forward_kernel(dtype, R, u_shared, act, ract, fast, reset_after, split):
         qs = hb + 2 * buf                              # q, after the recurrent input
         cuda.syncthreads()
         load_initial_state(sm, own, outs, xs, hb, plane, HS, h0, out0, rmask, use_rmask, G,
-                           b0, n, j0, nu, Hb, tid, nt)
+                           b0, n, j0, nu, Hb, tid, nt, zero)
         barrier()
         for s in range(T):
             t = T - 1 - s if go_backwards else s

@@ -69,7 +69,8 @@ def _forward_kernel(dtype, R, u_shared, act, ract, fast, split):
         # rmask:  [4, B, H]   recurrent dropout mask per gate (used when ``use_rmask``)
         # mask:   [T, B]      True where the step is processed (used when ``use_mask``)
         # h0, c0: [B, H]      initial states
-        # out0:   [B, H]      the output before the first step (what a masked step repeats)
+        # out0:   [B, H]      the output before the first step (what a masked step repeats);
+        #                     zero-size for zeros
         # rows:   batch rows per block;  NR: rows of the shared state buffers (R | NR)
         # UB, Hb: unit blocks per batch slice and units per block (1 and H unless split)
         # xg:     split: the global exchange buffer, 2 x [NH, XR, H]
@@ -97,7 +98,7 @@ def _forward_kernel(dtype, R, u_shared, act, ract, fast, split):
             sm, U, u_shared, G, H, xg, split, rin, 2 * buf, H, zero, rows, NR, R, B, UB, Hb, H)
         cuda.syncthreads()
         load_initial_state(sm, own, outs, xs, rin, plane, HS, h0, out0, rmask, use_rmask, G,
-                           b0, n, j0, nu, Hb, tid, nt)
+                           b0, n, j0, nu, Hb, tid, nt, zero)
         load_rows(sm, cs, c0, b0, n, j0, nu, Hb, tid, nt)
         barrier()
         for s in range(T):

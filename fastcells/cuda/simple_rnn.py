@@ -38,7 +38,8 @@ def _forward_kernel(dtype, R, u_shared, act, fast, split):
         # xw:    [T, B, H]   x @ W + b (input dropout already applied)
         # U:     [H, H]      recurrent kernel
         # rmask: [B, H]      recurrent dropout mask;  mask: [T, B]
-        # h0, out0: [B, H];  y: [T, B, H] or [1, B, H];  h_out: [B, H]
+        # h0, out0: [B, H] (out0 zero-size for zeros);  y: [T, B, H] or [1, B, H];
+        # h_out: [B, H]
         # rows: batch rows per block;  NR: rows of the shared state buffers
         # UB, Hb: unit blocks per batch slice and units per block (1 and H unless split)
         # xg:    split: the global exchange buffer of h * r, 2 x [XR, H]
@@ -65,7 +66,7 @@ def _forward_kernel(dtype, R, u_shared, act, fast, split):
             b = b0 + i
             h = h0[b, j]
             sm[own + i * Hb + jl] = h
-            sm[outs + i * Hb + jl] = out0[b, j]
+            sm[outs + i * Hb + jl] = out0[b, j] if out0.shape[0] else zero
             xs[hb + i * HS + j] = h * rmask[b, j] if use_rmask else h
         barrier()
         for s in range(T):
