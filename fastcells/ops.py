@@ -221,9 +221,11 @@ def _check_checkpoint(steps, T):
 def _check_dout(c, d_outputs, d_states):
     B, T, H, dt, eng = c.B, c.T, c.H, c.dtype, c.eng.name
     la = c.eng.linalg
-    if d_outputs is None:
-        dy = la.zeros((1, B, H), dt)
-    else:
+    # the gradients not given are zeros, from one fill (one launch on the GPU)
+    zeros = iter(la.zeros_group([(1, B, H) if d_outputs is None else None]
+                                + [(B, H) for _, d in d_states if d is None], dt))
+    dy = next(zeros)
+    if d_outputs is not None:
         d = _as_float_array("d_outputs", d_outputs, eng)
         shape = tuple(d.shape)
         if shape == (B, T, H) and c.return_sequences:
@@ -234,7 +236,8 @@ def _check_dout(c, d_outputs, d_states):
         else:
             want = f"{(B, T, H)} or {(B, H)}" if c.return_sequences else f"{(B, H)}"
             raise ValueError(f"d_outputs must have shape {want}, got {shape}")
-    ds = [_check_state(name, d, B, H, dt, eng) for name, d in d_states]
+    ds = [next(zeros) if d is None else _check_state(name, d, B, H, dt, eng)
+          for name, d in d_states]
     return dy, ds
 
 
@@ -287,11 +290,10 @@ def _prepare(cell, x, kernel, recurrent_kernel, bias, states, *, mask, go_backwa
         raise ValueError(f"{cell} takes {len(names)} initial state(s) {names}, got "
                          f"{len(states)}")
     states = list(states) + [None] * (len(names) - len(states))
-    missing = sum(s is None for s in states)
-    if missing > 1:                 # the missing states from one zero fill (one launch)
-        zeros = iter(E.linalg.zeros((missing, B, H), dt))
-        states = [next(zeros) if s is None else s for s in states]
-    states = tuple(_check_state(n, s, B, H, dt, eng) for n, s in zip(names, states))
+    # the states not given are zeros, from one fill (one launch on the GPU)
+    zeros = iter(E.linalg.zeros_group([(B, H) for s in states if s is None], dt))
+    states = tuple(next(zeros) if s is None else _check_state(n, s, B, H, dt, eng)
+                   for n, s in zip(names, states))
     opts = dict(act=_check_activation("activation", activation),
                 go_backwards=bool(go_backwards), zero_output=bool(zero_output_for_mask))
     if cell != "simple_rnn":
@@ -456,12 +458,12 @@ def _backward(c, dy, dstates):
             la.apply_shared_mask(c.xt, c.dmask)
     dxt = None if c.chunks is None else la.empty((T, B, c.W.shape[0]), dt)
     dW = None
-    dU = la.zeros(c.U.shape, dt)
     nb = G * H if c.cell != "gru" else 3 * H
-    db_in = la.zeros((nb,), dt) if c.bias_shape is not None else None
-    db_rec = (la.zeros((H,), dt)
-              if c.bias_shape is not None and c.cell == "gru" and o["reset_after"] else None)
-    carry = la.zeros((B, H), dt)
+    has_b = c.bias_shape is not None
+    # the accumulated gradients start from zeros: one fill (one launch on the GPU)
+    dU, db_in, db_rec, carry = la.zeros_group(
+        [c.U.shape, (nb,) if has_b else None,
+         (H,) if has_b and c.cell == "gru" and o["reset_after"] else None, (B, H)], dt)
     if c.chunks is None:
         chunks = [(0, T, 0, T, None, None)]
     else:

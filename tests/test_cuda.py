@@ -197,6 +197,23 @@ def test_layouts_copies_and_column_sums(dtype, small, rng):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_zeros_group_gives_separate_aligned_zero_arrays(dtype):
+    shapes = [(3, 5), None, (7,), (0, 4), (2, 1, 3)]
+    got = la.zeros_group(shapes, dtype)
+    assert got[1] is None and la.zeros_group([None, None], dtype) == [None, None]
+    arrays = [a for a in got if a is not None]
+    for a, s in zip(arrays, [s for s in shapes if s is not None]):
+        assert a.shape == s and a.dtype == dtype and not host(a).any()
+    if not SIM:     # the simulator's arrays are host memory of its own
+        for a in arrays:
+            assert a.size == 0 or a.__cuda_array_interface__["data"][0] % 256 == 0
+    la.fill(got[0], 1.0)                # the arrays share a buffer, not memory
+    la.fill(got[2], 2.0)
+    assert (host(got[0]) == 1).all() and (host(got[2]) == 2).all()
+    assert not host(got[4]).any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("dmask", [None, "shared", "per_gate"])
 def test_projection_and_gradient_gemms_match_the_cpu(dmask, dtype, small, rng):
     tol = 1e-5 if dtype == np.float32 else 1e-12

@@ -4,6 +4,8 @@ Without a GPU this runs under Numba's CUDA simulator (tests/conftest.py) on tiny
 the launch tunables patched small, so several blocks take part; on a GPU the same tests run
 with the default tunables.
 """
+import contextlib
+
 import numba
 import numpy as np
 import pytest
@@ -100,6 +102,53 @@ def test_device_inputs_pick_cuda_under_auto_float32(name, rng):
         assert err <= config.TOL_GRAD_F32, (k, err)
 
 
+@contextlib.contextmanager
+def _launches():
+    """Under the simulator, the names of the kernels launched in the block (device
+    functions aside); on a GPU an empty list."""
+    launched = []
+    if not SIM:
+        yield launched
+        return
+    from numba.cuda.simulator import kernel as simk
+    real = simk.FakeCUDAKernel.__call__
+
+    def counted(kern, *args):
+        if not kern._device and simk._get_kernel_context() is None:
+            launched.append(kern.fn.__name__)
+        return real(kern, *args)
+    simk.FakeCUDAKernel.__call__ = counted
+    try:
+        yield launched
+    finally:
+        simk.FakeCUDAKernel.__call__ = real
+
+
+@pytest.mark.skipif(not SIM, reason="counts the simulator's launches")
+@pytest.mark.parametrize("name", CELLS)
+def test_a_training_step_fills_zeros_once_per_phase(name, rng):
+    """The zeros a call starts from come from one fill each time: the missing initial
+    states in the forward, the missing output and state gradients, and the accumulated
+    weight gradients with the pending carry in the backward."""
+    B, T, D, H = 3, 4, 2, 3
+    cell, p, opts = _problem(rng, name, "plain", B, T, D, H, np.float32)
+    args = [cuda.to_device(a) for a in (p["x"], p["kernel"], p["recurrent_kernel"],
+                                        p["bias"])]
+    with _launches() as fwd_launches:
+        f = getattr(ops, cell + "_forward")(*args, engine="cuda", return_sequences=False,
+                                            **opts)
+    with _launches() as bwd_launches:
+        g = getattr(ops, cell + "_backward")(f.cache, None)
+    assert fwd_launches.count("_fill_kernel") == (2 if name == "gru_rb" else 1), fwd_launches
+    assert bwd_launches.count("_fill_kernel") == 2, bwd_launches
+    want = getattr(ops, cell + "_backward")(getattr(ops, cell + "_forward")(
+        p["x"], p["kernel"], p["recurrent_kernel"], p["bias"], engine="cpu",
+        return_sequences=False, **opts).cache, None)
+    for a, b in [(want.kernel, g.kernel), (want.recurrent_kernel, g.recurrent_kernel),
+                 (want.bias, g.bias), (want.x, g.x)]:
+        np.testing.assert_allclose(_host(b), a, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", CELLS)
 def test_streaming_calls_swap_layouts_without_copies(name, rng, monkeypatch):
     """With one sequence (B = 1) the batch-major and time-major layouts are the same memory:
@@ -115,19 +164,11 @@ def test_streaming_calls_swap_layouts_without_copies(name, rng, monkeypatch):
     for rs in (True, False):
         want = fwd(p["x"], p["kernel"], p["recurrent_kernel"], p["bias"], engine="cpu",
                    training=False, return_sequences=rs, **opts)
-        swaps, launched = [], []
+        swaps = []
         real = _linalg._swap01
         monkeypatch.setattr(_linalg, "_swap01", lambda a: swaps.append(a.shape) or real(a))
-        if SIM:         # count the launches (the simulator's kernels, device functions aside)
-            from numba.cuda.simulator import kernel as simk
-            launch = simk.FakeCUDAKernel.__call__
-
-            def counted(kern, *a):
-                if not kern._device and simk._get_kernel_context() is None:
-                    launched.append(kern.fn.__name__)
-                return launch(kern, *a)
-            monkeypatch.setattr(simk.FakeCUDAKernel, "__call__", counted)
-        got = fwd(*args[:4], engine="cuda", training=False, return_sequences=rs, **opts)
+        with _launches() as launched:
+            got = fwd(*args[:4], engine="cuda", training=False, return_sequences=rs, **opts)
         monkeypatch.undo()
         assert swaps == [], f"layout copies launched: {swaps}"
         # one zero fill for the initial states (both of the LSTM's; the GRU without

@@ -18,6 +18,12 @@ def zeros(shape, dtype):
     return np.zeros(shape, dtype)
 
 
+def zeros_group(shapes, dtype):
+    """Zeroed arrays of ``shapes`` (None gives None): one buffer and one fill on the GPU
+    engine, separate arrays here."""
+    return [None if s is None else np.zeros(s, dtype) for s in shapes]
+
+
 def time_major(a, shared=False):
     """[B, T, ...] -> C-contiguous [T, B, ...], in workspace memory (internal use only;
     always a copy, which the caller gives back: ``shared`` is for the GPU engine)."""

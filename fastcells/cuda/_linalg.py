@@ -47,6 +47,26 @@ def zeros(shape, dtype):
     return a
 
 
+_GROUP_ALIGN = 256      # bytes: what a fresh allocation gives (TensorFlow's DLPack needs 64)
+
+
+def zeros_group(shapes, dtype):
+    """Zeroed C-contiguous device arrays of ``shapes`` (None gives None) carved out of one
+    buffer, so one fill launch serves them all; each starts on a 256-byte boundary."""
+    if all(s is None for s in shapes):
+        return [None] * len(shapes)
+    dt = np.dtype(dtype)
+    step = _GROUP_ALIGN // dt.itemsize
+    sizes = [None if s is None else int(np.prod(s)) for s in shapes]
+    starts, total = [], 0
+    for n in sizes:
+        starts.append(total)
+        total += 0 if n is None else -(-n // step) * step
+    flat = zeros((total,), dt)
+    return [None if n is None else flat[k:k + n].reshape(tuple(int(d) for d in s))
+            for s, n, k in zip(shapes, sizes, starts)]
+
+
 def give_back(*arrays):
     """Kept for symmetry with the CPU workspace: device memory is freed by numba."""
 
