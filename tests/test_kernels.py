@@ -4,6 +4,7 @@ import pytest
 
 import reference as R
 from fastcells import config, ops
+from fastcells.cpu._gemm import strip_width
 from helpers import make_problem, random_mask
 
 CELLS = ["lstm", "gru", "gru_rb", "simple_rnn"]
@@ -85,6 +86,23 @@ def test_float64_equals_reference(cell, shape, option, rng):
         assert got[name].dtype == np.float64, name
         assert got[name].shape == want[name].shape, name
         err = np.abs(got[name] - want[name]).max() if want[name].size else 0.0
+        assert err <= 1e-10, f"{name}: max abs error {err:.3e}"
+
+
+@pytest.mark.parametrize("option", ["plain", "mask_backwards", "dropout", "shared_dropout",
+                                    "no_bias_last_only"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_input_of_whole_strips_equals_reference(cell, option, rng):
+    """D a whole number of packed strips (32 and 64 at the imdb and stacked shapes): the
+    fused backward writes the dx and dh halves of its in-step product straight into place
+    where no dropout mask multiplies them and no row of the block is masked, and copies
+    them otherwise (blocks of 4 rows, some with masked rows, in the same call)."""
+    got, want = run_both(rng, cell, (9, 11, 2 * strip_width(np.float64), 5), option)
+    for name in want:
+        if want[name] is None:
+            assert got[name] is None, name
+            continue
+        err = np.abs(got[name] - want[name]).max()
         assert err <= 1e-10, f"{name}: max abs error {err:.3e}"
 
 

@@ -16,7 +16,7 @@ from .._math import activate, activate_grad, tanh32
 from .._workspace import workspace
 from ..config import NJIT_OPTIONS
 from ._common import (add_output_grad, add_rows, add_window_product, copy_row, copy_rows,
-                      flush_window, initial_output, masked_row, optional, pending_carry,
+                      dx_window, flush_window, initial_output, masked_row, optional, pending_carry,
                       project_rows, stage_buffer, staged_inputs, take_pending, window_row)
 from ._gemm import pack, pack_stack, packed_dot, strip_columns
 from ._jit import kernel
@@ -299,6 +299,7 @@ def _backward_fused_kernel(b0, b1, R, window, gates, hprev, aux, x, t_off, stage
     ddx = np.empty((R, D), dt)
     ddh = np.empty((R, H), dt)
     dxw = np.empty((n, window, D), dt)
+    dxv = dx_window(dxw)
     part_in = np.empty((D + 1, GH), dt)
     part_rec = np.empty((H + 1, GH), dt)
     live = np.empty(n, np.bool_)
@@ -336,17 +337,16 @@ def _backward_fused_kernel(b0, b1, R, window, gates, hprev, aux, x, t_off, stage
                 dr[j] = d[j]
         for k in range(nb):
             rows = min(R, n - k * R)
-            packed_dot(dzw[k, w * rows:(w + 1) * rows], WT, ddx[:rows])
+            # dx rows straight into the window buffer unless the dropout mask multiplies them
+            packed_dot(dzw[k, w * rows:(w + 1) * rows], WT,
+                       ddx[:rows] if use_dmask else dxv[k * R:k * R + rows, w])
             packed_dot(drw[k, w * rows:(w + 1) * rows], UT, ddh[:rows])
             for ii in range(rows):
                 i = k * R + ii
-                dxr = dxw[i, w]
                 if use_dmask:
+                    dxr = dxv[i, w]
                     for j in range(D):
                         dxr[j] = ddx[ii, j] * dmask[b0 + i, j]
-                else:
-                    for j in range(D):
-                        dxr[j] = ddx[ii, j]
                 if live[i]:
                     for j in range(H):
                         dh[i, j] = dhz[i, j] + ddh[ii, j]

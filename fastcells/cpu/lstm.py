@@ -22,9 +22,9 @@ from .. import config
 from ..config import NJIT_OPTIONS
 from .._workspace import workspace
 from .._math import SIGMOID, TANH, activate, activate_grad, tanh32
-from ._common import (add_output_grad, flush_window, initial_output, input_and_state_grads,
-                      copy_row, copy_rows, masked_row, optional, pending_carry, stage_buffer,
-                      staged_inputs, take_pending, window_row)
+from ._common import (add_output_grad, copy_row, copy_rows, dx_window, flush_window,
+                      initial_output, input_and_state_grads, masked_row, optional,
+                      pending_carry, stage_buffer, staged_inputs, take_pending, window_row)
 from ._gemm import pack, pack_stack, packed_dot, strip_columns
 from ._jit import kernel
 from ._fpstate import flush_denormals, restore
@@ -413,6 +413,7 @@ def _backward_fused_kernel(b0, b1, R, window, gates, xh, cprev, actc, VT, dmask,
     sw = np.zeros((nb, window * R, F), dt)
     dd = np.empty((R, D + H), dt)
     dxw = np.empty((n, window, D), dt)
+    dxv = dx_window(dxw)
     part = np.empty((F, GH), dt)
     da = np.empty(H, dt)
     live = np.empty(n, np.bool_)
@@ -460,7 +461,7 @@ def _backward_fused_kernel(b0, b1, R, window, gates, xh, cprev, actc, VT, dmask,
                     dci[j] = dct[j] * g[H + j]
                 continue
             _gate_grads(d, g, ac, cp, dh, dc, carry, i, H, act, ract, dht, da)
-        input_and_state_grads(dzw, w, R, VT, dd, dxw, dh, live, n, dmask, use_dmask,
+        input_and_state_grads(dzw, w, R, VT, dd, dxv, dh, live, n, dmask, use_dmask,
                               dmask, False, b0)
         w += 1
         if w == window or s == 0:

@@ -7,9 +7,10 @@ import numpy as np
 from .._workspace import workspace
 from .._math import TANH, activate, activate_grad, tanh32
 from .. import config
-from ._common import (add_output_grad, copy_row, copy_rows, flush_window, initial_output,
-                      input_and_state_grads, masked_row, optional, pending_carry,
-                      project_rows, stage_buffer, staged_inputs, take_pending, window_row)
+from ._common import (add_output_grad, copy_row, copy_rows, dx_window, flush_window,
+                      initial_output, input_and_state_grads, masked_row, optional,
+                      pending_carry, project_rows, stage_buffer, staged_inputs, take_pending,
+                      window_row)
 from ._gemm import pack, packed_dot, strip_columns
 from ._jit import kernel
 from ._fpstate import flush_denormals, restore
@@ -164,6 +165,7 @@ def _backward_fused_kernel(b0, b1, R, window, hs, hprev, x, t_off, stage, dmask,
     sw = np.zeros((nb, window * R, F), dt)
     dd = np.empty((R, D + H), dt)
     dxw = np.empty((n, window, D), dt)
+    dxv = dx_window(dxw)
     part = np.empty((F, H), dt)
     live = np.empty(n, np.bool_)
     xst = stage_buffer(x, n, T, stage, False)
@@ -187,7 +189,7 @@ def _backward_fused_kernel(b0, b1, R, window, hs, hprev, x, t_off, stage, dmask,
                 continue
             take_pending(d, dh[i], carry[i])
             activate_grad(act, hs[t, b], d, 0, H)
-        input_and_state_grads(dzw, w, R, VT, dd, dxw, dh, live, n, dmask, use_dmask, rmask,
+        input_and_state_grads(dzw, w, R, VT, dd, dxv, dh, live, n, dmask, use_dmask, rmask,
                               use_rmask, b0)
         w += 1
         if w == window or s == 0:
