@@ -1,8 +1,9 @@
 """The PyTorch side of the benchmarks, importable on its own: NumPy and (lazily) torch only,
 never fastcells, Keras or TensorFlow.
 
-- :func:`time_calls` is the timing routine of every engine, here so that the worker below
-  times torch with the very same code (``fastcells.bench`` re-exports it);
+- :func:`time_interleaved` (and :func:`time_calls`, its one-engine form) is the timing
+  routine of every engine, here so that the worker below times torch with the very same
+  code (``fastcells.bench`` re-exports it);
 - :func:`torch_case` builds ``torch.nn.LSTM/GRU/RNN`` holding the Keras weights, on the CPU
   or on a CUDA device (cuDNN), with :func:`keras_to_torch` / :func:`torch_grads_to_keras`;
 - :func:`nvtx_range` marks a region for Nsight Systems / Nsight Compute (a no-op without a
@@ -22,6 +23,11 @@ Worker protocol (one JSON object per line on stdin; one reply line on stdout sta
      "timing": {"repeats": 7, "warmup": 1, ...}}
     -> FASTCELLS_TORCH {"ok": true, "times": [...], "n_grads": 4, "info": {...}}
     -> FASTCELLS_TORCH {"ok": false, "error": "RuntimeError: ..."}
+
+``"op": "open"`` (the same fields, no ``timing``) makes the first call, writes the outputs
+and keeps the case open; ``{"op": "time", "calls": k}`` then times k calls of it (the reply's
+``times``), so that the benchmark can alternate torch's calls with the other engines' (see
+:func:`time_interleaved`); ``{"op": "close"}`` drops it (so does the next case).
 
 Started with ``--flush-denormal``, the worker flushes denormals in all of torch's threads
 (as TensorFlow and the fastcells kernels do) before any work.
@@ -52,36 +58,108 @@ GATES = {"lstm": 4, "gru": 3, "simple_rnn": 1}
 
 
 # --------------------------------------------------------------------------- timing
+def timed(fn, clock=time.perf_counter):
+    """A timer (see :func:`time_interleaved`) of the callable ``fn``: ``timer(k)`` calls it
+    k times and returns the k durations in seconds."""
+    def timer(k):
+        times = []
+        for _ in range(k):
+            t0 = clock()
+            fn()
+            times.append(clock() - t0)
+        return times
+    return timer
+
+
 def time_calls(fn, repeats=7, warmup=1, max_seconds=None, min_repeats=3, min_seconds=0.0,
                max_repeats=500):
-    """Call ``fn`` ``warmup`` times untimed, then time it.
+    """Call ``fn`` ``warmup`` times untimed, then time it: :func:`time_interleaved` with one
+    engine. Returns the list of durations in seconds (``time.perf_counter``). A GPU engine's
+    ``fn`` synchronises the device before it returns, so that the whole call is timed."""
+    return time_interleaved([timed(fn)], repeats, warmup, max_seconds, min_repeats,
+                            min_seconds, max_repeats)[0]
 
-    Makes at least ``repeats`` timed calls and goes on until ``min_seconds`` have been spent
-    (so that a short call is repeated enough for a stable median), but never more than
-    ``max_repeats`` calls; stops early, after ``min_repeats`` calls, once ``max_seconds``
-    have been spent (so that a slow call does not take forever). Returns the list of
-    durations in seconds (``time.perf_counter``). A GPU engine's ``fn`` synchronises the
-    device before it returns, so that the whole call is timed.
+
+def time_interleaved(timers, repeats=7, warmup=1, max_seconds=None, min_repeats=3,
+                     min_seconds=0.0, max_repeats=500, on_error=None, most_per_round=64):
+    """Time several engines in alternation, so that each one's calls spread over the same
+    stretch of time.
+
+    ``timers[i](k)`` makes k calls of engine i and returns their k durations (see
+    :func:`timed`; the torch worker's timer runs them in its own process). Each engine first
+    makes ``warmup`` untimed calls; then rounds follow, and in each round every engine makes
+    about as many calls as fill the time of one call of the slowest (at most
+    ``most_per_round``), from its median so far, the engines' order turning by one each round.
+
+    Why: on a shared machine the speed of a core comes and goes in stretches of about a
+    second (on the 2-core development machine, stretches where two threads ran a kernel at
+    the speed of one, 64-67 ms against 35-37 ms a call). Timed one after the other, a
+    stretch falls on one engine's calls and its ratio to the others is off by up to 2x;
+    timed in alternation, it falls on every engine alike.
+
+    Rounds go on until every engine has made at least ``repeats`` timed calls and spent
+    ``min_seconds`` (so that a short call is repeated enough for a stable median); they stop
+    early once an engine has made ``max_repeats`` calls, or once the slowest engine has spent
+    ``max_seconds`` and every engine has made ``min(min_repeats, repeats)`` calls (so that
+    a slow case does not take forever).
+
+    A timer that raises is dropped from the rounds: ``on_error(i, exc)`` is called, or the
+    exception propagates when ``on_error`` is None. Returns one list of durations per timer
+    (empty for a dropped one).
     """
-    for _ in range(warmup):
-        fn()
-    times = []
-    clock = time.perf_counter
-    total = 0.0
-    while True:
-        t0 = clock()
-        fn()
-        dt = clock() - t0
-        times.append(dt)
-        total += dt
-        n = len(times)
-        if n >= max(1, repeats) and total >= min_seconds:
+    n = len(timers)
+    times = [[] for _ in range(n)]
+    warm = [[] for _ in range(n)]
+    live = list(range(n))
+
+    def call(i, k):
+        try:
+            return timers[i](k)
+        except Exception as exc:
+            if on_error is None:
+                raise
+            on_error(i, exc)
+            live.remove(i)
+            return None
+
+    for i in list(live):
+        if warmup > 0:
+            warm[i] = call(i, warmup) or []
+    first = max(1, repeats)
+    r = 0
+    while live:
+        typical = {i: _median(times[i] or warm[i]) for i in live}
+        slowest = max((v for v in typical.values() if v is not None), default=None)
+        order = live[r % len(live):] + live[:r % len(live)]
+        for i in order:
+            k = 1
+            if slowest is not None and typical[i]:
+                k = int(min(most_per_round, max(1, slowest / typical[i])))
+            k = max(1, min(k, max_repeats - len(times[i])))
+            got = call(i, k)
+            if got is not None:
+                times[i] += [float(t) for t in got]
+        r += 1
+        if not live:
             break
-        if n >= max_repeats:
+        counts = [len(times[i]) for i in live]
+        totals = [sum(times[i]) for i in live]
+        if all(c >= first and t >= min_seconds for c, t in zip(counts, totals)):
             break
-        if max_seconds is not None and total >= max_seconds and n >= min(min_repeats, repeats):
+        if max(counts) >= max_repeats:
+            break
+        if (max_seconds is not None and max(totals) >= max_seconds
+                and min(counts) >= min(min_repeats, first)):
             break
     return times
+
+
+def _median(values):
+    if not values:
+        return None
+    v = sorted(values)
+    m = len(v) // 2
+    return v[m] if len(v) % 2 else 0.5 * (v[m - 1] + v[m])
 
 
 # --------------------------------------------------------------------------- NVTX
@@ -291,8 +369,23 @@ def worker_info():
 _flushed = False
 
 
+_open = None          # the run() of the case an "open" request left open
+
+
 def handle(request):
     """Run one request of the worker protocol; returns the reply (a dict)."""
+    global _open
+    op = request.get("op", "case")
+    if op == "time":
+        if _open is None:
+            raise RuntimeError("no open case to time")
+        return dict(ok=True, times=timed(_open)(int(request.get("calls", 1))))
+    if op == "close":
+        _open = None
+        return dict(ok=True)
+    if op not in ("case", "open"):
+        raise ValueError(f"unknown op {op!r}")
+    _open = None
     shape = types.SimpleNamespace(**request["shape"])
     weights, x = load_inputs(request["inputs"])
     run, fetch = torch_case(request["cell"], shape, request["mode"], weights, x,
@@ -304,6 +397,9 @@ def handle(request):
     np.savez(request["outputs"], **arrays)
     n_grads = len(grads or ())
     del y, grads, arrays
+    if op == "open":
+        _open = run
+        return dict(ok=True, times=[], n_grads=n_grads, info=worker_info())
     times = time_calls(run, **request["timing"])
     return dict(ok=True, times=times, n_grads=n_grads, info=worker_info())
 

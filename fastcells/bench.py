@@ -17,7 +17,9 @@ The GPU comparison (CUDA engines against cuDNN and Keras on the torch backend, n
 TensorFlow) is :mod:`fastcells.bench_gpu`; it reuses the shapes, results and reports here.
 
 Times are ``time.perf_counter`` medians of repeated calls after a first (compiling, tracing)
-call and a warm-up; ratios are always between engines measured in the same run.
+call and a warm-up; the engines of a workload are timed in alternation
+(:func:`time_interleaved`), so that ratios are between engines measured over the same
+stretch of time.
 
 Example::
 
@@ -42,11 +44,13 @@ import time
 import numpy as np
 
 from . import _bench_torch, config
-from ._bench_torch import keras_to_torch, time_calls, torch_grads_to_keras  # noqa: F401
+from ._bench_torch import (keras_to_torch, time_calls, time_interleaved,  # noqa: F401
+                           torch_grads_to_keras)
 
 __all__ = ["Shape", "SHAPES", "CELLS", "MODES", "ENGINES", "BASELINE", "Settings", "Case",
            "make_case", "make_weights", "make_inputs", "compare", "check_equivalence",
-           "engine_unavailable", "available_engines", "time_calls", "Result", "FitResult",
+           "engine_unavailable", "available_engines", "time_calls", "time_interleaved",
+           "Result", "FitResult",
            "ColdResult", "Report", "run_layer_benchmarks", "run_fit_benchmarks",
            "run_cold_start", "machine_info", "write_report", "save_json", "save_plot",
            "Progress", "quick_settings", "TorchWorker", "timing_kwargs", "keras_to_torch",
@@ -474,6 +478,28 @@ class TorchWorker:
         (``settings.seed``, ``settings.dtype``), calls it once untimed, then times it with
         ``settings``. Raises RuntimeError with the worker's message when the case fails.
         """
+        reply, outputs = self._case("case", cell, shape, mode, settings)
+        return self.parse(reply, outputs)
+
+    def open(self, cell, shape, mode, settings):
+        """Build a torch case in the worker and call it once: ``(outputs, grads)``. The case
+        stays open for :meth:`time` until :meth:`close_case` or the next case."""
+        reply, outputs = self._case("open", cell, shape, mode, settings)
+        return self.parse(reply, outputs)[0]
+
+    def time(self, calls):
+        """Durations of ``calls`` calls of the open case, timed in the worker."""
+        reply = self._request(dict(op="time", calls=int(calls)))
+        if not reply.get("ok"):
+            raise RuntimeError(f"in the torch worker: {reply.get('error', 'unknown error')}")
+        return [float(t) for t in reply["times"]]
+
+    def close_case(self):
+        """Drop the open case (its memory) in the worker, if the worker runs."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._request(dict(op="close"))
+
+    def _case(self, op, cell, shape, mode, settings):
         if self._proc is None or self._proc.poll() is not None:
             self.close()
             self._start()
@@ -483,14 +509,15 @@ class TorchWorker:
         outputs = os.path.join(self._tmp.name, "outputs.npz")
         _bench_torch.save_inputs(inputs, weights, x)
         del weights, x
-        request = dict(op="case", cell=cell, mode=mode, inputs=inputs, outputs=outputs,
-                       threads=settings.torch_threads, timing=timing_kwargs(settings),
+        request = dict(op=op, cell=cell, mode=mode, inputs=inputs, outputs=outputs,
+                       threads=settings.torch_threads,
                        shape=dict(batch=shape.batch, time=shape.time,
                                   features=shape.features, units=shape.units,
                                   layers=shape.layers,
                                   return_sequences=shape.return_sequences))
-        reply = self._request(request)
-        return self.parse(reply, outputs)
+        if op == "case":
+            request["timing"] = timing_kwargs(settings)
+        return self._request(request), outputs
 
     def parse(self, reply, outputs_path):
         """``((outputs, grads), times)`` of a worker reply; RuntimeError for a failure."""
@@ -824,42 +851,65 @@ def run_layer_benchmarks(shapes=("imdb",), cells=CELLS, modes=MODES, engines=Non
 
 
 def _run_workload(shape, cell, mode, engines, settings, progress, torch_worker):
+    """Every engine on one workload: each is built and called once (its results checked
+    against the built-in layer's), then all are timed together, in alternation
+    (:func:`time_interleaved`)."""
     reference = None
-    baseline = None
-    results = []
-    for engine in engines:
-        progress.step(f"{shape.name} {CELL_NAMES[cell]} {mode} {engine}")
-        res = Result(shape.name, cell, mode, engine, shape.time)
-        results.append(res)
-        try:
-            if reference is None and engine != BASELINE:
-                reference = make_case(BASELINE, cell, shape, mode, settings.seed,
-                                      settings.dtype).first_call()
-            if engine == "torch" and settings.torch_isolated:
-                out, res.times = torch_worker.run(cell, shape, mode, settings)
-                res.max_error, res.grad_error = compare(out, reference)
-                del out
-            else:
-                case = make_case(engine, cell, shape, mode, settings.seed, settings.dtype,
-                                 settings.torch_threads)
-                out = case.first_call()
+    results, timers, timed_results = [], [], []
+    worker_open = False
+    try:
+        for engine in engines:
+            progress.step(f"{shape.name} {CELL_NAMES[cell]} {mode} {engine}")
+            res = Result(shape.name, cell, mode, engine, shape.time)
+            results.append(res)
+            try:
+                if reference is None and engine != BASELINE:
+                    reference = make_case(BASELINE, cell, shape, mode, settings.seed,
+                                          settings.dtype).first_call()
+                if engine == "torch" and settings.torch_isolated:
+                    out = torch_worker.open(cell, shape, mode, settings)
+                    worker_open = True
+                    timer = torch_worker.time
+                else:
+                    case = make_case(engine, cell, shape, mode, settings.seed,
+                                     settings.dtype, settings.torch_threads)
+                    out = case.first_call()
+                    timer = _bench_torch.timed(case)
+                    del case
                 if engine == BASELINE:
                     reference = out
                 res.max_error, res.grad_error = compare(out, reference)
                 del out
-                res.times = time_calls(case, **timing_kwargs(settings))
-                del case
-            problem = check_equivalence(engine, res.max_error, res.grad_error,
-                                        settings.dtype)
-            if problem:
-                res.status = f"mismatch: {problem}"
-        except Exception as exc:  # reported in the table; the other engines still run
-            res.status = f"error: {type(exc).__name__}: {exc}"
-        if engine == BASELINE and res.times:
-            baseline = res.median
+                problem = check_equivalence(engine, res.max_error, res.grad_error,
+                                            settings.dtype)
+                if problem:
+                    res.status = f"mismatch: {problem}"
+                timers.append(timer)
+                timed_results.append(res)
+            except Exception as exc:  # reported in the table; the other engines still run
+                res.status = _error_status(exc)
+
+        def failed(i, exc):
+            timed_results[i].status = _error_status(exc)
+
+        times = time_interleaved(timers, **timing_kwargs(settings), on_error=failed)
+        for res, t in zip(timed_results, times):
+            res.times = t
+    finally:
+        del timers
+        if worker_open:
+            try:
+                torch_worker.close_case()
+            except RuntimeError:
+                pass                  # the worker died: the next case starts a new one
+    baseline = next((r.median for r in results if r.engine == BASELINE and r.times), None)
     for res in results:
         res.baseline_median = baseline
     return results
+
+
+def _error_status(exc):
+    return f"error: {type(exc).__name__}: {exc}"
 
 
 def build_imdb_model(engine, cell, time_steps=500, vocab=10000, embed=32, units=32):
@@ -899,8 +949,8 @@ def run_fit_benchmarks(cells=("lstm", "gru"), engines=None, settings=None, progr
     x, y = imdb_batch(batch, time_steps, seed=settings.seed)
     results = []
     for cell in cells:
-        weights = reference = baseline = None
-        cell_results = []
+        weights = reference = None
+        cell_results, models = [], []
         for engine in engines:
             progress.step(f"model.fit imdb {CELL_NAMES[cell]} {engine}")
             res = FitResult(cell, engine, batch, time_steps)
@@ -916,17 +966,26 @@ def run_fit_benchmarks(cells=("lstm", "gru"), engines=None, settings=None, progr
                 if reference is None:
                     reference = pred
                 res.max_error = float(np.max(np.abs(pred - reference)))
-                res.times = time_calls(lambda: model.train_on_batch(x, y), settings.fit_batches,
-                                       settings.fit_warmup + 1, settings.max_seconds,
-                                       settings.min_repeats)
                 problem = check_equivalence(engine, res.max_error, None, "float32")
                 if problem:
                     res.status = f"mismatch: {problem}"
-                del model
+                models.append((res, model))
             except Exception as exc:  # reported in the table; the other engines still run
-                res.status = f"error: {type(exc).__name__}: {exc}"
-            if engine == BASELINE and res.times:
-                baseline = res.median
+                res.status = _error_status(exc)
+
+        def failed(i, exc):
+            models[i][0].status = _error_status(exc)
+
+        # the models' batches in alternation, as the layers' calls (see _run_workload)
+        times = time_interleaved(
+            [_bench_torch.timed(lambda m=m: m.train_on_batch(x, y)) for _, m in models],
+            settings.fit_batches, settings.fit_warmup + 1, settings.max_seconds,
+            settings.min_repeats, on_error=failed)
+        for (res, _), t in zip(models, times):
+            res.times = t
+        del models
+        baseline = next((r.median for r in cell_results if r.engine == BASELINE and r.times),
+                        None)
         for res in cell_results:
             res.baseline_median = baseline
         results += cell_results

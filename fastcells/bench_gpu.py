@@ -42,7 +42,7 @@ import sys
 import numpy as np
 
 from . import bench
-from ._bench_torch import nvtx_range, time_calls, torch_case
+from ._bench_torch import nvtx_range, time_interleaved, timed, torch_case
 
 __all__ = ["GPU_ENGINES", "GPU_OPTIONAL_ENGINES", "GPU_SHAPES", "QUICK_GPU_SHAPES", "choose_bench", "no_gpu_reason",
            "gpu_engine_unavailable", "available_gpu_engines", "make_gpu_case",
@@ -376,8 +376,7 @@ def run_gpu_benchmarks(shapes=QUICK_GPU_SHAPES, cells=("lstm", "gru"), modes=ben
     results = []
     for shape, cell, mode in bench._workloads(shapes, cells, modes):
         reference = None
-        baseline = None
-        rows = []
+        rows, timers, timed_rows = [], [], []
         for engine in engines:
             progress.step(f"GPU {shape.name} {bench.CELL_NAMES[cell]} {mode} {engine}")
             res = bench.Result(shape.name, cell, mode, engine, shape.time)
@@ -393,16 +392,26 @@ def run_gpu_benchmarks(shapes=QUICK_GPU_SHAPES, cells=("lstm", "gru"), modes=ben
                 if reference is not None:
                     res.max_error, res.grad_error = bench.compare(out, reference)
                 del out
-                res.times = time_calls(case, **bench.timing_kwargs(settings))
-                del case
                 problem = bench.check_equivalence(_tolerance_engine(engine), res.max_error,
                                                   res.grad_error, settings.dtype)
                 if problem:
                     res.status = f"mismatch: {problem.replace('the built-in layer', ref_engine)}"
+                timers.append(timed(case))
+                timed_rows.append(res)
+                del case
             except Exception as exc:  # reported in the table; the other engines still run
-                res.status = f"error: {type(exc).__name__}: {exc}"
-            if engine == bench.BASELINE and res.times:
-                baseline = res.median
+                res.status = bench._error_status(exc)
+
+        def failed(i, exc):
+            timed_rows[i].status = bench._error_status(exc)
+
+        # in alternation, as on the CPU (fastcells.bench._run_workload)
+        times = time_interleaved(timers, **bench.timing_kwargs(settings), on_error=failed)
+        del timers
+        for res, t in zip(timed_rows, times):
+            res.times = t
+        baseline = next((r.median for r in rows if r.engine == bench.BASELINE and r.times),
+                        None)
         for res in rows:
             res.baseline_median = baseline
         results += rows

@@ -333,3 +333,145 @@ def test_cpu_comparison_never_imports_torch(monkeypatch):
     assert info["versions"]["torch"] == (importlib.metadata.version("torch")
                                          if _has_torch() else None)
     assert (bench.engine_unavailable("torch") is None) == _has_torch()
+
+
+# --------------------------------------------------------------------------- timing
+class _SharedMachine:
+    """A simulated clock with engines of fixed cost that all run twice as slowly during
+    one stretch of time: a core lost to another tenant, as on the shared machines."""
+
+    def __init__(self, slow_from, slow_to):
+        self.now = 0.0
+        self.slow = (slow_from, slow_to)
+        self.log = []
+
+    def engine(self, name, cost):
+        def timer(k):
+            times = []
+            for _ in range(k):
+                factor = 2.0 if self.slow[0] <= self.now < self.slow[1] else 1.0
+                self.now += cost * factor
+                times.append(cost * factor)
+                self.log.append(name)
+            return times
+        return timer
+
+
+def test_interleaved_timing_puts_a_slow_stretch_on_every_engine():
+    """Timed one after the other, a stretch of slow machine falls on one engine and its
+    ratio is off by 2x; timed in alternation, the ratio of medians stays the true one."""
+    def ratio(interleave):
+        m = _SharedMachine(slow_from=0.6, slow_to=1.4)   # during the second engine's turn
+        slow, fast = m.engine("slow", 0.010), m.engine("fast", 0.004)
+        kw = dict(repeats=7, warmup=1, max_seconds=None, min_seconds=0.6)
+        if interleave:
+            t_slow, t_fast = bench.time_interleaved([slow, fast], **kw)
+        else:
+            t_slow = bench.time_interleaved([slow], **kw)[0]
+            t_fast = bench.time_interleaved([fast], **kw)[0]
+        return np.median(t_slow) / np.median(t_fast), m.log
+
+    sequential, _ = ratio(False)
+    assert sequential == pytest.approx(1.25)            # 2.5 / 2: the stretch hit "fast"
+    interleaved, log = ratio(True)
+    assert interleaved == pytest.approx(2.5)
+    # 2 calls of "fast" per call of "slow" in every round (the rounds' order turns, so
+    # runs of up to 4), from the first round on
+    calls = "".join("s" if name == "slow" else "f" for name in log[2:])
+    assert "sss" not in calls and "fffff" not in calls
+    assert calls.count("f") == 2 * calls.count("s")
+
+
+def test_interleaved_timing_stops_and_errors():
+    m = _SharedMachine(0.0, 0.0)
+    a, b = m.engine("a", 0.001), m.engine("b", 0.003)
+    ta, tb = bench.time_interleaved([a, b], repeats=5, warmup=0, min_seconds=0.0)
+    assert len(ta) >= 5 and len(tb) >= 5
+    # max_seconds: stops once the slowest engine spent it, with min_repeats calls each
+    ta, tb = bench.time_interleaved([a, b], repeats=100, warmup=0, max_seconds=0.03,
+                                    min_repeats=3)
+    assert 0.03 <= sum(tb) < 0.03 + 0.003 * 2 and len(tb) < 100
+    # max_repeats bounds every engine
+    ta, tb = bench.time_interleaved([a, b], repeats=50, warmup=0, max_repeats=20)
+    assert len(ta) <= 20 and len(tb) <= 20 and max(len(ta), len(tb)) == 20
+    # a timer that fails is dropped and reported; the others go on
+    calls = []
+
+    def broken(k):
+        calls.append(k)
+        if len(calls) > 2:
+            raise RuntimeError("device lost")
+        return [0.002] * k
+
+    seen = []
+    ta, tbroken = bench.time_interleaved([a, broken], repeats=20, warmup=1,
+                                         on_error=lambda i, exc: seen.append((i, str(exc))))
+    assert seen == [(1, "device lost")] and len(ta) >= 20 and len(tbroken) == 1
+    with pytest.raises(RuntimeError, match="device lost"):
+        bench.time_interleaved([broken], repeats=3, warmup=0)
+    # one engine: one call per round, as time_calls has always timed
+    counter = []
+    assert len(bench.time_calls(lambda: counter.append(1), repeats=4, warmup=2)) == 4
+    assert len(counter) == 6
+
+
+def test_worker_keeps_a_case_open_for_interleaved_timing(tmp_path):
+    """The worker protocol's open / time / close, fed in memory (``torch_case`` stubbed, so
+    no torch needed)."""
+    import io
+    made = []
+
+    def fake_case(cell, shape, mode, weights, x, threads):
+        made.append(cell)
+        return (lambda: made.append("call")), (lambda out: (np.zeros((2, 3)), None))
+
+    inputs, outputs = str(tmp_path / "in.npz"), str(tmp_path / "out.npz")
+    _bench_torch.save_inputs(inputs, bench.make_weights("lstm", TINY), bench.make_inputs(TINY))
+    shape = dict(batch=3, time=4, features=2, units=5, layers=1, return_sequences=True)
+    case = dict(cell="lstm", mode="forward", inputs=inputs, outputs=outputs, shape=shape)
+    requests = [dict(op="time", calls=2), dict(op="open", **case), dict(op="time", calls=3),
+                dict(op="close"), dict(op="time", calls=1), dict(op="nope")]
+    lines = io.StringIO("".join(json.dumps(r) + "\n" for r in requests))
+    out = io.StringIO()
+    real = _bench_torch.torch_case
+    _bench_torch.torch_case = fake_case
+    try:
+        _bench_torch.main(lines, out)
+    finally:
+        _bench_torch.torch_case = real
+    replies = [_bench_torch.parse_reply(ln) for ln in out.getvalue().splitlines()]
+    assert [r["ok"] for r in replies] == [False, True, True, True, False, False]
+    assert "no open case" in replies[0]["error"] and "no open case" in replies[4]["error"]
+    assert replies[1]["times"] == [] and replies[1]["n_grads"] == 0
+    assert len(replies[2]["times"]) == 3
+    assert made == ["lstm", "call", "call", "call", "call"]      # first call, then 3 timed
+    assert "unknown op" in replies[5]["error"]
+
+
+def test_layer_and_fit_benchmarks_time_their_engines_together(monkeypatch):
+    """The CPU comparison times all engines of a workload (and both IMDB models) in one
+    interleaved run, each still checked against the built-in layer."""
+    seen = []
+    real = bench.time_interleaved
+
+    def spy(timers, *args, **kwargs):
+        seen.append(len(timers))
+        return real(timers, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "time_interleaved", spy)
+    settings = _quick()
+    results = bench.run_layer_benchmarks([TINY], ["gru"], ["train"],
+                                         ["keras", "fastcells-cpu"], settings)
+    assert seen == [2]
+    by = {r.engine: r for r in results}
+    assert all(r.status == "ok" and len(r.times) >= settings.repeats for r in results)
+    assert by["fastcells-cpu"].baseline_median == by["keras"].median
+    assert by["fastcells-cpu"].grad_error < 1e-5
+
+    seen.clear()
+    fit = bench.run_fit_benchmarks(["lstm"], ["keras", "fastcells-cpu"], settings,
+                                   batch=4, time_steps=6)
+    assert seen == [2]
+    assert [r.status for r in fit] == ["ok", "ok"]
+    assert all(len(r.times) >= settings.fit_batches for r in fit)
+    assert fit[1].speedup == pytest.approx(fit[0].median / fit[1].median)
