@@ -147,11 +147,11 @@ class Settings:
     warmup: int = 1
     max_seconds: float = 10.0
     min_repeats: int = 3
-    min_seconds: float = 0.5
+    min_seconds: float = 1.0
     max_repeats: int = 500
     seed: int = 0
     dtype: str = "float32"
-    fit_batches: int = 5
+    fit_batches: int = 9
     fit_warmup: int = 2
     torch_threads: int = None
     torch_isolated: bool = True
@@ -164,7 +164,7 @@ class Settings:
 def quick_settings():
     """The settings of ``bench --quick``: fewer repeats, a tighter budget per case."""
     return Settings(repeats=5, warmup=1, max_seconds=3.0, min_repeats=3, min_seconds=0.25,
-                    fit_batches=3, fit_warmup=1)
+                    fit_batches=5, fit_warmup=1)
 
 
 # --------------------------------------------------------------------------- data
