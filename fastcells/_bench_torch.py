@@ -128,7 +128,8 @@ def time_interleaved(timers, repeats=7, warmup=1, max_seconds=None, min_repeats=
     first = max(1, repeats)
     r = 0
     while live:
-        typical = {i: _median(times[i] or warm[i]) for i in live}
+        typical = {i: float(np.median(times[i] or warm[i])) if times[i] or warm[i]
+                   else None for i in live}
         slowest = max((v for v in typical.values() if v is not None), default=None)
         order = live[r % len(live):] + live[:r % len(live)]
         for i in order:
@@ -152,14 +153,6 @@ def time_interleaved(timers, repeats=7, warmup=1, max_seconds=None, min_repeats=
                 and min(counts) >= min(min_repeats, first)):
             break
     return times
-
-
-def _median(values):
-    if not values:
-        return None
-    v = sorted(values)
-    m = len(v) // 2
-    return v[m] if len(v) % 2 else 0.5 * (v[m - 1] + v[m])
 
 
 # --------------------------------------------------------------------------- NVTX
