@@ -81,7 +81,8 @@ def time_calls(fn, repeats=7, warmup=1, max_seconds=None, min_repeats=3, min_sec
 
 
 def time_interleaved(timers, repeats=7, warmup=1, max_seconds=None, min_repeats=3,
-                     min_seconds=0.0, max_repeats=500, on_error=None, most_per_round=64):
+                     min_seconds=0.0, max_repeats=500, on_error=None, most_per_round=64,
+                     rounds=None):
     """Time several engines in alternation, so that each one's calls spread over the same
     stretch of time.
 
@@ -105,7 +106,8 @@ def time_interleaved(timers, repeats=7, warmup=1, max_seconds=None, min_repeats=
 
     A timer that raises is dropped from the rounds: ``on_error(i, exc)`` is called, or the
     exception propagates when ``on_error`` is None. Returns one list of durations per timer
-    (empty for a dropped one).
+    (empty for a dropped one). ``rounds``, a list, gets one dict per round: timer index ->
+    the durations of that round (for ratios paired round by round).
     """
     n = len(timers)
     times = [[] for _ in range(n)]
@@ -132,6 +134,7 @@ def time_interleaved(timers, repeats=7, warmup=1, max_seconds=None, min_repeats=
                    else None for i in live}
         slowest = max((v for v in typical.values() if v is not None), default=None)
         order = live[r % len(live):] + live[:r % len(live)]
+        this_round = {}
         for i in order:
             k = 1
             if slowest is not None and typical[i]:
@@ -139,7 +142,10 @@ def time_interleaved(timers, repeats=7, warmup=1, max_seconds=None, min_repeats=
             k = max(1, min(k, max_repeats - len(times[i])))
             got = call(i, k)
             if got is not None:
-                times[i] += [float(t) for t in got]
+                this_round[i] = [float(t) for t in got]
+                times[i] += this_round[i]
+        if rounds is not None:
+            rounds.append(this_round)
         r += 1
         if not live:
             break

@@ -50,6 +50,7 @@ from ._bench_torch import (keras_to_torch, time_calls, time_interleaved,  # noqa
 __all__ = ["Shape", "SHAPES", "CELLS", "MODES", "ENGINES", "BASELINE", "Settings", "Case",
            "make_case", "make_weights", "make_inputs", "compare", "check_equivalence",
            "engine_unavailable", "available_engines", "time_calls", "time_interleaved",
+           "time_together",
            "Result", "FitResult",
            "ColdResult", "Report", "run_layer_benchmarks", "run_fit_benchmarks",
            "run_cold_start", "machine_info", "write_report", "save_json", "save_plot",
@@ -635,6 +636,7 @@ class Result:
     grad_error: float = None
     status: str = "ok"            # "ok", "skipped: ...", "error: ...", "mismatch: ..."
     baseline_median: float = None  # the built-in layer's median in the same run
+    speedup_range: tuple = None    # middle half of the speed-ups paired round by round
 
     @property
     def median(self):
@@ -676,6 +678,7 @@ class FitResult:
     max_error: float = None       # predictions before training vs the built-in layer's
     status: str = "ok"
     baseline_median: float = None
+    speedup_range: tuple = None
 
     @property
     def median(self):
@@ -889,12 +892,7 @@ def _run_workload(shape, cell, mode, engines, settings, progress, torch_worker):
             except Exception as exc:  # reported in the table; the other engines still run
                 res.status = _error_status(exc)
 
-        def failed(i, exc):
-            timed_results[i].status = _error_status(exc)
-
-        times = time_interleaved(timers, **timing_kwargs(settings), on_error=failed)
-        for res, t in zip(timed_results, times):
-            res.times = t
+        time_together(timed_results, timers, timing_kwargs(settings))
     finally:
         del timers
         if worker_open:
@@ -906,6 +904,34 @@ def _run_workload(shape, cell, mode, engines, settings, progress, torch_worker):
     for res in results:
         res.baseline_median = baseline
     return results
+
+
+def time_together(results, timers, settings_kwargs, rounds_min=2):
+    """Time ``timers`` (one per entry of ``results``, :class:`Result` or :class:`FitResult`)
+    in alternation with :func:`time_interleaved` (keyword arguments ``settings_kwargs``)
+    and fill in each result's ``times``, ``baseline_median`` and ``speedup_range``: the
+    25th to 75th percentile of the speed-ups over the built-in layer paired round by round
+    (its calls and the engine's in the same round, a fraction of a second apart), so that
+    the report says how far the single ratio could move within the run. A timer that fails
+    gets status ``"error: ..."``."""
+    def failed(i, exc):
+        results[i].status = _error_status(exc)
+
+    rounds = []
+    times = time_interleaved(timers, **settings_kwargs, on_error=failed, rounds=rounds)
+    for res, t in zip(results, times):
+        res.times = t
+    base = next((i for i, r in enumerate(results) if r.engine == BASELINE and r.times), None)
+    if base is None:
+        return
+    baseline = results[base].median
+    for i, res in enumerate(results):
+        res.baseline_median = baseline
+        paired = [float(np.median(rd[base]) / np.median(rd[i])) for rd in rounds
+                  if base in rd and i in rd]
+        if i != base and len(paired) >= rounds_min:
+            lo, hi = np.percentile(paired, [25, 75])
+            res.speedup_range = (float(lo), float(hi))
 
 
 def _error_status(exc):
@@ -973,16 +999,13 @@ def run_fit_benchmarks(cells=("lstm", "gru"), engines=None, settings=None, progr
             except Exception as exc:  # reported in the table; the other engines still run
                 res.status = _error_status(exc)
 
-        def failed(i, exc):
-            models[i][0].status = _error_status(exc)
-
         # the models' batches in alternation, as the layers' calls (see _run_workload)
-        times = time_interleaved(
-            [_bench_torch.timed(lambda m=m: m.train_on_batch(x, y)) for _, m in models],
-            settings.fit_batches, settings.fit_warmup + 1, settings.max_seconds,
-            settings.min_repeats, on_error=failed)
-        for (res, _), t in zip(models, times):
-            res.times = t
+        time_together([res for res, _ in models],
+                      [_bench_torch.timed(lambda m=m: m.train_on_batch(x, y))
+                       for _, m in models],
+                      dict(repeats=settings.fit_batches, warmup=settings.fit_warmup + 1,
+                           max_seconds=settings.max_seconds,
+                           min_repeats=settings.min_repeats))
         del models
         baseline = next((r.median for r in cell_results if r.engine == BASELINE and r.times),
                         None)
@@ -1150,6 +1173,11 @@ def _fmt(value, spec, missing="-"):
     return format(value, spec)
 
 
+def _fmt_range(span):
+    """``(lo, hi)`` of :attr:`Result.speedup_range` as ``"lo-hi x"``, or "" without one."""
+    return "" if span is None else f"{span[0]:.2f}-{span[1]:.2f}x"
+
+
 def _table(header, rows, stream):
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
     for row in [header] + rows:
@@ -1173,11 +1201,13 @@ def write_report(report, stream):
         shape = SHAPES.get(shape_name)
         desc = shape.describe() if shape else ""
         stream.write(f"\n{shape_name} · {CELL_NAMES[cell]} · {MODE_NAMES[mode]}   {desc}\n")
-        header = ["engine", "us/step", "ms/call", "vs keras", "max|err|", "grad err", "n", ""]
+        header = ["engine", "us/step", "ms/call", "vs keras", "middle half", "max|err|",
+                  "grad err", "n", ""]
         table = []
         for r in rows:
             table.append([r.engine, _fmt(r.us_per_step, ".1f"), _fmt(r.median * 1e3, ".2f"),
                           _fmt(r.speedup, ".2f", "-") + ("x" if r.speedup else ""),
+                          _fmt_range(r.speedup_range),
                           _fmt(r.max_error, ".1e"), _fmt(r.grad_error, ".1e"),
                           len(r.times) or "-", _status_note(r.status)])
         _table(header, table, stream)
@@ -1185,9 +1215,10 @@ def write_report(report, stream):
         r0 = report.fit[0]
         stream.write(f"\nmodel.fit · IMDB-style model (Embedding(10000, 32) -> RNN(32) -> "
                      f"Dense(1)), train_on_batch, B={r0.batch} T={r0.time}\n")
-        header = ["cell", "engine", "ms/batch", "vs keras", "max|err|", "n", ""]
+        header = ["cell", "engine", "ms/batch", "vs keras", "middle half", "max|err|", "n", ""]
         table = [[CELL_NAMES[r.cell], r.engine, _fmt(r.ms_per_batch, ".1f"),
                   _fmt(r.speedup, ".2f") + ("x" if r.speedup else ""),
+                  _fmt_range(r.speedup_range),
                   _fmt(r.max_error, ".1e"), len(r.times) or "-", _status_note(r.status)]
                  for r in report.fit]
         _table(header, table, stream)

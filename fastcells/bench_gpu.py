@@ -42,7 +42,7 @@ import sys
 import numpy as np
 
 from . import bench
-from ._bench_torch import nvtx_range, time_interleaved, timed, torch_case
+from ._bench_torch import nvtx_range, timed, torch_case
 
 __all__ = ["GPU_ENGINES", "GPU_OPTIONAL_ENGINES", "GPU_SHAPES", "QUICK_GPU_SHAPES", "choose_bench", "no_gpu_reason",
            "gpu_engine_unavailable", "available_gpu_engines", "make_gpu_case",
@@ -402,14 +402,9 @@ def run_gpu_benchmarks(shapes=QUICK_GPU_SHAPES, cells=("lstm", "gru"), modes=ben
             except Exception as exc:  # reported in the table; the other engines still run
                 res.status = bench._error_status(exc)
 
-        def failed(i, exc):
-            timed_rows[i].status = bench._error_status(exc)
-
         # in alternation, as on the CPU (fastcells.bench._run_workload)
-        times = time_interleaved(timers, **bench.timing_kwargs(settings), on_error=failed)
+        bench.time_together(timed_rows, timers, bench.timing_kwargs(settings))
         del timers
-        for res, t in zip(timed_rows, times):
-            res.times = t
         baseline = next((r.median for r in rows if r.engine == bench.BASELINE and r.times),
                         None)
         for res in rows:

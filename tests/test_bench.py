@@ -475,3 +475,40 @@ def test_layer_and_fit_benchmarks_time_their_engines_together(monkeypatch):
     assert [r.status for r in fit] == ["ok", "ok"]
     assert all(len(r.times) >= settings.fit_batches for r in fit)
     assert fit[1].speedup == pytest.approx(fit[0].median / fit[1].median)
+
+
+def test_speedup_spread_pairs_the_engines_round_by_round():
+    """Each round's calls are paired: a machine that slows down for a stretch moves both
+    engines' times in that stretch, and the paired speed-ups stay at the true ratio, while
+    either engine's own times spread over 2x."""
+    m = _SharedMachine(slow_from=0.3, slow_to=0.6)
+    results = [bench.Result("s", "lstm", "train", "keras", 10),
+               bench.Result("s", "lstm", "train", "fastcells-cpu", 10)]
+    bench.time_together(results, [m.engine("keras", 0.010), m.engine("fast", 0.004)],
+                        dict(repeats=7, warmup=1, min_seconds=0.6))
+    keras, fast = results
+    assert max(fast.times) == pytest.approx(2 * min(fast.times))      # the slow stretch
+    assert keras.speedup_range is None and keras.baseline_median == keras.median
+    lo, hi = fast.speedup_range
+    assert lo <= fast.speedup <= hi
+    assert lo == pytest.approx(2.5, rel=0.05) and hi == pytest.approx(2.5, rel=0.05)
+    # the rounds record every timed call once
+    m = _SharedMachine(0.0, 0.0)
+    rounds = []
+    times = bench.time_interleaved([m.engine("a", 0.01), m.engine("b", 0.003)], repeats=5,
+                                   warmup=1, rounds=rounds)
+    assert all(set(rd) == {0, 1} for rd in rounds)
+    for i in (0, 1):
+        assert sum((rd[i] for rd in rounds), []) == times[i]
+
+
+def test_report_shows_the_spread_of_the_speedup():
+    import io
+    rows = [bench.Result("imdb", "gru", "forward", "keras", 500, times=[0.02]),
+            bench.Result("imdb", "gru", "forward", "fastcells-cpu", 500, times=[0.008],
+                         baseline_median=0.02, speedup_range=(2.31, 2.74))]
+    rows[0].baseline_median = 0.02
+    stream = io.StringIO()
+    bench.write_report(bench.Report(layers=rows), stream)
+    text = stream.getvalue()
+    assert "middle half" in text and "2.31-2.74x" in text and "2.50x" in text
