@@ -39,7 +39,7 @@ def main():
               "keras LSTM": model(keras.layers.LSTM(32)),
               "fastcells GRU": model(fastcells.GRU(32)),
               "keras GRU": model(keras.layers.GRU(32))}
-    timers = [bench._bench_torch.timed(lambda m=m: m.train_on_batch(x, y))
+    timers = [bench.timed_calls(lambda m=m: m.train_on_batch(x, y))
               for m in models.values()]
     times = bench.time_interleaved(timers, repeats=args.batches, warmup=3,
                                    min_seconds=args.seconds)

@@ -46,11 +46,12 @@ import numpy as np
 from . import _bench_torch, config
 from ._bench_torch import (keras_to_torch, time_calls, time_interleaved,  # noqa: F401
                            torch_grads_to_keras)
+from ._bench_torch import timed as timed_calls
 
 __all__ = ["Shape", "SHAPES", "CELLS", "MODES", "ENGINES", "BASELINE", "Settings", "Case",
            "make_case", "make_weights", "make_inputs", "compare", "check_equivalence",
-           "engine_unavailable", "available_engines", "time_calls", "time_interleaved",
-           "time_together",
+           "engine_unavailable", "available_engines", "time_calls", "timed_calls",
+           "time_interleaved", "time_together",
            "Result", "FitResult",
            "ColdResult", "Report", "run_layer_benchmarks", "run_fit_benchmarks",
            "run_cold_start", "machine_info", "write_report", "save_json", "save_plot",
@@ -858,7 +859,7 @@ def _run_workload(shape, cell, mode, engines, settings, progress, torch_worker):
     against the built-in layer's), then all are timed together, in alternation
     (:func:`time_interleaved`)."""
     reference = None
-    results, timers, timed_results = [], [], []
+    results, timed = [], []
     worker_open = False
     try:
         for engine in engines:
@@ -877,7 +878,7 @@ def _run_workload(shape, cell, mode, engines, settings, progress, torch_worker):
                     case = make_case(engine, cell, shape, mode, settings.seed,
                                      settings.dtype, settings.torch_threads)
                     out = case.first_call()
-                    timer = _bench_torch.timed(case)
+                    timer = timed_calls(case)
                     del case
                 if engine == BASELINE:
                     reference = out
@@ -887,49 +888,47 @@ def _run_workload(shape, cell, mode, engines, settings, progress, torch_worker):
                                             settings.dtype)
                 if problem:
                     res.status = f"mismatch: {problem}"
-                timers.append(timer)
-                timed_results.append(res)
+                timed.append((res, timer))
             except Exception as exc:  # reported in the table; the other engines still run
                 res.status = _error_status(exc)
-
-        time_together(timed_results, timers, timing_kwargs(settings))
+        time_together(results, timed, timing_kwargs(settings))
     finally:
-        del timers
         if worker_open:
             try:
                 torch_worker.close_case()
             except RuntimeError:
                 pass                  # the worker died: the next case starts a new one
-    baseline = next((r.median for r in results if r.engine == BASELINE and r.times), None)
-    for res in results:
-        res.baseline_median = baseline
     return results
 
 
-def time_together(results, timers, settings_kwargs, rounds_min=2):
-    """Time ``timers`` (one per entry of ``results``, :class:`Result` or :class:`FitResult`)
-    in alternation with :func:`time_interleaved` (keyword arguments ``settings_kwargs``)
-    and fill in each result's ``times``, ``baseline_median`` and ``speedup_range``: the
-    25th to 75th percentile of the speed-ups over the built-in layer paired round by round
-    (its calls and the engine's in the same round, a fraction of a second apart), so that
-    the report says how far the single ratio could move within the run. A timer that fails
-    gets status ``"error: ..."``."""
+def time_together(rows, timed, settings_kwargs):
+    """Time the ``(row, timer)`` pairs of ``timed`` in alternation with
+    :func:`time_interleaved` (keyword arguments ``settings_kwargs``) and fill in their
+    ``times``; then set every row's ``baseline_median`` (``rows``: all :class:`Result` or
+    :class:`FitResult` of one workload, timed or failed) and each timed row's
+    ``speedup_range``: the 25th to 75th percentile of the speed-ups over the built-in layer
+    paired round by round (its calls and the engine's in the same round, a fraction of a
+    second apart), how far the single ratio could move within the run. A timer that fails
+    gives its row status ``"error: ..."``."""
     def failed(i, exc):
-        results[i].status = _error_status(exc)
+        timed[i][0].status = _error_status(exc)
 
     rounds = []
-    times = time_interleaved(timers, **settings_kwargs, on_error=failed, rounds=rounds)
-    for res, t in zip(results, times):
+    times = time_interleaved([timer for _, timer in timed], **settings_kwargs,
+                             on_error=failed, rounds=rounds)
+    for (res, _), t in zip(timed, times):
         res.times = t
-    base = next((i for i, r in enumerate(results) if r.engine == BASELINE and r.times), None)
+    baseline = next((r.median for r in rows if r.engine == BASELINE and r.times), None)
+    for res in rows:
+        res.baseline_median = baseline
+    base = next((i for i, (r, _) in enumerate(timed) if r.engine == BASELINE and r.times),
+                None)
     if base is None:
         return
-    baseline = results[base].median
-    for i, res in enumerate(results):
-        res.baseline_median = baseline
+    for i, (res, _) in enumerate(timed):
         paired = [float(np.median(rd[base]) / np.median(rd[i])) for rd in rounds
                   if base in rd and i in rd]
-        if i != base and len(paired) >= rounds_min:
+        if i != base and len(paired) >= 2:
             lo, hi = np.percentile(paired, [25, 75])
             res.speedup_range = (float(lo), float(hi))
 
@@ -976,7 +975,7 @@ def run_fit_benchmarks(cells=("lstm", "gru"), engines=None, settings=None, progr
     results = []
     for cell in cells:
         weights = reference = None
-        cell_results, models = [], []
+        cell_results, timed = [], []
         for engine in engines:
             progress.step(f"model.fit imdb {CELL_NAMES[cell]} {engine}")
             res = FitResult(cell, engine, batch, time_steps)
@@ -995,22 +994,17 @@ def run_fit_benchmarks(cells=("lstm", "gru"), engines=None, settings=None, progr
                 problem = check_equivalence(engine, res.max_error, None, "float32")
                 if problem:
                     res.status = f"mismatch: {problem}"
-                models.append((res, model))
+                timed.append((res, timed_calls(
+                    lambda m=model: m.train_on_batch(x, y))))
             except Exception as exc:  # reported in the table; the other engines still run
                 res.status = _error_status(exc)
 
         # the models' batches in alternation, as the layers' calls (see _run_workload)
-        time_together([res for res, _ in models],
-                      [_bench_torch.timed(lambda m=m: m.train_on_batch(x, y))
-                       for _, m in models],
+        time_together(cell_results, timed,
                       dict(repeats=settings.fit_batches, warmup=settings.fit_warmup + 1,
                            max_seconds=settings.max_seconds,
                            min_repeats=settings.min_repeats))
-        del models
-        baseline = next((r.median for r in cell_results if r.engine == BASELINE and r.times),
-                        None)
-        for res in cell_results:
-            res.baseline_median = baseline
+        timed = model = None          # the models' memory, before the next cell's
         results += cell_results
     return results
 

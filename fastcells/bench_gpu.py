@@ -42,7 +42,7 @@ import sys
 import numpy as np
 
 from . import bench
-from ._bench_torch import nvtx_range, timed, torch_case
+from ._bench_torch import nvtx_range, torch_case
 
 __all__ = ["GPU_ENGINES", "GPU_OPTIONAL_ENGINES", "GPU_SHAPES", "QUICK_GPU_SHAPES", "choose_bench", "no_gpu_reason",
            "gpu_engine_unavailable", "available_gpu_engines", "make_gpu_case",
@@ -376,7 +376,7 @@ def run_gpu_benchmarks(shapes=QUICK_GPU_SHAPES, cells=("lstm", "gru"), modes=ben
     results = []
     for shape, cell, mode in bench._workloads(shapes, cells, modes):
         reference = None
-        rows, timers, timed_rows = [], [], []
+        rows, timed = [], []
         for engine in engines:
             progress.step(f"GPU {shape.name} {bench.CELL_NAMES[cell]} {mode} {engine}")
             res = bench.Result(shape.name, cell, mode, engine, shape.time)
@@ -396,19 +396,14 @@ def run_gpu_benchmarks(shapes=QUICK_GPU_SHAPES, cells=("lstm", "gru"), modes=ben
                                                   res.grad_error, settings.dtype)
                 if problem:
                     res.status = f"mismatch: {problem.replace('the built-in layer', ref_engine)}"
-                timers.append(timed(case))
-                timed_rows.append(res)
+                timed.append((res, bench.timed_calls(case)))
                 del case
             except Exception as exc:  # reported in the table; the other engines still run
                 res.status = bench._error_status(exc)
 
         # in alternation, as on the CPU (fastcells.bench._run_workload)
-        bench.time_together(timed_rows, timers, bench.timing_kwargs(settings))
-        del timers
-        baseline = next((r.median for r in rows if r.engine == bench.BASELINE and r.times),
-                        None)
-        for res in rows:
-            res.baseline_median = baseline
+        bench.time_together(rows, timed, bench.timing_kwargs(settings))
+        del timed
         results += rows
         _free_gpu_memory()
     return results

@@ -484,7 +484,8 @@ def test_speedup_spread_pairs_the_engines_round_by_round():
     m = _SharedMachine(slow_from=0.3, slow_to=0.6)
     results = [bench.Result("s", "lstm", "train", "keras", 10),
                bench.Result("s", "lstm", "train", "fastcells-cpu", 10)]
-    bench.time_together(results, [m.engine("keras", 0.010), m.engine("fast", 0.004)],
+    bench.time_together(results, list(zip(results, [m.engine("keras", 0.010),
+                                                    m.engine("fast", 0.004)])),
                         dict(repeats=7, warmup=1, min_seconds=0.6))
     keras, fast = results
     assert max(fast.times) == pytest.approx(2 * min(fast.times))      # the slow stretch
