@@ -205,3 +205,23 @@ def test_device_input_with_cpu_engine_is_a_clear_error(rng):
     with pytest.raises(ValueError, match=r"x must have shape|x must be 3-D"):
         ops.lstm_forward(cuda.to_device(np.zeros((2, 3), np.float32)), p["kernel"],
                          p["recurrent_kernel"], engine="cuda")
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")   # the simulator's NaN
+@pytest.mark.parametrize("name", CELLS)
+def test_nan_inputs_give_the_same_nan_outputs_as_the_cpu(name, rng):
+    """A NaN in one sample's input reaches that sample's outputs from its step on, on the GPU
+    as on the CPU (the float32 tanh clamps with min/max, which numba-cuda lowers to
+    fmaxf/fminf: they drop a NaN, and the activation must give it back itself)."""
+    B, T, D, H = 5, 4, 3, 5
+    cell, p, opts = _problem(rng, name, "plain", B, T, D, H, np.float32)
+    p["x"][2, 1, 0] = np.nan
+    p["x"][4, 0, :] = np.inf
+    fwd = getattr(ops, cell + "_forward")
+    args = (p["x"], p["kernel"], p["recurrent_kernel"], p["bias"], *p["states"])
+    want = fwd(*args, engine="cpu", training=False, **opts).outputs
+    got = _host(fwd(*args, engine="cuda", training=False, **opts).outputs)
+    assert np.isnan(want[2, 1:]).all() and not np.isnan(want[[0, 1, 3]]).any()
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_allclose(got[[0, 1, 3]], want[[0, 1, 3]], rtol=0,
+                               atol=config.TOL_OUTPUT_F32)

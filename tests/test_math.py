@@ -88,6 +88,25 @@ def test_activate_changes_exactly_the_range_and_matches_numpy(code, ref, dtype, 
                                atol=tol)
 
 
+@pytest.mark.parametrize("code", [M.TANH, M.SIGMOID])
+@pytest.mark.parametrize("fast", [True, False])
+def test_activate_keeps_nan_and_saturates_in_vectorised_rows(code, fast, rng):
+    """NaN and infinities scattered through rows long enough for the vector loops (the
+    float32 tanh clamps with min/max and must give the NaN back itself)."""
+    a = (rng.standard_normal((3, 80)) * 20).astype(np.float32)
+    nan_at, pinf_at, ninf_at = [0, 17, 33, 79], [5, 40], [6, 63]
+    a[:, nan_at], a[:, pinf_at], a[:, ninf_at] = np.nan, np.inf, -np.inf
+    got = a.copy()
+    _activate_rows(code, fast, got, 0, 80)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(a))
+    hi, lo = (1.0, -1.0) if code == M.TANH else (1.0, 0.0)
+    assert (got[:, pinf_at] == hi).all() and (got[:, ninf_at] == lo).all()
+    finite = np.isfinite(a)
+    ref = np.tanh(a[finite].astype(np.float64)) if code == M.TANH else \
+        1.0 / (1.0 + np.exp(-a[finite].astype(np.float64)))
+    np.testing.assert_allclose(got[finite], ref, rtol=0, atol=4e-7)
+
+
 DERIVATIVES = [(M.TANH, lambda y: 1.0 - y * y), (M.SIGMOID, lambda y: y * (1.0 - y)),
                (M.RELU, lambda y: (y > 0).astype(float)),
                (M.HARD_SIGMOID, lambda y: ((y > 0) & (y < 1)) / 6.0)]
