@@ -267,8 +267,9 @@ def _standard_row_grads(d, dr, g, hp, ax, dhi, ci, dzi, H, pending):
     """_state_grads and the rest of a row's gate gradients in the fused backward, for tanh
     and sigmoid (derivatives from the outputs): d = (daz, dar, dah) and dr = (daz, dar,
     da_h) of one row, dzi = dh * z; the pending output gradient ci is added and consumed
-    when ``pending``. The same operations in the same order as the general path (the same
-    bits), in four loops instead of ten: 61 against 78 ns per row at H=32."""
+    when ``pending`` (where it is not, it is zero and left out: only the sign of a zero
+    can differ). The same operations in the same order as the general path, in four loops
+    instead of ten: 61 against 78 ns per row at H=32 in isolation."""
     gz, gr, gh = g[:H], g[H:2 * H], g[2 * H:3 * H]     # views from 0: see _math.activate
     dz_, dr_, dah_ = d[:H], d[H:2 * H], d[2 * H:3 * H]
     for j in range(H):          # one stored array (d) per loop: see _common.take_pending
