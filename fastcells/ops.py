@@ -119,6 +119,29 @@ def _to_host(a):
     return np.asarray(a)
 
 
+class _WritableAlias:
+    """Exposes a read-only array's memory as writable through the array interface."""
+
+    def __init__(self, a):
+        face = dict(a.__array_interface__)
+        face["data"] = (face["data"][0], False)
+        self.__array_interface__ = face
+        self.base = a                   # keeps the memory alive as long as the alias
+
+
+def _writable(a):
+    """``a`` itself, or, where it is read-only, a writable view of the same memory (no copy).
+
+    Numba types a read-only array apart from a writable one, so read-only inputs (JAX hands
+    out nothing else) would compile every kernel again, once per pattern of read-only
+    arguments: 10-20 s a kernel. The kernels never write their inputs (asserted by
+    tests/test_ops_errors.py), so one writable view gives every caller the same compiled
+    kernels."""
+    if a.flags.writeable:
+        return a
+    return np.asarray(_WritableAlias(a))
+
+
 def _as_float_array(name, a, eng="cpu"):
     """``a`` as an array of the engine (no copy where possible), checked to be float32/64."""
     if a is None:
@@ -130,7 +153,7 @@ def _as_float_array(name, a, eng="cpu"):
         raise ValueError(f"{name} lives on a GPU but the call runs on the CPU engine; "
                          f"use engine='cuda' or 'auto'")
     else:
-        arr = np.asarray(a)
+        arr = _writable(np.asarray(a))
     dt = np.dtype(arr.dtype)
     if dt.kind != "f" or dt not in (np.float32, np.float64):
         raise TypeError(f"{name} must be a float32 or float64 array, got dtype {dt} "
@@ -182,7 +205,7 @@ def _check_mask(mask, B, T, eng):
         if m.dtype.kind not in "biuf":
             raise TypeError(f"mask must be boolean (or 0/1), got dtype {m.dtype}")
         m = m != 0
-    return np.ascontiguousarray(m)
+    return _writable(np.ascontiguousarray(m))
 
 
 def _check_dropout(name, m, G, B, n, dtype, eng, per_gate_only=False):

@@ -77,6 +77,64 @@ def test_inputs_are_never_modified():
         np.testing.assert_array_equal(a[k], before[k])
 
 
+def _compiled_signatures():
+    """Every (kernel, argument types) the CPU kernels have been compiled for so far."""
+    import importlib
+    import pkgutil
+
+    import fastcells.cpu
+    from fastcells.cpu._jit import CacheSafe
+    seen = set()
+    for info in pkgutil.iter_modules(fastcells.cpu.__path__):
+        mod = importlib.import_module(f"fastcells.cpu.{info.name}")
+        for name, obj in vars(mod).items():
+            if isinstance(obj, CacheSafe):
+                seen.update((mod.__name__, name, sig) for sig in obj.dispatcher.signatures)
+    return seen
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "simple_rnn"])
+def test_read_only_inputs_reuse_the_compiled_kernels(cell):
+    """Read-only arrays (what JAX hands out) run the kernels compiled for writable ones:
+    the same results, nothing compiled again, nothing written."""
+    G = {"lstm": 4, "gru": 3, "simple_rnn": 1}[cell]
+    a = _args(G=G)
+    rng = np.random.default_rng(1)
+    B, T, H = 2, 3, 5
+    if cell == "gru":                            # reset_after: input and recurrent biases
+        a["bias"] = rng.random((2, G * H)).astype(np.float32)
+    states = [rng.random((B, H)).astype(np.float32) for _ in range(2 if cell == "lstm" else 1)]
+    mask = np.ones((B, T), bool)
+    mask[1, 2] = False
+    dy = rng.random((B, T, H)).astype(np.float32)
+    forward, backward = getattr(ops, f"{cell}_forward"), getattr(ops, f"{cell}_backward")
+
+    def run(arrays):
+        x, k, r, b, st, m, d = arrays
+        f = forward(x, k, r, b, *st, mask=m, training=True, return_sequences=True)
+        g = backward(f.cache, d, *st)           # the state gradients: any [B, H] arrays
+        return [f.outputs, *f.states, g.x, g.kernel, g.recurrent_kernel, g.bias, *g.states]
+
+    arrays = [a["x"], a["kernel"], a["recurrent_kernel"], a["bias"], states, mask, dy]
+    want = run(arrays)
+    compiled = _compiled_signatures()
+    frozen = []
+    for arr in arrays:
+        copies = [c.copy() for c in arr] if isinstance(arr, list) else arr.copy()
+        for c in copies if isinstance(copies, list) else [copies]:
+            c.setflags(write=False)
+        frozen.append(copies)
+    got = run(frozen)
+    assert _compiled_signatures() == compiled, "read-only inputs compiled kernels again"
+    for w, g in zip(want, got):
+        np.testing.assert_array_equal(g, w)
+    for arr, ro in zip(arrays, frozen):
+        for x, y in zip(arr if isinstance(arr, list) else [arr],
+                        ro if isinstance(ro, list) else [ro]):
+            np.testing.assert_array_equal(y, x)
+            assert not y.flags.writeable
+
+
 def test_mixed_float_dtypes_follow_x_and_layouts_are_accepted():
     a = _args(dtype=np.float64)
     x32 = np.asfortranarray(a["x"].astype(np.float32))
