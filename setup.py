@@ -30,6 +30,7 @@ setup(
         "jax": ["jax>=0.4.30"],
         "cuda": ["numba-cuda>=0.10"],
         "test": ["tensorflow-cpu>=2.16", "pytest>=7", "pytest-benchmark>=4", "hypothesis>=6",
+                 "pytest-xdist>=3.5",      # the suite runs on two workers (README)
                  "numba-cuda>=0.10"],      # the CUDA kernels run under its simulator
         "plot": ["matplotlib"],
     },

@@ -521,6 +521,7 @@ def test_awkward_shapes_equal_reference(cell, shape, split, small, monkeypatch, 
 
 # --------------------------------------------------------------------------- real compiler
 @pytest.mark.skipif(not SIM, reason="on a GPU every test above compiles the kernels it runs")
+@pytest.mark.early
 def test_every_kernel_compiles_to_ptx_for_a_gpu(monkeypatch, rng, tmp_path):
     """The simulator never types or lowers a kernel. Record the launches of the drivers and
     ops (every cell, both dtypes, every driver option, weights in shared and in global

@@ -158,6 +158,7 @@ np.savez(sys.argv[2], **res)
 """
 
 
+@pytest.mark.early
 @pytest.mark.parametrize("width,cells", [(32, "gru,simple_rnn"), (16, "lstm")])
 def test_other_vector_widths_give_the_same_bits(tmp_path, width, cells):
     """The AVX2 (32-byte) and SSE/NEON (16-byte) forms of the tile, compiled here with the

@@ -13,6 +13,7 @@ if importlib.util.find_spec("jax") is None:
     pytest.skip("jax is not installed", allow_module_level=True)
 
 
+@pytest.mark.late
 def test_layers_equal_builtin_under_jax_backend():
     """Outputs and gradients (jax.vjp under jit) of every cell in six configurations
     (masks, go_backwards, states, no bias, dropout), a recomputed evicted cache, model.fit

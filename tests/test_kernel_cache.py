@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 SCRIPT = """
 import numpy as np
 from fastcells import ops
@@ -24,6 +26,7 @@ def _run(cache_dir):
     return line[0], out.stderr
 
 
+@pytest.mark.early
 def test_damaged_cache_is_rebuilt(tmp_path):
     """Both kinds of damage in one cache (each rebuild compiles the kernels again, 30 s):
     index and data files overwritten with garbage or truncated to nothing, alternately."""

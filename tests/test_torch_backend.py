@@ -14,6 +14,7 @@ if importlib.util.find_spec("torch") is None:
     pytest.skip("torch is not installed", allow_module_level=True)
 
 
+@pytest.mark.late
 def test_layers_equal_builtin_under_torch_backend():
     """Outputs and gradients of every cell and configuration (masks, go_backwards, states,
     dropout, float64, Bidirectional, stateful, mixed precision, a second backward),
