@@ -30,9 +30,9 @@ def rng():
 
 
 # Run order, for the parallel run of CI (``pytest -n 2``: each worker takes the next test as
-# it frees up). Tests marked ``early`` do their work in processes of their own and share no
-# compiled kernel with the rest (PTX for a GPU, a private or disabled kernel cache), so they
-# start first and overlap everything else. Tests marked ``late`` run the layers under another
+# it frees up). Tests marked ``early`` do their work in processes of their own, mostly on
+# kernels the rest never compiles (PTX for a GPU, a private kernel cache, other vector
+# widths), so they start first and overlap everything else. Tests marked ``late`` run the layers under another
 # Keras backend in a subprocess that loads the kernels the rest of the suite compiled and
 # cached, so they start last; run first, they would compile the same kernels at the same
 # time as the other worker.
@@ -43,5 +43,7 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     def rank(item):
-        return 0 if item.get_closest_marker("early") else 2 if item.get_closest_marker("late") else 1
+        if item.get_closest_marker("early"):
+            return 0
+        return 2 if item.get_closest_marker("late") else 1
     items.sort(key=rank)            # stable: the file order stays within each rank
