@@ -32,10 +32,10 @@ def rng():
 # Run order, for the parallel run of CI (``pytest -n 2``: each worker takes the next test as
 # it frees up). Tests marked ``early`` do their work in processes of their own, mostly on
 # kernels the rest never compiles (PTX for a GPU, a private kernel cache, other vector
-# widths), so they start first and overlap everything else. Tests marked ``late`` run the layers under another
-# Keras backend in a subprocess that loads the kernels the rest of the suite compiled and
-# cached, so they start last; run first, they would compile the same kernels at the same
-# time as the other worker.
+# widths), so they start first and overlap everything else. Tests marked ``late`` run the
+# layers under another Keras backend in a subprocess that loads the kernels the rest of the
+# suite compiled and cached, so they start last; run first, they would compile the same
+# kernels at the same time as the other worker.
 def pytest_configure(config):
     config.addinivalue_line("markers", "early: started first (works in processes of its own)")
     config.addinivalue_line("markers", "late: started last (reuses the kernel cache)")

@@ -109,30 +109,28 @@ def test_read_only_inputs_reuse_the_compiled_kernels(cell):
     dy = rng.random((B, T, H)).astype(np.float32)
     forward, backward = getattr(ops, f"{cell}_forward"), getattr(ops, f"{cell}_backward")
 
-    def run(arrays):
-        x, k, r, b, st, m, d = arrays
-        f = forward(x, k, r, b, *st, mask=m, training=True, return_sequences=True)
-        g = backward(f.cache, d, *st)           # the state gradients: any [B, H] arrays
+    def run(arrays, states):
+        x, k, r, b, m, d = arrays
+        f = forward(x, k, r, b, *states, mask=m, training=True, return_sequences=True)
+        g = backward(f.cache, d, *states)       # the state gradients: any [B, H] arrays
         return [f.outputs, *f.states, g.x, g.kernel, g.recurrent_kernel, g.bias, *g.states]
 
-    arrays = [a["x"], a["kernel"], a["recurrent_kernel"], a["bias"], states, mask, dy]
-    want = run(arrays)
+    def frozen(arr):
+        c = arr.copy()
+        c.setflags(write=False)
+        return c
+
+    arrays = [a["x"], a["kernel"], a["recurrent_kernel"], a["bias"], mask, dy]
+    want = run(arrays, states)
     compiled = _compiled_signatures()
-    frozen = []
-    for arr in arrays:
-        copies = [c.copy() for c in arr] if isinstance(arr, list) else arr.copy()
-        for c in copies if isinstance(copies, list) else [copies]:
-            c.setflags(write=False)
-        frozen.append(copies)
-    got = run(frozen)
+    ro_arrays, ro_states = [frozen(x) for x in arrays], [frozen(s) for s in states]
+    got = run(ro_arrays, ro_states)
     assert _compiled_signatures() == compiled, "read-only inputs compiled kernels again"
     for w, g in zip(want, got):
         np.testing.assert_array_equal(g, w)
-    for arr, ro in zip(arrays, frozen):
-        for x, y in zip(arr if isinstance(arr, list) else [arr],
-                        ro if isinstance(ro, list) else [ro]):
-            np.testing.assert_array_equal(y, x)
-            assert not y.flags.writeable
+    for x, ro in zip(arrays + states, ro_arrays + ro_states):
+        np.testing.assert_array_equal(ro, x)
+        assert not ro.flags.writeable
 
 
 def test_mixed_float_dtypes_follow_x_and_layouts_are_accepted():
