@@ -524,7 +524,7 @@ def _backward_fused_gru(c, dy, dstates):
     B, T, H, dt = c.B, c.T, c.H, c.dtype
     D = c.W.shape[0]
     nblocks = -(-B // config.BLOCK_ROWS)
-    dx = np.empty((B, T, D), dt)
+    dx = la.empty_result((B, T, D), dt)
     acc_in = np.zeros((nblocks, D + 1, 3 * H), dt)
     acc_rec = np.zeros((nblocks, H + 1, 3 * H), dt)
     carry = la.zeros((B, H), dt)
@@ -541,7 +541,8 @@ def _backward_fused_gru(c, dy, dstates):
     la.give_back(dy)
     tin, trec = _block_sum(acc_in), _block_sum(acc_rec)
     db = None if c.bias_shape is None else np.stack([tin[D], trec[H]])
-    return Gradients(dx, tin[:D].copy(), trec[:H].copy(), db, tuple(dstates))
+    return Gradients(dx, la.copy_result(tin[:D]), la.copy_result(trec[:H]), db,
+                     tuple(dstates))
 
 
 def _block_sum(acc):
@@ -575,7 +576,7 @@ def _backward_fused(c, dy, dstates):
     o, la = c.opts, c.eng.linalg
     B, T, H, dt = c.B, c.T, c.H, c.dtype
     D = c.W.shape[0]
-    dx = np.empty((B, T, D), dt)
+    dx = la.empty_result((B, T, D), dt)
     acc = np.zeros((-(-B // config.BLOCK_ROWS), D + H + 1, c.U.shape[1]), dt)
     carry = la.zeros((B, H), dt)
     VT = (c.V[:-1] if c.fused else np.concatenate([c.W, c.U])).T    # the driver packs it
@@ -596,7 +597,8 @@ def _backward_fused(c, dy, dstates):
     la.give_back(dy)
     total = _block_sum(acc)
     db = None if c.bias_shape is None else total[D + H].copy()
-    return Gradients(dx, total[:D].copy(), total[D:D + H].copy(), db, tuple(dstates))
+    return Gradients(dx, la.copy_result(total[:D]), la.copy_result(total[D:D + H]), db,
+                     tuple(dstates))
 
 
 def _cell_backward(c, kc, m, dy, dstates, carry):

@@ -73,3 +73,42 @@ def test_backward_consumes_its_cache(layers_and_input):
     before = len(bridge.pending)
     _grads(fc, x, training=True)
     assert len(bridge.pending) == before
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "simple_rnn"])
+def test_tensorflow_adopts_the_results_without_a_copy(cell, rng, monkeypatch):
+    """The tensors TensorFlow makes of the kernels' outputs and gradients view the very arrays
+    the ops returned: they start on 64-byte boundaries, and numpy_function copies any array
+    less aligned (an LSTM training step at B=128 T=500 D=32 H=32 spent 0.55 ms copying its
+    input gradient)."""
+    from fastcells.bridge import tensorflow as btf
+    made = {}
+
+    def spy(table, pick):
+        run = table[cell]
+
+        def wrapped(*args, **kwargs):
+            result = run(*args, **kwargs)
+            made.update(pick(result))
+            return result
+        monkeypatch.setitem(table, cell, wrapped)
+
+    spy(btf._FORWARD, lambda f: {"outputs": f.outputs})
+    spy(btf._BACKWARD, lambda g: {"x": g.x, "kernel": g.kernel,
+                                  "recurrent_kernel": g.recurrent_kernel})
+    layer = {"lstm": fastcells.LSTM, "gru": fastcells.GRU,
+             "simple_rnn": fastcells.SimpleRNN}[cell](8, return_sequences=True, engine="cpu")
+    x = tf.constant(rng.standard_normal((6, 40, 5)).astype("float32"))
+    layer.build(x.shape)
+
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+            loss = tf.reduce_sum(y * y)
+        return (y, *tape.gradient(loss, [x, layer.cell.kernel, layer.cell.recurrent_kernel]))
+
+    tensors = dict(zip(["outputs", "x", "kernel", "recurrent_kernel"], step(x)))
+    for name, t in tensors.items():
+        assert np.from_dlpack(t).ctypes.data == made[name].ctypes.data, name

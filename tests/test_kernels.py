@@ -233,3 +233,16 @@ def test_large_weights_take_the_unfused_path(rng, monkeypatch):
     monkeypatch.setattr(config, "FUSED_MAX_WEIGHT_BYTES", 1 << 20)
     f = ops.lstm_forward(p["x"], p["kernel"], p["recurrent_kernel"], p["bias"])
     assert f.cache.fused
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("option", ["plain", "dropout", "shared_dropout", "no_bias_last_only"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_large_results_start_on_64_byte_boundaries(cell, option, fused, rng, monkeypatch):
+    """TensorFlow's numpy_function adopts a result this aligned as its tensor and copies any
+    other (NumPy aligns to 16 bytes): outputs, input and weight gradients are made so."""
+    monkeypatch.setattr(config, "FUSED", fused)
+    got, _ = run_both(rng, cell, (5, 7, 3, 4), option, dtype=np.float32)
+    for name in ("outputs", "x", "kernel", "recurrent_kernel"):
+        a = got[name]
+        assert a.flags.c_contiguous and a.ctypes.data % 64 == 0, (name, a.ctypes.data % 64)

@@ -14,14 +14,42 @@ empty = workspace.empty
 give_back = workspace.give_back
 
 
+# Results handed to the caller start on a 64-byte boundary: TensorFlow's numpy_function
+# adopts such an array as its output tensor, and copies one that is less aligned (NumPy
+# aligns to 16 bytes). Measured in an LSTM training step at B=128 T=500 D=32 H=32, the copy
+# of the 8 MB input gradient took 0.55 ms of 27 ms.
+RESULT_ALIGN = 64
+
+
+def empty_result(shape, dtype):
+    """An uninitialised C-contiguous array of ``shape`` for a result handed to the caller,
+    starting on a ``RESULT_ALIGN``-byte boundary."""
+    dtype = np.dtype(dtype)
+    shape = tuple(int(n) for n in shape)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + RESULT_ALIGN, np.uint8)
+    start = -raw.ctypes.data % RESULT_ALIGN
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def copy_result(a):
+    """A C-contiguous copy of ``a`` made by :func:`empty_result`."""
+    out = empty_result(a.shape, a.dtype)
+    np.copyto(out, a)
+    return out
+
+
 def zeros(shape, dtype):
-    return np.zeros(shape, dtype)
+    """A zeroed array (made by :func:`empty_result`: it may be handed to the caller)."""
+    out = empty_result(shape, dtype)
+    out.fill(0)
+    return out
 
 
 def zeros_group(shapes, dtype):
     """Zeroed arrays of ``shapes`` (None gives None): one buffer and one fill on the GPU
     engine, separate arrays here."""
-    return [None if s is None else np.zeros(s, dtype) for s in shapes]
+    return [None if s is None else zeros(s, dtype) for s in shapes]
 
 
 def time_major(a, shared=False):
@@ -34,12 +62,12 @@ def time_major(a, shared=False):
 
 def batch_major(a):
     """[T, B, ...] -> a fresh C-contiguous [B, T, ...] (handed to the caller)."""
-    return np.ascontiguousarray(np.swapaxes(a, 0, 1))
+    return copy_result(np.swapaxes(a, 0, 1))
 
 
 def finish_outputs(y, return_sequences):
     """Kernel outputs [T or 1, B, H] (time-major, workspace) -> fresh [B, T, H] or [B, H]."""
-    out = batch_major(y) if return_sequences else y[0].copy()
+    out = batch_major(y) if return_sequences else copy_result(y[0])
     workspace.give_back(y)
     return out
 
@@ -79,13 +107,13 @@ def input_grads(xt, W, dmask, dz, dW=None):
     dz2 = dz.reshape(T * B, GH)
     dxt = workspace.empty((T, B, D), xt.dtype)
     if G == 1:                                   # xt already carries a shared mask
-        dWc = gemm(xt.reshape(T * B, D).T, dz2)
+        dWc = gemm(xt.reshape(T * B, D).T, dz2, out=empty_result(W.shape, W.dtype))
         gemm(dz2, W.T, out=dxt.reshape(T * B, D))
         if dmask is not None:
             dxt *= dmask[None]
     else:
         H = GH // G
-        dWc = np.empty_like(W)
+        dWc = empty_result(W.shape, W.dtype)
         dxt[:] = 0.0
         for k in range(G):
             sl = slice(k * H, (k + 1) * H)
