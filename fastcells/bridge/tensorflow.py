@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from .. import ops
+from ..cpu._linalg import RESULT_ALIGN, copy_result
 from . import count, pending
 
 _FORWARD = {"lstm": ops.lstm_forward, "gru": ops.gru_forward,
@@ -224,24 +225,12 @@ def _to_tf(a, dtype):
     # TensorFlow takes row-major buffers only, and its kernels assume aligned ones (a CPU
     # tensor that is not 64-byte aligned aborts the process in Eigen's checks)
     if host:
-        if not a.flags["C_CONTIGUOUS"] or a.ctypes.data % _ALIGN:
-            a = _aligned_copy(a)
-    elif not la._c_contiguous(a) or a.__cuda_array_interface__["data"][0] % _ALIGN:
+        if not a.flags["C_CONTIGUOUS"] or a.ctypes.data % RESULT_ALIGN:
+            a = copy_result(a)
+    elif not la._c_contiguous(a) or a.__cuda_array_interface__["data"][0] % RESULT_ALIGN:
         a = la.copy(a)                          # a new device allocation: 256-byte aligned
     t = tf.experimental.dlpack.from_dlpack(_dlpack.capsule(a))
     return t if t.dtype == dtype else tf.cast(t, dtype)
-
-
-_ALIGN = 64
-
-
-def _aligned_copy(a):
-    """A C-contiguous copy of host array ``a`` starting on a ``_ALIGN``-byte boundary."""
-    raw = np.empty(a.nbytes + _ALIGN, np.uint8)
-    start = -raw.ctypes.data % _ALIGN
-    out = raw[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
-    np.copyto(out, a)
-    return out
 
 
 def _set_shapes(x, U, y, states, return_sequences):
