@@ -18,11 +18,20 @@ multiply-adds fused (``config.NJIT_OPTIONS``): 2.9e-7 against 3.2e-7 unfused on 
 float32 of [2^-10, 9.5]. Beyond |x| = 9, tanh rounds to +-1 in float32. The coefficients
 are float32 constants so that float32 arithmetic stays float32 (a float64 literal would
 promote every operation).
+
+float64 arrays use ``tanh64``: tanh|x| = -e / (e + 2) with e = expm1(-2|x|), and expm1 in
+plain arithmetic (a degree-13 Taylor polynomial after reducing by k ln 2, and 2^-k built
+from its exponent bits). It is within 3 ulp of ``math.tanh`` and 9 times as fast in a
+vectorised loop (1.1 against 10 ns per element): ``math.tanh`` is a libm call per element,
+which also keeps the loop around it scalar. ``fast_tanh`` and ``fast_sigmoid`` pick the
+formula for the argument's type, so that a kernel is written once for both.
 """
 import math
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic, overload
 
 from . import config
 
@@ -63,6 +72,71 @@ def tanh32(x):
     # made sigmoid32 return -6e-8 for large negative x; tanh itself never leaves [-1, 1]
     r = min(max(y * p / q, -_ONE), _ONE)
     return r if x == x else x
+
+
+# expm1(r) = r + r^2/2! + ... + r^13/13! for |r| <= ln(2)/2: the first term left out is
+# below 1.2e-17 of the result
+_E1, _E2, _E3, _E4, _E5, _E6, _E7, _E8, _E9, _E10, _E11, _E12, _E13 = (
+    1.0 / math.factorial(n) for n in range(1, 14))
+# ln 2 in two parts (Cody and Waite): k * _LN2_HI is exact for the k used here (k <= 58)
+_LN2_HI = 6.93147180369123816490e-01
+_LN2_LO = 1.90821492927058770002e-10
+_TWO_LOG2E = 2.0 / math.log(2.0)
+
+
+@intrinsic
+def _pow2(typingctx, k):
+    """2.0 ** k for an int64 -1022 <= k <= 1023, from the exponent bits (a shift and no
+    call, so that the loop around it stays vectorised)."""
+    def codegen(context, builder, signature, args):
+        i64 = ir.IntType(64)
+        bits = builder.shl(builder.add(args[0], ir.Constant(i64, 1023)), ir.Constant(i64, 52))
+        return builder.bitcast(bits, ir.DoubleType())
+    return types.float64(types.int64), codegen
+
+
+@_jit
+def tanh64(x):
+    """tanh(x) in float64 within 3 ulp of ``math.tanh``, in plain arithmetic so that a loop
+    of it vectorises. tanh|x| = -e / (e + 2) with e = expm1(-2|x|) in (-1, 0]: no
+    cancellation near 0; beyond |x| = 20, tanh rounds to 1."""
+    a = min(abs(x), 20.0)
+    k = np.int64(a * _TWO_LOG2E + 0.5)                  # round(2a / ln 2), 0 <= k <= 58
+    r = (-2.0 * a + k * _LN2_HI) + k * _LN2_LO          # -2a = r - k ln 2, |r| <= ln(2)/2
+    p = r * (_E1 + r * (_E2 + r * (_E3 + r * (_E4 + r * (_E5 + r * (_E6 + r * (
+        _E7 + r * (_E8 + r * (_E9 + r * (_E10 + r * (_E11 + r * (_E12 + r * _E13))))))))))))
+    s = _pow2(-k)
+    e = s * p + (s - 1.0)                   # expm1(-2a) = 2^-k expm1(r) + 2^-k - 1
+    t = math.copysign((0.0 - e) / (e + 2.0), x)         # 0.0 - e: tanh(0) is +0, not -0
+    return t if x == x else x
+
+
+def fast_tanh(x):
+    """tanh in plain arithmetic for compiled code: ``tanh32`` for a float32 argument,
+    ``tanh64`` for a float64 one."""
+    return math.tanh(x)
+
+
+def fast_sigmoid(x):
+    """sigmoid(x) = 0.5 * fast_tanh(0.5 x) + 0.5 (``sigmoid32`` for float32)."""
+    return 0.5 * math.tanh(0.5 * x) + 0.5
+
+
+# The overloads compile with the flags of the kernel that calls them (multiply-adds fused),
+# so that fast_tanh gives the bits tanh32 gives inlined into the same kernel. Not
+# inline="always": Numba's IR inliner then warned about the phi of tanh64's NaN test.
+@overload(fast_tanh)
+def _fast_tanh(x):
+    if x == types.float64:
+        return lambda x: tanh64(x)
+    return lambda x: tanh32(x)
+
+
+@overload(fast_sigmoid)
+def _fast_sigmoid(x):
+    if x == types.float64:
+        return lambda x: 0.5 * tanh64(0.5 * x) + 0.5
+    return lambda x: sigmoid32(x)
 
 
 # --- one element: the formulas, written once ---------------------------------------------
@@ -150,7 +224,7 @@ def scalar_derivative(code):
 # --- a range of a 1-D array: the CPU kernels' loops ---------------------------------------
 @_jit
 def activate(code, fast, a, lo, hi):
-    """a[lo:hi] = act(a[lo:hi]) in place. ``fast``: use the float32 approximation. The
+    """a[lo:hi] = act(a[lo:hi]) in place. ``fast``: ``fast_tanh``/``fast_sigmoid``. The
     choice is made outside the element loops so that every loop is a plain sweep.
 
     Every loop runs over a view from index 0: a loop ``for j in range(lo, hi)`` with a
@@ -162,14 +236,14 @@ def activate(code, fast, a, lo, hi):
     if code == TANH:
         if fast:
             for j in range(n):
-                v[j] = tanh32(v[j])
+                v[j] = fast_tanh(v[j])
         else:
             for j in range(n):
                 v[j] = exact_tanh(v[j])
     elif code == SIGMOID:
         if fast:
             for j in range(n):
-                v[j] = sigmoid32(v[j])
+                v[j] = fast_sigmoid(v[j])
         else:
             for j in range(n):
                 v[j] = sigmoid(v[j])

@@ -87,8 +87,12 @@ NJIT_OPTIONS = dict(nogil=True, cache=GEMM_VECTOR_BYTES is None, error_model="nu
                     fastmath={"contract"})
 
 #: Use the rational tanh/sigmoid approximation (max abs error 3.6e-7, i.e. float32
-#: rounding) for float32 arrays. float64 always uses the exact functions.
+#: rounding) for float32 arrays.
 FAST_FLOAT32_ACTIVATIONS = os.environ.get("FASTCELLS_EXACT_ACTIVATIONS", "0") != "1"
+#: Use tanh/sigmoid in plain arithmetic (``_math.tanh64``, within 3 ulp) for float64 arrays
+#: in the CPU kernels, instead of a libm call per element (9 times as slow, and it keeps
+#: the gate loops scalar). The CUDA kernels call the device's own tanh and exp.
+FAST_FLOAT64_ACTIVATIONS = FAST_FLOAT32_ACTIVATIONS
 
 #: Scratch memory kept for reuse between calls (see fastcells/_workspace.py), in bytes ...
 WORKSPACE_BYTES = _env_int("FASTCELLS_WORKSPACE_BYTES", 1 << 30)

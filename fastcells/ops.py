@@ -323,7 +323,8 @@ def _prepare(cell, x, kernel, recurrent_kernel, bias, states, *, mask, go_backwa
         opts["ract"] = _check_activation("recurrent_activation", recurrent_activation)
     if cell == "gru":
         opts["reset_after"] = bool(reset_after)
-    fast = bool(dt == np.float32 and config.FAST_FLOAT32_ACTIVATIONS)
+    fast = bool(config.FAST_FLOAT32_ACTIVATIONS if dt == np.float32 else
+                eng == "cpu" and config.FAST_FLOAT64_ACTIVATIONS)
     codes = {"lstm": ("ract", "ract", "act", "ract"), "gru": ("ract", "ract"),
              "simple_rnn": ("act",)}[cell]
     coef = _math.gate_coefficients([opts[k] for k in codes], H, dt) if fast else None

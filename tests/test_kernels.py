@@ -89,6 +89,24 @@ def test_float64_equals_reference(cell, shape, option, rng):
         assert err <= 1e-10, f"{name}: max abs error {err:.3e}"
 
 
+@pytest.mark.parametrize("option", ["plain", "mask_backwards", "dropout", "shared_dropout"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_float64_fast_and_libm_activations_agree_to_rounding(cell, option, monkeypatch):
+    """float64 kernels compute tanh and sigmoid in plain arithmetic (``_math.tanh64``, the
+    default, checked against the reference above); with FAST_FLOAT64_ACTIVATIONS off they
+    call libm per element. The two give the same outputs and gradients to rounding."""
+    shape = (6, 40, 5, 7)
+    got, _ = run_both(np.random.default_rng(7), cell, shape, option)
+    monkeypatch.setattr(config, "FAST_FLOAT64_ACTIVATIONS", False)
+    exact, want = run_both(np.random.default_rng(7), cell, shape, option)
+    for name in want:
+        if want[name] is None:
+            continue
+        np.testing.assert_allclose(got[name], exact[name], rtol=0, atol=1e-13, err_msg=name)
+        err = np.abs(exact[name] - want[name]).max()
+        assert err <= 1e-10, f"{name} (libm activations): max abs error {err:.3e}"
+
+
 @pytest.mark.parametrize("option", ["plain", "mask_backwards", "dropout", "shared_dropout",
                                     "no_bias_last_only"])
 @pytest.mark.parametrize("cell", CELLS)

@@ -1,11 +1,11 @@
 """The activations of ``fastcells._math`` against float64 NumPy: the rational float32 tanh
-and sigmoid, and ``activate`` / ``activate_grad`` on a range of a row (the form every CPU
-kernel uses)."""
+and sigmoid, the float64 tanh in plain arithmetic, and ``activate`` / ``activate_grad`` on a
+range of a row (the form every CPU kernel uses)."""
 import numpy as np
 import pytest
 from numba import njit
 
-from fastcells import _math as M
+from fastcells import _math as M, config
 
 
 @njit
@@ -56,6 +56,75 @@ def test_float32_activations_propagate_nan_and_saturate_at_infinity(f):
     assert got[1] == want_hi and got[2] == want_lo
 
 
+def _grid64():
+    """A dense sweep through the curved part and past 20 (where tanh rounds to 1), each
+    branch of the exponent reduction, tiny and subnormal arguments, and the extremes."""
+    k = np.arange(60)
+    parts = [np.linspace(-25, 25, 1_000_001), np.geomspace(5e-324, 1e-3, 4000),
+             k * np.log(2.0) / 2 + np.array([[-1e-12], [0.0], [1e-12]]).repeat(60, 1),
+             np.array([0.0, 19.99, 20.0, 20.01, 700.0, 1e300, 1.7e308])]
+    a = np.concatenate([p.ravel() for p in parts])
+    return np.concatenate([a, -a])
+
+
+def test_float64_tanh_is_within_3_ulp_of_numpy():
+    x = _grid64()
+    got = _map(M.tanh64, x)
+    want = np.tanh(x)
+    ulp = np.spacing(np.abs(want))
+    err = np.abs(got - want) / ulp
+    assert err.max() <= 3, f"{err.max():.2f} ulp at x = {x[err.argmax()]!r}"
+    # odd, exactly, with the sign of zero kept
+    np.testing.assert_array_equal(_map(M.tanh64, -x), -got)
+    zeros = _map(M.tanh64, np.array([0.0, -0.0]))
+    assert zeros[0] == 0.0 and not np.signbit(zeros[0]) and np.signbit(zeros[1])
+
+
+def test_float64_tanh_propagates_nan_and_saturates_at_infinity():
+    got = _map(M.tanh64, np.array([np.nan, np.inf, -np.inf]))
+    assert np.isnan(got[0]) and got[1] == 1.0 and got[2] == -1.0
+
+
+# compiled as the kernels are (multiply-adds fused), as the functions they compare with
+_kernel_jit = njit(**{k: v for k, v in config.NJIT_OPTIONS.items() if k != "cache"})
+
+
+@_kernel_jit
+def _fast_tanh(v):
+    return M.fast_tanh(v)
+
+
+@_kernel_jit
+def _fast_sigmoid(v):
+    return M.fast_sigmoid(v)
+
+
+@_kernel_jit
+def _tanh32(v):
+    return M.tanh32(v)
+
+
+@_kernel_jit
+def _sigmoid32(v):
+    return M.sigmoid32(v)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fast_activations_pick_the_formula_of_the_argument_type(dtype):
+    """fast_tanh and fast_sigmoid are tanh32 and sigmoid32 bit for bit on float32, and tanh64
+    and 0.5 tanh64(x / 2) + 0.5 on float64 (in the kernels, one source for both types)."""
+    x = (np.linspace(-12, 12, 10_001)).astype(dtype)
+    t, s = _map(_fast_tanh, x), _map(_fast_sigmoid, x)
+    assert t.dtype == s.dtype == dtype
+    if dtype == np.float32:
+        np.testing.assert_array_equal(t, _map(_tanh32, x))
+        np.testing.assert_array_equal(s, _map(_sigmoid32, x))
+    else:
+        np.testing.assert_array_equal(t, _map(M.tanh64, x))
+        np.testing.assert_array_equal(s, 0.5 * _map(M.tanh64, 0.5 * x) + 0.5)
+        np.testing.assert_allclose(s, 1.0 / (1.0 + np.exp(-x)), rtol=0, atol=3e-16)
+
+
 CODES = [(M.TANH, np.tanh), (M.SIGMOID, lambda v: 1.0 / (1.0 + np.exp(-v))),
          (M.RELU, lambda v: np.maximum(v, 0.0)),
          (M.HARD_SIGMOID, lambda v: np.clip(v + 3.0, 0.0, 6.0) / 6.0)]
@@ -75,10 +144,11 @@ def _activate_grad_rows(code, y, d, lo, hi):
 
 @pytest.mark.parametrize("code,ref", CODES)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "exact"])
 @pytest.mark.parametrize("lo,hi", [(0, 32), (32, 64), (5, 61), (17, 18), (64, 96), (40, 40)])
-def test_activate_changes_exactly_the_range_and_matches_numpy(code, ref, dtype, lo, hi, rng):
+def test_activate_changes_exactly_the_range_and_matches_numpy(code, ref, dtype, fast, lo, hi,
+                                                              rng):
     a = (rng.standard_normal((7, 96)) * 4).astype(dtype)
-    fast = dtype == np.float32
     got = a.copy()
     _activate_rows(code, fast, got, lo, hi)
     np.testing.assert_array_equal(got[:, :lo], a[:, :lo])

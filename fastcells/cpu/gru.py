@@ -12,7 +12,7 @@ import numpy as np
 from numba import njit
 
 from .. import config
-from .._math import SIGMOID, TANH, activate, activate_grad, tanh32
+from .._math import SIGMOID, TANH, activate, activate_grad, fast_tanh
 from .._workspace import workspace
 from ..config import NJIT_OPTIONS
 from ._common import (add_output_grad, add_rows, add_window_product, copy_row, copy_rows,
@@ -97,7 +97,7 @@ def _forward_kernel(b0, b1, T, xw, x, t_off, stage, Wb, dmask, use_dmask, from_x
             xi = xt[xo + i]
             if fused:
                 for j in range(2 * H):
-                    gi[j] = tanh32(ca[j] * (xi[j] + rec[i, j] + brec[j])) * cs[j] + co[j]
+                    gi[j] = fast_tanh(ca[j] * (xi[j] + rec[i, j] + brec[j])) * cs[j] + co[j]
             else:
                 for j in range(2 * H):
                     gi[j] = xi[j] + rec[i, j] + brec[j]

@@ -21,7 +21,7 @@ from numba import njit
 from .. import config
 from ..config import NJIT_OPTIONS
 from .._workspace import workspace
-from .._math import SIGMOID, TANH, activate, activate_grad, tanh32
+from .._math import SIGMOID, TANH, activate, activate_grad, fast_tanh
 from ._common import (add_output_grad, copy_row, copy_rows, dx_window, flush_window,
                       initial_output, input_and_state_grads, masked_row, optional,
                       pending_carry, stage_buffer, staged_inputs, take_pending, window_row)
@@ -41,7 +41,7 @@ def _gates(z, g, off, n, H, fused, coef, act, ract, fast):
         ca, cs, co = coef[0], coef[1], coef[2]
         for i in range(n):
             for j in range(GH):
-                g[off + i, j] = tanh32(ca[j] * z[i, j]) * cs[j] + co[j]
+                g[off + i, j] = fast_tanh(ca[j] * z[i, j]) * cs[j] + co[j]
     else:
         for i in range(n):
             gi = g[off + i]
@@ -74,7 +74,7 @@ def _cell_update(g, ac, off, c, h, out, mask, use_mask, t, b0, n, H, act, fast, 
     af = ac[off:off + n].reshape(n * H)
     if act == TANH and fast:
         for k in range(n * H):
-            af[k] = tanh32(cf[k])
+            af[k] = fast_tanh(cf[k])
     else:
         for k in range(n * H):
             af[k] = cf[k]

@@ -5,7 +5,7 @@ Same conventions (time-major arrays) as ``fastcells.cpu.lstm`` (G = 1 gate).
 import numpy as np
 
 from .._workspace import workspace
-from .._math import TANH, activate, activate_grad, tanh32
+from .._math import TANH, activate, activate_grad, fast_tanh
 from .. import config
 from ._common import (add_output_grad, copy_row, copy_rows, dx_window, flush_window,
                       initial_output, input_and_state_grads, masked_row, optional,
@@ -70,7 +70,7 @@ def _forward_kernel(b0, b1, T, xw, x, t_off, stage, Wb, dmask, use_dmask, from_x
         zf = z.reshape(n * H)
         if act == TANH and fast:
             for k in range(n * H):
-                gf[k] = tanh32(xf[k] + zf[k])
+                gf[k] = fast_tanh(xf[k] + zf[k])
         else:
             for k in range(n * H):
                 gf[k] = xf[k] + zf[k]
