@@ -6,6 +6,8 @@
 - Heavy workloads (the ``large`` shape) are marked ``heavy`` and skipped unless
   ``--bench-heavy`` is given or ``FASTCELLS_BENCH_HEAVY=1`` is set.
 - ``--bench-rounds N`` overrides the timed rounds of every case.
+- ``--bench-dtype float64`` (or ``FASTCELLS_BENCH_DTYPE``) runs the grid in float64 (the
+  default is float32), the equivalence bounds then those of float64.
 - At the end a table per workload gives microseconds per time step and the speed-up over the
   built-in layer measured in the same run (the same tables as ``python -m fastcells bench``).
 """
@@ -25,6 +27,10 @@ def pytest_addoption(parser):
                     help="also run the heavy workloads (or set FASTCELLS_BENCH_HEAVY=1)")
     group.addoption("--bench-rounds", type=int, default=None,
                     help="timed rounds of every benchmark (default: per workload)")
+    group.addoption("--bench-dtype", choices=("float32", "float64"),
+                    default=os.environ.get("FASTCELLS_BENCH_DTYPE") or "float32",
+                    help="dtype of the weights and inputs (default float32, or "
+                         "FASTCELLS_BENCH_DTYPE)")
 
 
 def pytest_configure(config):
@@ -109,7 +115,7 @@ def bench_session():
 @pytest.fixture(scope="session")
 def bench_settings(pytestconfig):
     from fastcells import bench
-    return bench.Settings()
+    return bench.Settings(dtype=pytestconfig.getoption("bench_dtype", default="float32"))
 
 
 @pytest.fixture(scope="session")

@@ -2,8 +2,9 @@
 
 Each case builds its engine with the weights and inputs of :mod:`fastcells.bench` (the same
 for every engine), calls it once untimed (JIT compilation, ``tf.function`` tracing), checks it
-against the built-in Keras layer (outputs within 1e-5, gradients within 1e-4 of their norm,
-float32), then times it with ``benchmark.pedantic``. ``extra_info`` holds microseconds per
+against the built-in Keras layer (float32: outputs within 1e-5, gradients within 1e-4 of their
+norm; ``--bench-dtype float64`` for float64 and its bounds), then times it with
+``benchmark.pedantic``. ``extra_info`` holds microseconds per
 time step, the speed-up over the built-in layer of the same run and the errors.
 
     pytest benchmarks --benchmark-only                       # default grid (no heavy shapes)
