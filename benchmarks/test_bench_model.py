@@ -30,18 +30,18 @@ def test_model_fit(benchmark, bench_session, bench_settings, bench_rounds, cell,
     key = ("model.fit", cell)
     if key not in bench_session.references:
         keras.utils.set_random_seed(s.seed)
-        ref_model = bench.build_imdb_model(bench.BASELINE, cell, TIME_STEPS)
+        ref_model = bench.build_imdb_model(bench.BASELINE, cell, TIME_STEPS, dtype=s.dtype)
         bench_session.references[key] = (ref_model.get_weights(),
                                          np.asarray(ref_model(x, training=False)))
         del ref_model
     weights, reference = bench_session.references[key]
 
-    model = bench.build_imdb_model(engine, cell, TIME_STEPS)
+    model = bench.build_imdb_model(engine, cell, TIME_STEPS, dtype=s.dtype)
     model.set_weights(weights)
     max_error = float(np.max(np.abs(np.asarray(model(x, training=False)) - reference)))
     benchmark.extra_info.update(engine=engine, cell=cell, batch=BATCH, time_steps=TIME_STEPS,
                                 max_error=max_error)
-    problem = bench.check_equivalence(engine, max_error, None, "float32")
+    problem = bench.check_equivalence(engine, max_error, None, s.dtype)
     assert problem is None, f"{engine} model.fit {cell}: {problem}"
     for _ in range(s.fit_warmup + 1):             # the first call traces the train step
         model.train_on_batch(x, y)

@@ -937,16 +937,18 @@ def _error_status(exc):
     return f"error: {type(exc).__name__}: {exc}"
 
 
-def build_imdb_model(engine, cell, time_steps=500, vocab=10000, embed=32, units=32):
+def build_imdb_model(engine, cell, time_steps=500, vocab=10000, embed=32, units=32,
+                     dtype="float32"):
     """The IMDB example model: Embedding -> LSTM/GRU/SimpleRNN -> Dense(1, sigmoid), compiled
-    with Adam and binary cross-entropy. ``engine`` is "keras" or "fastcells-cpu"/"-cuda"."""
+    with Adam and binary cross-entropy. ``engine`` is "keras" or "fastcells-cpu"/"-cuda";
+    ``dtype`` the dtype of every layer's weights and computations."""
     import keras
     make_layer = _layer_class(engine, cell)
     model = keras.Sequential([
         keras.Input((time_steps,), dtype="int32"),
-        keras.layers.Embedding(vocab, embed),
-        make_layer(units),
-        keras.layers.Dense(1, activation="sigmoid"),
+        keras.layers.Embedding(vocab, embed, dtype=dtype),
+        make_layer(units, dtype=dtype),
+        keras.layers.Dense(1, activation="sigmoid", dtype=dtype),
     ])
     model.compile(optimizer="adam", loss="binary_crossentropy")
     return model
@@ -982,7 +984,7 @@ def run_fit_benchmarks(cells=("lstm", "gru"), engines=None, settings=None, progr
             cell_results.append(res)
             try:
                 keras.utils.set_random_seed(settings.seed)
-                model = build_imdb_model(engine, cell, time_steps)
+                model = build_imdb_model(engine, cell, time_steps, dtype=settings.dtype)
                 if weights is None:
                     weights = model.get_weights()
                 else:
@@ -991,7 +993,7 @@ def run_fit_benchmarks(cells=("lstm", "gru"), engines=None, settings=None, progr
                 if reference is None:
                     reference = pred
                 res.max_error = float(np.max(np.abs(pred - reference)))
-                problem = check_equivalence(engine, res.max_error, None, "float32")
+                problem = check_equivalence(engine, res.max_error, None, settings.dtype)
                 if problem:
                     res.status = f"mismatch: {problem}"
                 timed.append((res, timed_calls(
@@ -1232,8 +1234,10 @@ def write_report(report, stream):
     m = report.machine
     if m:
         v = m.get("versions", {})
-        stream.write(f"\nmachine: {m.get('cpu')}, {m.get('cores')} cores; fastcells threads "
-                     f"{m.get('fastcells', {}).get('num_threads')}; "
+        dtype = report.settings.get("dtype")
+        stream.write(f"\nmachine: {m.get('cpu')}, {m.get('cores')} cores; "
+                     + (f"{dtype}; " if dtype else "")
+                     + f"fastcells threads {m.get('fastcells', {}).get('num_threads')}; "
                      + ", ".join(f"{k} {val}" for k, val in v.items() if val) + "\n")
         worker = m.get("torch_worker")
         if worker:

@@ -477,6 +477,25 @@ def test_layer_and_fit_benchmarks_time_their_engines_together(monkeypatch):
     assert fit[1].speedup == pytest.approx(fit[0].median / fit[1].median)
 
 
+def test_fit_benchmark_and_report_follow_the_run_dtype():
+    """``--dtype float64`` builds the IMDB models in float64 (the built-in and the fastcells
+    one then agree to float64 rounding, checked against float64's bound) and the report says
+    which dtype it measured."""
+    import io
+    settings = _quick()
+    settings.dtype = "float64"
+    model = bench.build_imdb_model("fastcells-cpu", "gru", 6, vocab=50, dtype="float64")
+    assert {w.dtype for w in model.get_weights()} == {np.dtype(np.float64)}
+    fit = bench.run_fit_benchmarks(["gru"], ["keras", "fastcells-cpu"], settings, batch=4,
+                                   time_steps=6)
+    assert [r.status for r in fit] == ["ok", "ok"]
+    assert fit[1].max_error <= 1e-13
+    stream = io.StringIO()
+    bench.write_report(bench.Report(machine=dict(cpu="cpu", cores=2, versions={}),
+                                    settings=dict(dtype="float64")), stream)
+    assert "cores; float64; fastcells threads" in stream.getvalue()
+
+
 def test_speedup_spread_pairs_the_engines_round_by_round():
     """Each round's calls are paired: a machine that slows down for a stretch moves both
     engines' times in that stretch, and the paired speed-ups stay at the true ratio, while
