@@ -44,14 +44,20 @@ WINDOW_STEPS = _env_int("FASTCELLS_WINDOW_STEPS", 32)
 #: NumPy array before this staging). Each batch row's stretch of steps is read in one go.
 STAGE_BYTES = _env_int("FASTCELLS_STAGE_BYTES", 256 << 10)
 
-#: Largest input-side weight matrix ([W; U; b] for the LSTM, [W; b] otherwise, in bytes)
-#: for which the projection moves into the step. Each thread multiplies its rows by it at
-#: every step, so it must stay near the core (2 MB of L2 per core on the development
-#: machine). Measured with the packed in-step GEMM (B=64 T=100, ops level): at D=H=256
-#: (LSTM, 2.1 MB) inference 47 -> 37 ms and training 139 -> 122 ms fused; at D=512 H=1024
-#: (25 MB) fused was slower, training 750 -> 1144 ms. Before the packed GEMM the limit was
-#: 512 KB (OpenBLAS re-packed the matrix at every call).
-FUSED_MAX_WEIGHT_BYTES = _env_int("FASTCELLS_FUSED_MAX_WEIGHT_BYTES", 4 << 20)
+#: Largest size of the weights a fused step multiplies by, [W; U; b] in bytes (U is read at
+#: every step whichever path runs), for which the input projection moves into the step.
+#: Each thread multiplies its rows by them at every step, so they must stay near the core.
+#: Measured with the packed in-step GEMM (B=64 T=100 unless said, ops level, fused against
+#: unfused, calls alternated): LSTM D=H=256 float32 (2 MB) inference 47 -> 37 ms, training
+#: 139 -> 122 ms; the same in float64 (4 MB) inference 91 -> 74 ms, training 280 -> 256
+#: ms; LSTM D=256 H=512 float32 (6 MB) inference 109 -> 99 ms, training 336 -> 340 ms;
+#: GRU D=2048 H=256 float32 (6.8 MB) inference 120 -> 109 ms, training 375 -> 379 ms.
+#: Past the limit: LSTM D=256 H=512 float64 (12 MB) inference 234 -> 241 ms, training
+#: 716 -> 807 ms; GRU D=256 H=1024 float32 (15 MB) the same either way; B=32 D=512 H=1024
+#: float32, LSTM (24 MB) training 750 -> 1144 ms and GRU (18 MB) inference 205 -> 234 ms.
+#: Before the packed GEMM the limit was 512 KB (OpenBLAS re-packed the matrix at every
+#: call); then it was 4 MB and counted [W; b] alone for GRU and SimpleRNN.
+FUSED_MAX_WEIGHT_BYTES = _env_int("FASTCELLS_FUSED_MAX_WEIGHT_BYTES", 8 << 20)
 
 #: Use the fused kernels where they apply (the input projection inside each step, the input
 #: and weight gradients inside the backward). ``FASTCELLS_FUSED=0`` turns them off.

@@ -329,13 +329,13 @@ def _prepare(cell, x, kernel, recurrent_kernel, bias, states, *, mask, go_backwa
              "simple_rnn": ("act",)}[cell]
     coef = _math.gate_coefficients([opts[k] for k in codes], H, dt) if fast else None
     la = E.linalg
+    # the weights each fused step multiplies by, [W; U; b], stay near the core
     fits = (D + H + 1) * G * H * dt.itemsize <= config.FUSED_MAX_WEIGHT_BYTES
     fused = bool(eng == "cpu" and config.FUSED and cell == "lstm" and rmask is None and
                  (dmask is None or dmask.ndim == 2) and fits)
     # GRU and SimpleRNN: the projection inside the step (the backward builds xt if needed)
     from_x = bool(eng == "cpu" and config.FUSED and cell != "lstm" and
-                  (dmask is None or dmask.ndim == 2) and
-                  (D + 1) * G * H * dt.itemsize <= config.FUSED_MAX_WEIGHT_BYTES)
+                  (dmask is None or dmask.ndim == 2) and fits)
     V = xt = Wb = None
     if fused:       # the kernels read x itself and project inside each step
         x = np.ascontiguousarray(x)

@@ -243,14 +243,22 @@ def test_unfused_paths_match_the_reference(cell, option, rng, monkeypatch):
                                        err_msg=name)
 
 
-def test_large_weights_take_the_unfused_path(rng, monkeypatch):
-    monkeypatch.setattr(config, "FUSED_MAX_WEIGHT_BYTES", 1000)
-    p, opts = make_problem(rng, "lstm", 3, 4, 5, 6)
-    f = ops.lstm_forward(p["x"], p["kernel"], p["recurrent_kernel"], p["bias"])
-    assert not f.cache.fused
-    monkeypatch.setattr(config, "FUSED_MAX_WEIGHT_BYTES", 1 << 20)
-    f = ops.lstm_forward(p["x"], p["kernel"], p["recurrent_kernel"], p["bias"])
-    assert f.cache.fused
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("cell", CELLS)
+def test_large_weights_take_the_unfused_path(cell, dtype, rng, monkeypatch):
+    """The projection moves into the step exactly while [W; U; b], what each fused step
+    multiplies by, fits in FUSED_MAX_WEIGHT_BYTES, for every cell."""
+    cell, reset_after = _split(cell)
+    D, H = 5, 6
+    p, _ = make_problem(rng, cell, 3, 4, D, H, reset_after=reset_after, dtype=dtype)
+    G = {"lstm": 4, "gru": 3, "simple_rnn": 1}[cell]
+    size = (D + H + 1) * G * H * np.dtype(dtype).itemsize
+    forward = getattr(ops, cell + "_forward")
+    kw = {} if cell != "gru" else dict(reset_after=reset_after)
+    for limit, fused in ((size - 1, False), (size, True)):
+        monkeypatch.setattr(config, "FUSED_MAX_WEIGHT_BYTES", limit)
+        f = forward(p["x"], p["kernel"], p["recurrent_kernel"], p["bias"], **kw)
+        assert (f.cache.fused or f.cache.from_x) == fused, (limit, size)
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
