@@ -5,7 +5,7 @@ import pytest
 import reference as R
 from fastcells import config, ops
 from fastcells.cpu._gemm import strip_width
-from helpers import make_problem, random_mask
+from helpers import GATES, make_problem, random_mask
 
 CELLS = ["lstm", "gru", "gru_rb", "simple_rnn"]
 SHAPES = [(1, 1, 1, 1), (1, 7, 3, 5), (5, 1, 4, 3), (17, 13, 7, 11), (3, 500, 3, 5)]
@@ -251,7 +251,7 @@ def test_large_weights_take_the_unfused_path(cell, dtype, rng, monkeypatch):
     cell, reset_after = _split(cell)
     D, H = 5, 6
     p, _ = make_problem(rng, cell, 3, 4, D, H, reset_after=reset_after, dtype=dtype)
-    G = {"lstm": 4, "gru": 3, "simple_rnn": 1}[cell]
+    G = GATES[cell]
     size = (D + H + 1) * G * H * np.dtype(dtype).itemsize
     forward = getattr(ops, cell + "_forward")
     kw = {} if cell != "gru" else dict(reset_after=reset_after)
