@@ -89,6 +89,7 @@ class _Session:
         self.baselines = {}
         self.layers = []
         self.fit = []
+        self.peak = None        # bench.measure_peak(), once the first fastcells-cpu case ran
 
 
     def record(self, benchmark, key, result, bucket, **extra_info):
@@ -139,6 +140,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             if r.baseline_median is None:
                 key = r.workload if hasattr(r, "workload") else ("model.fit", r.cell)
                 r.baseline_median = _session.baselines.get(key)
+    if _session.peak:               # the better of the rates at the start and the end
+        _session.peak = bench.measure_peak(_session.peak["dtype"], _session.peak["threads"],
+                                           previous=_session.peak)
     terminalreporter.section("fastcells: microseconds per time step, speed-up over keras")
-    bench.write_report(bench.Report(layers=_session.layers, fit=_session.fit),
-                       _Writer())
+    bench.write_report(bench.Report(layers=_session.layers, fit=_session.fit,
+                                    peak=_session.peak), _Writer())

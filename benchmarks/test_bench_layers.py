@@ -5,7 +5,9 @@ for every engine), calls it once untimed (JIT compilation, ``tf.function`` traci
 against the built-in Keras layer (float32: outputs within 1e-5, gradients within 1e-4 of their
 norm; ``--bench-dtype float64`` for float64 and its bounds), then times it with
 ``benchmark.pedantic``. ``extra_info`` holds microseconds per
-time step, the speed-up over the built-in layer of the same run and the errors.
+time step, the speed-up over the built-in layer of the same run, the errors and, once a
+fastcells-cpu case ran, the workload's compute floor (``floor_s``: its products and
+activations at the rates :func:`fastcells.bench.measure_peak` measured in this run).
 
     pytest benchmarks --benchmark-only                       # default grid (no heavy shapes)
     pytest benchmarks --benchmark-only -k "imdb and lstm"    # one workload
@@ -66,6 +68,12 @@ def test_layer(benchmark, bench_session, bench_settings, bench_rounds, shape_nam
                                 grad_error=grad_error)
     problem = bench.check_equivalence(engine, max_error, grad_error, s.dtype)
     assert problem is None, f"{engine} on {shape_name}/{cell}/{mode}: {problem}"
+    if engine == "fastcells-cpu" and bench_session.peak is None:
+        bench_session.peak = bench.measure_peak(s.dtype)     # the rates behind the floors
+    floor = bench.compute_floor(cell, shape, mode, bench_session.peak)
+    if floor is not None:
+        benchmark.extra_info.update(floor_s=floor,
+                                    product_flops=bench.product_flops(cell, shape, mode))
 
     benchmark.pedantic(case, rounds=bench_rounds(shape.rounds), iterations=1,
                        warmup_rounds=s.warmup)

@@ -135,6 +135,9 @@ def _parser():
     b.add_argument("--no-fit", action="store_true", help="skip the model.fit workload")
     b.add_argument("--fit-batches", type=int, default=None,
                    help=f"timed train_on_batch calls (default {d.fit_batches})")
+    b.add_argument("--no-floor", action="store_true",
+                   help="skip measuring the products' peak rate (the 'floor: products' row "
+                        "of each table, about a second)")
     b.add_argument("--no-cold-start", action="store_true",
                    help="skip the first-call measurement in a fresh process")
     b.add_argument("--cold", action="store_true",
@@ -229,6 +232,8 @@ def bench_command(args):
                            engines=engines, quick=args.quick, comparison="cpu")
     worker = bench.TorchWorker(settings.subprocess_timeout,
                                flush_denormal=settings.torch_flush_denormal)
+    if "fastcells-cpu" in engines and not args.no_floor:
+        report.peak = bench.measure_peak(settings.dtype)
     try:
         report.layers = bench.run_layer_benchmarks(shapes, cells, modes, engines, settings,
                                                    progress, torch_worker=worker)
@@ -241,6 +246,8 @@ def bench_command(args):
     finally:
         worker.close()
         progress.close()
+    if report.peak:
+        report.peak = bench.measure_peak(settings.dtype, previous=report.peak)
     report.elapsed_s = time.perf_counter() - start
     report.machine = bench.machine_info()       # now with the torch threads, if it ran
     if worker.info:

@@ -118,6 +118,61 @@ SHAPES = {s.name: s for s in (
 )}
 
 
+
+def product_flops(cell, shape, mode):
+    """Floating-point operations (2 per multiply-add) of the matrix products that one call
+    of ``shape`` cannot do without: per layer and step the input and recurrent products,
+    x_t @ W and h @ U; a training step adds their gradients with respect to the inputs and
+    the states ([dx | dh] = dz @ [W; U]^T) and the weights ([dW; dU] = [x | h]^T dz), as
+    many again twice. The bias and everything element by element are left out."""
+    G, H = GATES[cell], shape.units
+    total, d = 0, shape.features
+    for _ in range(shape.layers):
+        total += 2 * shape.batch * shape.time * (d + H) * G * H
+        d = H
+    return total * (3 if mode == "train" else 1)
+
+
+#: tanh evaluations per unit and step: LSTM i, f, o (sigmoids), c~ and act(c); GRU z, r and
+#: the candidate; SimpleRNN h. The backward takes the derivatives from the outputs.
+ACTIVATIONS = {"lstm": 5, "gru": 3, "simple_rnn": 1}
+
+
+def activation_count(cell, shape, mode):
+    """tanh (and sigmoid) evaluations of one call of ``shape``, the same in both modes."""
+    return ACTIVATIONS[cell] * shape.batch * shape.time * shape.units * shape.layers
+
+
+def compute_floor(cell, shape, mode, peak):
+    """Seconds one call's products and activations take at the rates of ``peak``
+    (``Report.peak``, :func:`measure_peak`): a floor for the fastcells kernels, and for any
+    engine whose products do not beat the core's peak (the packed product runs at one
+    vector FMA per cycle). None without a peak."""
+    if not peak or not peak.get("flops_per_s"):
+        return None
+    return (product_flops(cell, shape, mode) / peak["flops_per_s"]
+            + activation_count(cell, shape, mode) / peak["tanh_per_s"])
+
+
+def measure_peak(dtype="float32", threads=None, previous=None):
+    """This machine's rates for the kernels' arithmetic, as ``Report.peak``: FLOP/s of the
+    packed product and tanh evaluations per second, on every fastcells thread at once
+    (``fastcells.cpu._rates``), with the dtype and thread count they were measured with.
+
+    With ``previous`` (an earlier measurement of the same run), each rate is the better of
+    the two: the runs measure at their start and end, so that a stretch in which another
+    load held the cores does not set the floor."""
+    from .cpu._rates import activation_rate, product_rate
+    threads = config.NUM_THREADS if threads is None else threads
+    peak = dict(flops_per_s=product_rate(dtype, threads),
+                tanh_per_s=activation_rate(dtype, threads),
+                dtype=str(np.dtype(dtype)), threads=threads)
+    if previous:
+        for key in ("flops_per_s", "tanh_per_s"):
+            peak[key] = max(peak[key], previous[key])
+    return peak
+
+
 @dataclasses.dataclass
 class Settings:
     """Every tunable of a benchmark run (the command line sets them from its flags).
@@ -728,6 +783,7 @@ class Report:
     settings: dict = dataclasses.field(default_factory=dict)
     unavailable: dict = dataclasses.field(default_factory=dict)
     elapsed_s: float = None
+    peak: dict = None             # measure_peak(): the products' rate, for the floors
 
     def mismatches(self):
         """Results whose equivalence check failed."""
@@ -1206,6 +1262,14 @@ def write_report(report, stream):
                           _fmt_range(r.speedup_range),
                           _fmt(r.max_error, ".1e"), _fmt(r.grad_error, ".1e"),
                           len(r.times) or "-", _status_note(r.status)])
+        floor = compute_floor(cell, shape, mode, report.peak) if shape else None
+        if floor is not None:
+            base = next((r.median for r in rows if r.engine == BASELINE and r.times), None)
+            table.append(["floor", _fmt(floor / shape.time * 1e6, ".1f"),
+                          _fmt(floor * 1e3, ".2f"),
+                          "" if base is None else f"{base / floor:.2f}x", "", "", "", "",
+                          f"{product_flops(cell, shape, mode) / 1e9:.2f} GFLOP + "
+                          f"{activation_count(cell, shape, mode) / 1e6:.1f} M tanh"])
         _table(header, table, stream)
     if report.fit:
         r0 = report.fit[0]
@@ -1248,8 +1312,29 @@ def write_report(report, stream):
             stream.write(f"torch ran in this process, {m['torch_threads']} threads\n")
         if m.get("gpu"):
             stream.write(f"GPU: {m['gpu']}\n")
+    if report.peak:
+        p = report.peak
+        stream.write(f"floor: the products and activations alone, at the best rates of "
+                     f"this run on {p['threads']} thread(s) in {p['dtype']}: "
+                     f"{p['flops_per_s'] / 1e9:.0f} GFLOP/s (the packed product), "
+                     f"{p['tanh_per_s'] / 1e9:.1f} G tanh/s; the element-wise updates, "
+                     f"copies and the call around the kernels come on top\n")
     if report.elapsed_s is not None:
         stream.write(f"total time {report.elapsed_s:.0f} s\n")
+
+
+def _floors(report):
+    """The compute floor of each workload of the report, for its JSON."""
+    floors = {}
+    for r in report.layers:
+        shape = SHAPES.get(r.shape)
+        if shape is not None and report.peak and r.workload not in floors:
+            floors[r.workload] = dict(shape=r.shape, cell=r.cell, mode=r.mode,
+                                      flops=product_flops(r.cell, shape, r.mode),
+                                      tanh=activation_count(r.cell, shape, r.mode),
+                                      floor_s=compute_floor(r.cell, shape, r.mode,
+                                                            report.peak))
+    return list(floors.values())
 
 
 def save_json(path, report):
@@ -1258,7 +1343,8 @@ def save_json(path, report):
                 unavailable=report.unavailable, elapsed_s=report.elapsed_s,
                 layers=[r.to_dict() for r in report.layers],
                 fit=[r.to_dict() for r in report.fit],
-                cold=[r.to_dict() for r in report.cold])
+                cold=[r.to_dict() for r in report.cold],
+                peak=report.peak, floors=_floors(report))
     with open(path, "w") as f:
         json.dump(data, f, indent=1, default=str)
 

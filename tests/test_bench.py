@@ -532,3 +532,125 @@ def test_report_shows_the_spread_of_the_speedup():
     bench.write_report(bench.Report(layers=rows), stream)
     text = stream.getvalue()
     assert "middle half" in text and "2.31-2.74x" in text and "2.50x" in text
+
+
+@pytest.mark.parametrize("cell", bench.CELLS)
+@pytest.mark.parametrize("shape", ["imdb", "stacked"])
+def test_product_flops_are_two_per_weight_per_row_and_step(cell, shape):
+    """The floor's products, counted from the weights every engine gets: each step multiplies
+    every row by every weight of W and U once (a multiply-add, 2 FLOP) in the forward, and
+    the backward does it twice more (the input and state gradients, the weight gradients)."""
+    s = bench.SHAPES[shape]
+    weights = bench.make_weights(cell, s)
+    per_step = sum(W.size + U.size for W, U, _ in weights)
+    assert bench.product_flops(cell, s, "forward") == 2 * s.batch * s.time * per_step
+    assert bench.product_flops(cell, s, "train") == 3 * 2 * s.batch * s.time * per_step
+
+
+@pytest.mark.parametrize("cell", bench.CELLS)
+def test_activation_count_is_what_the_reference_evaluates(cell, monkeypatch):
+    """The floor's activations, counted where the NumPy reference evaluates tanh and sigmoid
+    (its backward takes the derivatives from the outputs and evaluates none)."""
+    import reference
+    count = [0]
+
+    def counting(f):
+        def g(x):
+            count[0] += np.size(x)
+            return f(x)
+        return g
+    for name in ("tanh", "sigmoid"):
+        f, df = reference.ACTS[name]
+        monkeypatch.setitem(reference.ACTS, name, (counting(f), df))
+    s = bench.Shape("probe", 3, 5, 4, 6)
+    rng = np.random.default_rng(0)
+    (W, U, b), = bench.make_weights(cell, s, dtype="float64")
+    x = rng.standard_normal((s.batch, s.time, s.features))
+    states = [np.zeros((s.batch, s.units))] * (2 if cell == "lstm" else 1)
+    getattr(reference, f"{cell}_forward")(x, W, U, b, *states)
+    assert count[0] == bench.activation_count(cell, s, "forward")
+    count[0] = 0
+    getattr(reference, f"{cell}_backward")(x, W, U, b, *states,
+                                           d_outputs=np.ones((s.batch, s.time, s.units)))
+    assert count[0] == bench.activation_count(cell, s, "train")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_measured_rates_are_rates_of_correct_results(dtype):
+    """The peak behind the floor: the packed product and tanh measured on every thread,
+    each checked against NumPy before its rate is believed."""
+    from fastcells.cpu import _rates
+    for threads in (1, 2):
+        flops = _rates.product_rate(dtype, threads, seconds=0.002, rounds=1)
+        tanh = _rates.activation_rate(dtype, threads, seconds=0.002, rounds=1)
+        assert np.isfinite(flops) and flops > 1e8 and np.isfinite(tanh) and tanh > 1e6
+    with pytest.raises(ValueError, match="threads"):
+        _rates.product_rate(dtype, 0)
+
+
+def test_report_and_json_give_the_floor_of_each_workload(tmp_path):
+    """With a measured peak, each table ends with the floor (its time, the speed-up over the
+    built-in layer it would give, the work behind it) and the JSON keeps it."""
+    import io
+    s = bench.SHAPES["imdb"]
+    peak = dict(flops_per_s=2e11, tanh_per_s=5e9, dtype="float32", threads=2)
+    rows = [bench.Result("imdb", "lstm", "train", "keras", s.time, times=[0.08]),
+            bench.Result("imdb", "lstm", "train", "fastcells-cpu", s.time, times=[0.03],
+                         baseline_median=0.08)]
+    floor = bench.product_flops("lstm", s, "train") / 2e11 + 5 * 128 * 500 * 32 / 5e9
+    assert bench.compute_floor("lstm", s, "train", peak) == pytest.approx(floor)
+    assert bench.compute_floor("lstm", s, "train", None) is None
+    report = bench.Report(layers=rows, peak=peak)
+    stream = io.StringIO()
+    bench.write_report(report, stream)
+    text = stream.getvalue()
+    line = next(ln for ln in text.splitlines() if ln.strip().startswith("floor "))
+    assert f"{floor * 1e3:.2f}" in line and f"{0.08 / floor:.2f}x" in line
+    assert "3.15 GFLOP + 10.2 M tanh" in line
+    assert "200 GFLOP/s (the packed product), 5.0 G tanh/s" in text
+    path = tmp_path / "r.json"
+    bench.save_json(path, report)
+    data = json.loads(path.read_text())
+    assert data["peak"] == peak
+    assert data["floors"] == [dict(shape="imdb", cell="lstm", mode="train",
+                                   flops=bench.product_flops("lstm", s, "train"),
+                                   tanh=5 * 128 * 500 * 32, floor_s=pytest.approx(floor))]
+    # no peak, no floor row
+    stream = io.StringIO()
+    bench.write_report(bench.Report(layers=rows), stream)
+    assert "floor" not in stream.getvalue()
+
+
+def test_the_peak_keeps_the_better_rate_of_a_run(monkeypatch):
+    """Measured at the start and the end of a run, each rate is the better of the two: a
+    stretch of other load on the cores must not lower the floor."""
+    from fastcells.cpu import _rates
+    monkeypatch.setattr(_rates, "product_rate", lambda dtype, threads: 1e11)
+    monkeypatch.setattr(_rates, "activation_rate", lambda dtype, threads: 4e9)
+    first = bench.measure_peak("float64", 2)
+    assert first == dict(flops_per_s=1e11, tanh_per_s=4e9, dtype="float64", threads=2)
+    earlier = dict(first, flops_per_s=2e11, tanh_per_s=1e9)
+    assert bench.measure_peak("float64", 2, previous=earlier) == dict(
+        first, flops_per_s=2e11, tanh_per_s=4e9)
+
+
+@pytest.mark.parametrize("no_floor", [False, True])
+def test_cpu_bench_command_reports_the_floor(tmp_path, capsys, no_floor):
+    """``python -m fastcells bench`` end to end on the smallest workload: the table ends with
+    the floor and the JSON keeps the rates behind it, unless ``--no-floor``."""
+    path = tmp_path / "cpu.json"
+    argv = ["bench", "--shapes", "streaming", "--cells", "simple_rnn", "--engines",
+            "keras,fastcells-cpu", "--no-fit", "--no-cold-start", "--no-progress",
+            "--repeats", "1", "--warmup", "0", "--min-seconds", "0", "--json", str(path)]
+    assert cli.main(argv + (["--no-floor"] if no_floor else [])) == 0
+    out = capsys.readouterr().out
+    data = json.loads(path.read_text())
+    assert [r["status"] for r in data["layers"]] == ["ok", "ok"]
+    if no_floor:
+        assert data["peak"] is None and data["floors"] == [] and "floor" not in out
+        return
+    assert data["peak"]["flops_per_s"] > 0 and data["peak"]["tanh_per_s"] > 0
+    floor, = data["floors"]
+    assert floor["floor_s"] == pytest.approx(bench.compute_floor(
+        "simple_rnn", bench.SHAPES["streaming"], "forward", data["peak"]))
+    assert "  floor " in out and "G tanh/s" in out
