@@ -136,8 +136,8 @@ def _parser():
     b.add_argument("--fit-batches", type=int, default=None,
                    help=f"timed train_on_batch calls (default {d.fit_batches})")
     b.add_argument("--no-floor", action="store_true",
-                   help="skip measuring the products' peak rate (the 'floor: products' row "
-                        "of each table, about a second)")
+                   help="skip measuring the packed product's and tanh's rates (the "
+                        "'floor' row of each table, about a second)")
     b.add_argument("--no-cold-start", action="store_true",
                    help="skip the first-call measurement in a fresh process")
     b.add_argument("--cold", action="store_true",

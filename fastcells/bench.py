@@ -118,7 +118,6 @@ SHAPES = {s.name: s for s in (
 )}
 
 
-
 def product_flops(cell, shape, mode):
     """Floating-point operations (2 per multiply-add) of the matrix products that one call
     of ``shape`` cannot do without: per layer and step the input and recurrent products,
@@ -783,7 +782,7 @@ class Report:
     settings: dict = dataclasses.field(default_factory=dict)
     unavailable: dict = dataclasses.field(default_factory=dict)
     elapsed_s: float = None
-    peak: dict = None             # measure_peak(): the products' rate, for the floors
+    peak: dict = None             # measure_peak(): the rates behind the floor rows
 
     def mismatches(self):
         """Results whose equivalence check failed."""

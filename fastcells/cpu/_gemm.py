@@ -5,8 +5,8 @@ not change during the call: ``h @ U``, ``[x | h | 1] @ [W; U; b]``, ``dz @ [W; U
 is poor at this shape because it re-packs the weight matrix at every call: measured on the
 2-core AVX-512 machine, one thread, OpenBLAS ran 16x1024 @ 1024x4096 at 30 GFLOP/s and
 32x256 @ 256x1024 at 61 GFLOP/s, where the loop below runs at 79 and 109 GFLOP/s (the core's
-peak, one 16-lane FMA per cycle, is about 114: ``_rates.product_rate``). This is what MKL's packed GEMM and oneDNN's RNN primitive do for
-PyTorch.
+peak, one 16-lane FMA per cycle, is about 114: ``_rates.product_rate``). This is what MKL's
+packed GEMM and oneDNN's RNN primitive do for PyTorch.
 
 ``pack(V)`` lays the weights out once per call as column strips, ``[S, K, NR]`` (strip s holds
 columns s*NR .. s*NR+NR-1, zero-padded past the last column), so that one step of the
