@@ -78,7 +78,7 @@ def _parser():
     default_shapes = [n for n, s in bench.SHAPES.items() if not s.heavy]
     b.add_argument("--quick", action="store_true",
                    help="imdb shape only, fewer repeats, model.fit and cold start for the "
-                        "LSTM only (under a minute on 2 cores); with --gpu: imdb and "
+                        "LSTM only (1-1.5 minutes on 2 cores); with --gpu: imdb and "
                         "streaming")
     b.add_argument("--shapes", type=_csv(list(bench.SHAPES)), default=None,
                    help=f"comma-separated workloads from {', '.join(bench.SHAPES)} or 'all' "
