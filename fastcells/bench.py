@@ -1224,6 +1224,14 @@ def _fmt(value, spec, missing="-"):
     return format(value, spec)
 
 
+def _si(count, unit, sep=""):
+    """``count`` with a metric prefix: 3150000000 -> "3.15 GFLOP", 25600 -> "25.6 k tanh"."""
+    for scale, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if count >= scale:
+            return f"{count / scale:.3g} {prefix}{sep}{unit}"
+    return f"{count:.3g} {unit}"
+
+
 def _fmt_range(span):
     """``(lo, hi)`` of :attr:`Result.speedup_range` as ``"lo-hi x"``, or "" without one."""
     return "" if span is None else f"{span[0]:.2f}-{span[1]:.2f}x"
@@ -1267,8 +1275,8 @@ def write_report(report, stream):
             table.append(["floor", _fmt(floor / shape.time * 1e6, ".1f"),
                           _fmt(floor * 1e3, ".2f"),
                           "" if base is None else f"{base / floor:.2f}x", "", "", "", "",
-                          f"{product_flops(cell, shape, mode) / 1e9:.2f} GFLOP + "
-                          f"{activation_count(cell, shape, mode) / 1e6:.1f} M tanh"])
+                          f"{_si(product_flops(cell, shape, mode), 'FLOP')} + "
+                          f"{_si(activation_count(cell, shape, mode), 'tanh', ' ')}"])
         _table(header, table, stream)
     if report.fit:
         r0 = report.fit[0]
