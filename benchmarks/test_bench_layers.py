@@ -70,10 +70,9 @@ def test_layer(benchmark, bench_session, bench_settings, bench_rounds, shape_nam
     assert problem is None, f"{engine} on {shape_name}/{cell}/{mode}: {problem}"
     if engine == "fastcells-cpu" and bench_session.peak is None:
         bench_session.peak = bench.measure_peak(s.dtype)     # the rates behind the floors
-    floor = bench.compute_floor(cell, shape, mode, bench_session.peak)
+    floor = bench.workload_floor(cell, shape, mode, bench_session.peak)
     if floor is not None:
-        benchmark.extra_info.update(floor_s=floor,
-                                    product_flops=bench.product_flops(cell, shape, mode))
+        benchmark.extra_info.update(floor_s=floor["floor_s"], product_flops=floor["flops"])
 
     benchmark.pedantic(case, rounds=bench_rounds(shape.rounds), iterations=1,
                        warmup_rounds=s.warmup)

@@ -153,6 +153,17 @@ def compute_floor(cell, shape, mode, peak):
             + activation_count(cell, shape, mode) / peak["tanh_per_s"])
 
 
+def workload_floor(cell, shape, mode, peak):
+    """The floor of one workload as the report, its JSON and the pytest-benchmark suite give
+    it: ``dict(flops, tanh, floor_s)`` (:func:`product_flops`, :func:`activation_count`,
+    :func:`compute_floor`), or None without a peak."""
+    floor = compute_floor(cell, shape, mode, peak)
+    if floor is None:
+        return None
+    return dict(flops=product_flops(cell, shape, mode),
+                tanh=activation_count(cell, shape, mode), floor_s=floor)
+
+
 def measure_peak(dtype="float32", threads=None, previous=None):
     """This machine's rates for the kernels' arithmetic, as ``Report.peak``: FLOP/s of the
     packed product and tanh evaluations per second, on every fastcells thread at once
@@ -1269,14 +1280,14 @@ def write_report(report, stream):
                           _fmt_range(r.speedup_range),
                           _fmt(r.max_error, ".1e"), _fmt(r.grad_error, ".1e"),
                           len(r.times) or "-", _status_note(r.status)])
-        floor = compute_floor(cell, shape, mode, report.peak) if shape else None
-        if floor is not None:
+        f = workload_floor(cell, shape, mode, report.peak) if shape else None
+        if f is not None:
+            floor = f["floor_s"]
             base = next((r.median for r in rows if r.engine == BASELINE and r.times), None)
             table.append(["floor", _fmt(floor / shape.time * 1e6, ".1f"),
                           _fmt(floor * 1e3, ".2f"),
                           "" if base is None else f"{base / floor:.2f}x", "", "", "", "",
-                          f"{_si(product_flops(cell, shape, mode), 'FLOP')} + "
-                          f"{_si(activation_count(cell, shape, mode), 'tanh', ' ')}"])
+                          f"{_si(f['flops'], 'FLOP')} + {_si(f['tanh'], 'tanh', ' ')}"])
         _table(header, table, stream)
     if report.fit:
         r0 = report.fit[0]
@@ -1335,12 +1346,9 @@ def _floors(report):
     floors = {}
     for r in report.layers:
         shape = SHAPES.get(r.shape)
-        if shape is not None and report.peak and r.workload not in floors:
-            floors[r.workload] = dict(shape=r.shape, cell=r.cell, mode=r.mode,
-                                      flops=product_flops(r.cell, shape, r.mode),
-                                      tanh=activation_count(r.cell, shape, r.mode),
-                                      floor_s=compute_floor(r.cell, shape, r.mode,
-                                                            report.peak))
+        f = None if shape is None else workload_floor(r.cell, shape, r.mode, report.peak)
+        if f is not None and r.workload not in floors:
+            floors[r.workload] = dict(shape=r.shape, cell=r.cell, mode=r.mode, **f)
     return list(floors.values())
 
 
