@@ -21,7 +21,7 @@ import warnings
 import keras
 from keras import ops as kops
 
-from . import _math, bridge
+from . import _export, _math, bridge
 
 ENGINES = ("auto", "cpu", "cuda", "keras")
 
@@ -60,12 +60,34 @@ class _FastRNN:
             raise ValueError(f"checkpoint_steps must be a positive int or None, got "
                              f"{checkpoint_steps!r}")
         self.checkpoint_steps = checkpoint_steps
-        # the kernels run outside XLA (as the built-in cuDNN path does)
-        self.supports_jit = False
         self._warned = set()
         #: which implementation the last call traced: "cpu", "cuda" or "keras" (for tests
         #: and logs)
         self.last_engine = None
+
+    # Keras's Layer.__init__ assigns supports_jit; the answer depends on the backend instead
+    @property
+    def supports_jit(self):
+        """Whether Keras may compile a model holding this layer (``jit_compile``).
+
+        On JAX the kernels run inside ``jax.jit`` (a ``pure_callback``) and on torch inside
+        ``torch.compile`` (a custom op), so the whole step compiles. TensorFlow's XLA cannot
+        hold them (they are Python ops): a model compiled with an explicit
+        ``jit_compile=True`` runs the built-in recurrence there, compiled by XLA, with one
+        warning that says so; ``jit_compile="auto"`` resolves to no XLA, so the kernels run.
+        """
+        if keras.backend.backend() != "tensorflow":
+            return True
+        return _export.explicit_jit_request()
+
+    @supports_jit.setter
+    def supports_jit(self, value):
+        pass
+
+    def _warn_once(self, reason, message):
+        if reason not in self._warned:
+            self._warned.add(reason)
+            warnings.warn(message, stacklevel=4)
 
     def get_config(self):
         config = super().get_config()
@@ -133,10 +155,8 @@ class _FastRNN:
             raise ValueError(f"{type(self).__name__}(engine={self.engine!r}) cannot run this "
                              f"configuration: {reason}. Use engine='auto' to fall back to the "
                              f"built-in implementation")
-        if reason not in self._warned:
-            self._warned.add(reason)
-            warnings.warn(f"fastcells.{type(self).__name__} '{self.name}': using the built-in "
-                          f"Keras implementation because {reason}", stacklevel=3)
+        self._warn_once(reason, f"fastcells.{type(self).__name__} '{self.name}': using the "
+                        f"built-in Keras implementation because {reason}")
         return self._keras_inner_loop(sequences, initial_state, mask, training)
 
     def _keras_inner_loop(self, sequences, initial_state, mask, training):
@@ -148,6 +168,13 @@ class _FastRNN:
             mask = mask[0]
         if self.engine == "keras":
             return self._keras_inner_loop(sequences, initial_state, mask, training)
+        if _export.exporting():
+            # an exported artifact must run where fastcells is not installed: it holds the
+            # built-in recurrence, on the same weights
+            self.last_engine = "keras"
+            return super().inner_loop(sequences, initial_state, mask=mask, training=training)
+        if _export.in_tf_xla():
+            return self._fallback(_export.XLA_REASON, sequences, initial_state, mask, training)
         mod = bridge.get(keras.backend.backend())
         reason = self._unsupported(mod)
         if reason is not None:

@@ -81,7 +81,6 @@ def test_tensorflow_adopts_the_results_without_a_copy(cell, rng, monkeypatch):
     the ops returned: they start on 64-byte boundaries, and numpy_function copies any array
     less aligned (an LSTM training step at B=128 T=500 D=32 H=32 spent 0.55 ms copying its
     input gradient)."""
-    from fastcells.bridge import tensorflow as btf
     made = {}
 
     def spy(table, pick):
@@ -93,8 +92,8 @@ def test_tensorflow_adopts_the_results_without_a_copy(cell, rng, monkeypatch):
             return result
         monkeypatch.setitem(table, cell, wrapped)
 
-    spy(btf._FORWARD, lambda f: {"outputs": f.outputs})
-    spy(btf._BACKWARD, lambda g: {"x": g.x, "kernel": g.kernel,
+    spy(bridge.FORWARD, lambda f: {"outputs": f.outputs})
+    spy(bridge.BACKWARD, lambda g: {"x": g.x, "kernel": g.kernel,
                                   "recurrent_kernel": g.recurrent_kernel})
     layer = {"lstm": fastcells.LSTM, "gru": fastcells.GRU,
              "simple_rnn": fastcells.SimpleRNN}[cell](8, return_sequences=True, engine="cpu")

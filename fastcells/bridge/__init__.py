@@ -18,6 +18,8 @@ import dataclasses
 import threading
 from typing import Any, Optional
 
+from .. import ops
+
 #: How many times each kernel ran, by "<cell>_<forward|backward>": lets tests prove the
 #: kernels ran rather than a silent fallback.
 kernel_calls = collections.Counter()
@@ -108,6 +110,90 @@ class CacheStore:
 
 #: The caches of forward passes whose backward has not run yet.
 pending = CacheStore()
+
+
+#: The forward and backward ops of each cell.
+FORWARD = {"lstm": ops.lstm_forward, "gru": ops.gru_forward,
+           "simple_rnn": ops.simple_rnn_forward}
+BACKWARD = {"lstm": ops.lstm_backward, "gru": ops.gru_backward,
+            "simple_rnn": ops.simple_rnn_backward}
+#: The token of a forward that kept no cache.
+NO_TOKEN = 0
+
+
+class HostCall:
+    """The static part of a :class:`KernelCall` and the array-level forward and backward
+    that a bridge runs inside its framework's callback.
+
+    The arrays travel as one flat list, in the order ``x, kernel, recurrent_kernel, [bias],
+    *states, *extras`` (the extras that are not None, in the order of ``EXTRAS``): the
+    first ``n_diff`` take a gradient. The forward keeps its cache in :data:`pending` and
+    returns its token; the backward pops the cache by that token, or recomputes the forward
+    when it is gone (evicted, popped by an earlier backward, or never kept).
+
+    Example::
+
+        host = HostCall(call)
+        outputs, states, token = host.forward(host.arrays(call), keep=True)
+        grads = host.backward(host.arrays(call), token, [d_outputs, *d_states])
+    """
+
+    def __init__(self, call, engine=None):
+        self.cell = call.cell
+        self.nstates = len(call.states)
+        self.has_bias = call.bias is not None
+        self.extra_names = [n for n in EXTRAS if getattr(call, n) is not None]
+        self.training = bool(call.training)
+        self.return_sequences = bool(call.return_sequences)
+        self.options = dict(call.options)
+        if engine == "cuda":
+            self.options["engine"] = "cuda"
+        self.n_diff = 3 + self.has_bias + self.nstates
+        self.n_in = self.n_diff + len(self.extra_names)
+
+    def arrays(self, call):
+        """The arrays of ``call`` in the flat order."""
+        out = [call.x, call.kernel, call.recurrent_kernel]
+        out += [call.bias] if self.has_bias else []
+        return out + list(call.states) + [getattr(call, n) for n in self.extra_names]
+
+    def _split(self, arrays):
+        x, W, U = arrays[:3]
+        i = 3 + self.has_bias
+        b = arrays[3] if self.has_bias else None
+        states = list(arrays[i:i + self.nstates])
+        kw = dict(zip(self.extra_names, arrays[i + self.nstates:self.n_in]))
+        kw.update(self.options, training=self.training,
+                  return_sequences=self.return_sequences)
+        return (x, W, U, b, *states), kw
+
+    def forward(self, arrays, keep):
+        """``(outputs, [final states], token)``; the cache is kept (and its token returned)
+        only when ``keep`` and the call is in training mode."""
+        args, kw = self._split(arrays)
+        count(self.cell + "_forward")
+        fwd = FORWARD[self.cell](*args, **kw)
+        if keep and self.training:
+            token = pending.put(fwd.cache)
+        else:
+            token = NO_TOKEN
+            ops.release_cache(fwd.cache)
+        return fwd.outputs, list(fwd.states), token
+
+    def backward(self, arrays, token, upstream):
+        """The gradients of the ``n_diff`` differentiable arrays, in their order."""
+        count(self.cell + "_backward")
+        token = int(token)
+        cache = pending.pop(token) if token != NO_TOKEN else None
+        if cache is None:
+            args, kw = self._split(arrays)
+            cache = ops.rebuild_cache(self.cell, None, *args, **kw)
+        try:
+            g = BACKWARD[self.cell](cache, *upstream)
+        finally:
+            ops.release_cache(cache)        # popped from the store: nothing else can use it
+        out = [g.x, g.kernel, g.recurrent_kernel] + ([g.bias] if self.has_bias else [])
+        return out + list(g.states)
 
 
 def get(backend_name):

@@ -9,6 +9,13 @@ token, a residual of the backward rule, which pops the cache by it (or recompute
 forward when it is gone: an evicted cache, or XLA running the backward twice). The masks
 are inputs without a gradient.
 
+Under a Keras distribution that shards the batch (``keras.distribution.DataParallel``, or a
+``ModelParallel`` with a batch dimension) the callback runs inside ``jax.shard_map``: each
+device runs the kernels on its shard of the batch, with the weights replicated, and the
+weight gradients are summed over the devices by ``shard_map``'s own transpose. A callback
+over the whole sharded batch would have to gather it on one device, which XLA's sharding
+propagation refuses.
+
 Arrays on a JAX GPU fall back to the built-in implementation: the CUDA kernels are bridged
 for TensorFlow and torch tensors only.
 
@@ -21,15 +28,9 @@ Example::
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
-from .. import ops
-from . import EXTRAS, count, pending
-
-_FORWARD = {"lstm": ops.lstm_forward, "gru": ops.gru_forward,
-            "simple_rnn": ops.simple_rnn_forward}
-_BACKWARD = {"lstm": ops.lstm_backward, "gru": ops.gru_backward,
-             "simple_rnn": ops.simple_rnn_backward}
-_NO_TOKEN = 0
+from . import HostCall
 
 
 def _platform(a):
@@ -38,6 +39,20 @@ def _platform(a):
         return next(iter(a.devices())).platform
     except Exception:  # a tracer: XLA places the computation on the default backend
         return jax.default_backend()
+
+
+def _batch_sharding():
+    """``(mesh, axis name)`` of the batch dimension when the Keras distribution shards the
+    batch over more than one device, else None."""
+    import keras
+    dist = keras.distribution.distribution()
+    axis = getattr(dist, "batch_dim_name", None)
+    if dist is None or axis is None:
+        return None
+    mesh = dist.device_mesh.backend_mesh
+    if mesh.shape.get(axis, 1) <= 1:
+        return None
+    return mesh, axis
 
 
 def supports(call):
@@ -54,6 +69,13 @@ def supports(call):
     if platform != "cpu":
         return (f"the inputs live on a JAX '{platform}' device; the fastcells JAX bridge runs "
                 f"the CPU kernels only")
+    sharded = _batch_sharding()
+    if sharded is not None:
+        mesh, axis = sharded
+        n = mesh.shape[axis]
+        if call.x.shape[0] % n:
+            return (f"the batch of {call.x.shape[0]} (inputs of shape {tuple(call.x.shape)}) "
+                    f"does not split evenly over the {n} devices of the mesh axis '{axis}'")
     return None
 
 
@@ -66,62 +88,49 @@ def run(call):
 
         outputs, states = run(call)
     """
-    cell = call.cell
-    nstates = len(call.states)
-    has_bias = call.bias is not None
-    training = bool(call.training)
-    rs = bool(call.return_sequences)
-    opts = dict(call.options)
-    extra_names = [n for n in EXTRAS if getattr(call, n) is not None]
-    extras = tuple(getattr(call, n) for n in extra_names)
-    diff = (call.x, call.kernel, call.recurrent_kernel) + ((call.bias,) if has_bias else ())
-    diff += tuple(call.states)
-    B, T = call.x.shape[0], call.x.shape[1]
-    H = call.recurrent_kernel.shape[0]
-    dtype = call.x.dtype
-    out_specs = [jax.ShapeDtypeStruct((B, T, H) if rs else (B, H), dtype)]
-    out_specs += [jax.ShapeDtypeStruct((B, H), dtype) for _ in range(nstates)]
+    host = HostCall(call)
+    arrays = host.arrays(call)
+    diff, extras = tuple(arrays[:host.n_diff]), tuple(arrays[host.n_diff:])
+
+    def rnn(diff, extras):
+        return _recurrence(host, diff, extras)
+
+    sharded = _batch_sharding()
+    if sharded is not None:
+        mesh, axis = sharded
+        batch, whole = PartitionSpec(axis), PartitionSpec()
+        diff_specs = (batch, whole, whole) + (whole,) * host.has_bias
+        diff_specs += (batch,) * host.nstates
+        # masks [B, T] and [B, n] split on their first axis; per-gate masks [G, B, n] on
+        # their second
+        extra_specs = tuple(PartitionSpec(None, axis) if e.ndim == 3 else batch
+                            for e in extras)
+        rnn = jax.shard_map(rnn, mesh=mesh, in_specs=(diff_specs, extra_specs),
+                            out_specs=(batch,) * (1 + host.nstates), check_vma=False)
+    res = rnn(diff, extras)
+    return res[0], list(res[1:])
+
+
+def _recurrence(host, diff, extras):
+    """The differentiable recurrence on (a shard of) the arrays."""
+    x, U = diff[0], diff[2]
+    B, T, H = x.shape[0], x.shape[1], U.shape[0]
+    dtype = x.dtype
+    out_specs = [jax.ShapeDtypeStruct((B, T, H) if host.return_sequences else (B, H), dtype)]
+    out_specs += [jax.ShapeDtypeStruct((B, H), dtype) for _ in range(host.nstates)]
     token_spec = jax.ShapeDtypeStruct((), np.int32)
     grad_specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in diff]
 
-    def unpack(arrays):
-        arrays = [np.asarray(a) for a in arrays]
-        x, W, U = arrays[:3]
-        i = 3
-        b = None
-        if has_bias:
-            b, i = arrays[3], 4
-        states = arrays[i:i + nstates]
-        kw = dict(zip(extra_names, arrays[i + nstates:]))
-        return x, W, U, b, states, kw
-
     def forward(*arrays, keep):
-        x, W, U, b, states, kw = unpack(arrays)
-        count(cell + "_forward")
-        fwd = _FORWARD[cell](x, W, U, b, *states, training=training, return_sequences=rs,
-                             **kw, **opts)
-        if keep and training:
-            token = pending.put(fwd.cache)
-        else:
-            token = _NO_TOKEN
-            ops.release_cache(fwd.cache)
-        outs = [np.asarray(fwd.outputs, dtype)] + [np.asarray(s, dtype) for s in fwd.states]
+        outputs, states, token = host.forward([np.asarray(a) for a in arrays], keep)
+        outs = [np.asarray(outputs, dtype)] + [np.asarray(s, dtype) for s in states]
         return (*outs, np.int32(token))
 
     def backward(*arrays):
-        n_in = len(diff) + len(extras)
-        x, W, U, b, states, kw = unpack(arrays[:n_in])
-        token, upstream = int(arrays[n_in]), [np.asarray(a) for a in arrays[n_in + 1:]]
-        count(cell + "_backward")
-        cache = pending.pop(token) if token != _NO_TOKEN else None
-        if cache is None:       # evicted, used twice, or an inference-mode forward
-            cache = ops.rebuild_cache(cell, None, x, W, U, b, *states, training=training,
-                                      return_sequences=rs, **kw, **opts)
-        g = _BACKWARD[cell](cache, *upstream)
-        ops.release_cache(cache)        # popped from the store: nothing else can use it
-        out = [g.x, g.kernel, g.recurrent_kernel] + ([g.bias] if has_bias else [])
-        out += list(g.states)
-        return tuple(np.asarray(a, s.dtype) for a, s in zip(out, grad_specs))
+        n_in = host.n_in
+        grads = host.backward([np.asarray(a) for a in arrays[:n_in]], arrays[n_in],
+                              [np.asarray(a) for a in arrays[n_in + 1:]])
+        return tuple(np.asarray(g, s.dtype) for g, s in zip(grads, grad_specs))
 
     def call_forward(diff_args, extra_args, keep):
         return jax.pure_callback(lambda *a: forward(*a, keep=keep), out_specs + [token_spec],
@@ -143,5 +152,4 @@ def run(call):
         return tuple(grads), tuple(None for _ in extra_args)
 
     rnn.defvjp(rnn_fwd, rnn_bwd)
-    res = rnn(diff, extras)
-    return res[0], list(res[1:])
+    return rnn(diff, extras)
