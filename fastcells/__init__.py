@@ -2,6 +2,7 @@
 
     from fastcells import LSTM, GRU, SimpleRNN    # instead of keras.layers.LSTM / GRU / ...
     from fastcells import ops                     # the array-level kernels
+    fast = fastcells.from_keras(model)            # a model's built-in layers -> fastcells
 """
 import sys as _sys
 
@@ -17,6 +18,8 @@ if _startup.is_command_line(_sys.argv):
     _startup.setup_command_line(_sys.argv)
 
 from . import ops  # noqa: E402
+from .convert import convert_file, from_keras, to_keras  # noqa: E402
 from .layers import GRU, LSTM, SimpleRNN  # noqa: E402
 
-__all__ = ["LSTM", "GRU", "SimpleRNN", "ops", "__version__"]
+__all__ = ["LSTM", "GRU", "SimpleRNN", "ops", "from_keras", "to_keras", "convert_file",
+           "__version__"]

@@ -66,7 +66,7 @@ def _csv(choices):
 def _parser():
     from fastcells import bench, bench_gpu
     p = argparse.ArgumentParser(prog="python -m fastcells",
-                                description="fastcells: benchmarks and a demo")
+                                description="fastcells: benchmarks, a demo and model conversion")
     sub = p.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("bench", help="time fastcells against the built-in Keras layers",
@@ -158,7 +158,31 @@ def _parser():
     m.add_argument("--cell", choices=("lstm", "gru", "simple_rnn"), default="lstm")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--verbose", action="store_true", help="keep TensorFlow's start-up logs")
+
+    c = sub.add_parser("convert", help="turn a .keras file's recurrent layers into fastcells "
+                       "layers or back into the built-in ones",
+                       description="Write OUT, the .keras model IN with every LSTM, GRU and "
+                       "SimpleRNN layer turned into the fastcells layer (--to fastcells) or "
+                       "into the built-in Keras layer (--to keras: the file then loads where "
+                       "fastcells is not installed). Weights and optimizer state are copied "
+                       "unchanged.")
+    c.add_argument("src", metavar="IN", help="a .keras file")
+    c.add_argument("dst", metavar="OUT", help="the .keras file to write")
+    c.add_argument("--to", required=True, choices=("fastcells", "keras"),
+                   help="the kind of layer to convert to")
+    c.add_argument("--verbose", action="store_true", help="keep TensorFlow's start-up logs")
     return p
+
+
+def convert_command(args):
+    from fastcells import convert
+    try:
+        n = convert.convert_file(args.src, args.dst, args.to)
+    except (ValueError, OSError) as e:
+        print(f"python -m fastcells convert: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.dst}: {n} recurrent layer(s) converted to {args.to}")
+    return 0
 
 
 def _settings(args):
@@ -375,6 +399,8 @@ def main(argv=None):
     args = _parser().parse_args(argv)
     if args.command == "bench":
         return bench_command(args)
+    if args.command == "convert":
+        return convert_command(args)
     return demo_command(args)
 
 

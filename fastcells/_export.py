@@ -6,7 +6,8 @@ An exported artifact (``model.export``, ``keras.export.ExportArchive``,
 fastcells, and a SavedModel cannot carry the Python callbacks that run the kernels, so the
 layers trace the built-in recurrence for it. Keras's export traces its endpoints before it
 reaches ``tf.saved_model.save``, so an export is recognised by the frames of the call
-stack: those of Keras's export entry points, or TensorFlow's save context.
+stack: those of Keras's export entry points, or TensorFlow's save context; under torch,
+by ``torch.compiler.is_exporting``.
 """
 import sys
 
@@ -48,6 +49,11 @@ def _export_entry_codes():
 
 def exporting():
     """Whether the current trace is for an exported artifact."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.compiler.is_compiling():
+        # torch.compile or torch.export (ONNX export goes through the latter); the frames
+        # of a dynamo trace cannot be walked
+        return bool(torch.compiler.is_exporting())
     tf = sys.modules.get("tensorflow")
     if tf is not None:
         from tensorflow.python.saved_model import save_context
@@ -66,8 +72,9 @@ def exporting():
 
 def in_tf_xla():
     """Whether the current trace is a TensorFlow function compiled by XLA."""
+    import keras
     tf = sys.modules.get("tensorflow")
-    if tf is None or tf.executing_eagerly():
+    if keras.backend.backend() != "tensorflow" or tf is None or tf.executing_eagerly():
         return False
     from tensorflow.python.ops import control_flow_util
     return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))

@@ -190,7 +190,7 @@ def on_gpu(monkeypatch):
     """Every TensorFlow tensor counts as placed on a GPU; small CUDA launch tunables; an
     empty store of forward caches."""
     monkeypatch.setattr(tfb, "_placed_on_gpu", lambda t: True)
-    monkeypatch.setattr(tfb, "pending", bridge.CacheStore())    # empty, whatever ran before
+    monkeypatch.setattr(bridge, "pending", bridge.CacheStore())    # empty, whatever ran before
     for k, v in CUDA_SMALL_TUNABLES.items():
         monkeypatch.setattr(config, k, v)
 
@@ -232,7 +232,7 @@ def test_layers_on_the_gpu_route_equal_builtin(on_gpu, rng, name, kw, engine):
         key = f"{cell}_{phase}"
         assert bridge.kernel_calls[key] == calls.get(key, 0) + 1, key
     _assert_same(ro, rg, fo, fg)
-    assert len(tfb.pending) == 0                # the backward took its cache
+    assert len(bridge.pending) == 0                # the backward took its cache
     assert _dlpack.live() > base                # the results share the kernels' memory
     del fo, fg                                  # (NumPy views of TensorFlow tensors)
     gc.collect()

@@ -375,15 +375,15 @@ def cuda_wiring_case():
     h0 = fake(c.states[0])
     call = _call(x=leaves[0], kernel=leaves[1], recurrent_kernel=leaves[2], states=[h0],
                  mask=fake(c.mask), training=True)
-    saved = dict(torch_bridge._FORWARD), dict(torch_bridge._BACKWARD)
+    saved = dict(bridge.FORWARD), dict(bridge.BACKWARD)
     try:
-        torch_bridge._FORWARD["simple_rnn"] = forward
-        torch_bridge._BACKWARD["simple_rnn"] = backward
+        bridge.FORWARD["simple_rnn"] = forward
+        bridge.BACKWARD["simple_rnn"] = backward
         y, (h,) = torch_bridge.run(call)
         y.sum().backward()
     finally:
-        torch_bridge._FORWARD.update(saved[0])
-        torch_bridge._BACKWARD.update(saved[1])
+        bridge.FORWARD.update(saved[0])
+        bridge.BACKWARD.update(saved[1])
     (_, engine, *tensors), (_, cache, dy, dh) = seen
     assert engine == "cuda"
     assert all(isinstance(t, torch.Tensor) and not t.requires_grad for t in tensors)

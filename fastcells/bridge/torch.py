@@ -34,16 +34,13 @@ Example::
     outputs, (h, c) = torch_bridge.run(call)        # [B, T, H], [B, H], [B, H]
     outputs.sum().backward()                        # call.x.grad, call.kernel.grad
 """
+import json
+
 import numpy as np
 import torch
 
 from .. import ops
-from . import EXTRAS, count
-
-_FORWARD = {"lstm": ops.lstm_forward, "gru": ops.gru_forward,
-            "simple_rnn": ops.simple_rnn_forward}
-_BACKWARD = {"lstm": ops.lstm_backward, "gru": ops.gru_backward,
-             "simple_rnn": ops.simple_rnn_backward}
+from . import BACKWARD, EXTRAS, FORWARD, HostCall, count
 
 
 def engine_for(call):
@@ -66,8 +63,8 @@ def supports(call):
     for name, t in call.named_arrays():
         if not isinstance(t, torch.Tensor):
             return f"{name} is a {type(t).__name__}, not a torch.Tensor"
-    if torch.jit.is_tracing() or torch.compiler.is_compiling():
-        return "the call is being traced or compiled by torch (torch.jit / torch.compile)"
+    if torch.jit.is_tracing():
+        return "the call is being traced by torch.jit (torch.compile runs the kernels)"
     device = call.x.device
     if device.type not in ("cpu", "cuda"):
         return (f"the inputs live on a '{device.type}' device; the fastcells kernels run on "
@@ -90,6 +87,8 @@ def run(call):
 
         outputs, states = run(call)
     """
+    if torch.compiler.is_compiling():
+        return _run_compiled(call)
     spec = _Spec(call)
     diff = [call.x, call.kernel, call.recurrent_kernel, call.bias, *call.states]
     needs_grad = torch.is_grad_enabled() and any(
@@ -150,7 +149,7 @@ class _Spec:
     def forward(self, x, W, U, b, states, mask, dmask, rmask):
         count(self.cell + "_forward")
         args = [self.to_engine(t) for t in (x, W, U, b, *states)]
-        return _FORWARD[self.cell](*args, **self._kwargs((mask, dmask, rmask)))
+        return FORWARD[self.cell](*args, **self._kwargs((mask, dmask, rmask)))
 
     def rebuild(self, x, W, U, b, states, mask, dmask, rmask):
         args = [self.to_engine(t) for t in (x, W, U, b, *states)]
@@ -180,7 +179,7 @@ class _RNNFunction(torch.autograd.Function):
             cache = spec.rebuild(x, W, U, b, states, mask, dmask, rmask)
         count(spec.cell + "_backward")
         try:
-            g = _BACKWARD[spec.cell](cache, spec.to_engine(d_outputs),
+            g = BACKWARD[spec.cell](cache, spec.to_engine(d_outputs),
                                      *(spec.to_engine(d) for d in d_states))
         finally:
             ops.release_cache(cache)
@@ -194,3 +193,109 @@ class _RNNFunction(torch.autograd.Function):
             else:
                 out.append(spec.to_torch(gr).to(t.dtype))
         return (None, None, None, None, *out)
+
+
+# ---------------------------------------------------------------- under torch.compile
+# torch.compile cannot trace into the kernels, and an autograd.Function holding NumPy arrays
+# on its context is not something it can capture, so a compiled graph calls the kernels
+# through two opaque custom ops: the forward returns its outputs, final states and the
+# token of its cache in ``fastcells.bridge.pending``; the backward pops the cache by the
+# token (or recomputes the forward). The static part of the call travels as a JSON string,
+# a constant of the graph.
+
+def _host(spec):
+    """The :class:`HostCall` that a spec string describes."""
+    host = HostCall.__new__(HostCall)
+    host.__dict__.update(json.loads(spec))
+    return host
+
+
+@torch.compiler.assume_constant_result
+def _spec_string(fields):
+    """The spec string of a HostCall's fields (a constant for dynamo, which cannot trace the
+    JSON encoder)."""
+    d = dict(fields)
+    d["options"] = dict(d["options"])
+    return json.dumps(d, sort_keys=True)
+
+
+def _engine_arrays(host, arrays):
+    cuda = host.options.get("engine") == "cuda"
+    return [a.detach() if cuda else a.detach().resolve_conj().resolve_neg().numpy()
+            for a in arrays]
+
+
+def _as_tensor(a, like):
+    if isinstance(a, torch.Tensor):
+        return a
+    if like.device.type == "cuda":
+        return torch.as_tensor(a, device=like.device)
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+@torch.library.custom_op("fastcells::rnn_forward", mutates_args=())
+def _compiled_forward(spec: str, arrays: list[torch.Tensor], keep: bool) -> list[torch.Tensor]:
+    host = _host(spec)
+    outputs, states, token = host.forward(_engine_arrays(host, arrays), keep)
+    x = arrays[0]
+    res = [_as_tensor(outputs, x).to(x.dtype)] + [_as_tensor(s, x).to(x.dtype)
+                                                   for s in states]
+    return res + [torch.tensor(token, dtype=torch.int64)]
+
+
+@_compiled_forward.register_fake
+def _(spec, arrays, keep):
+    host = _host(spec)
+    x, U = arrays[0], arrays[2]
+    B, T, H = x.shape[0], x.shape[1], U.shape[0]
+    out = x.new_empty((B, T, H) if host.return_sequences else (B, H))
+    return ([out] + [x.new_empty((B, H)) for _ in range(host.nstates)]
+            + [torch.empty((), dtype=torch.int64)])
+
+
+@torch.library.custom_op("fastcells::rnn_backward", mutates_args=())
+def _compiled_backward(spec: str, arrays: list[torch.Tensor], token: torch.Tensor,
+                       upstream: list[torch.Tensor]) -> list[torch.Tensor]:
+    host = _host(spec)
+    grads = host.backward(_engine_arrays(host, arrays), int(token),
+                          _engine_arrays(host, upstream))
+    return [_as_tensor(g, a).to(a.dtype) if g is not None else torch.zeros_like(a)
+            for g, a in zip(grads, arrays)]
+
+
+@_compiled_backward.register_fake
+def _(spec, arrays, token, upstream):
+    host = _host(spec)
+    return [torch.empty_like(a) for a in arrays[:host.n_diff]]
+
+
+def _setup_context(ctx, inputs, output):
+    spec, arrays, _ = inputs
+    ctx.spec = spec
+    ctx.n = len(arrays)
+    ctx.save_for_backward(*arrays, output[-1])
+
+
+def _backward(ctx, grads):
+    *arrays, token = ctx.saved_tensors
+    host = _host(ctx.spec)
+    B, T, H = arrays[0].shape[0], arrays[0].shape[1], arrays[2].shape[0]
+    shapes = [(B, T, H) if host.return_sequences else (B, H)] + [(B, H)] * host.nstates
+    upstream = [g if g is not None else arrays[0].new_zeros(shape)      # unused outputs
+                for g, shape in zip(grads, shapes)]
+    dgrads = _compiled_backward(ctx.spec, arrays, token, upstream)
+    return None, list(dgrads) + [None] * (ctx.n - host.n_diff), None
+
+
+_compiled_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _run_compiled(call):
+    host = HostCall(call, engine=engine_for(call))
+    fields = dict(vars(host), options=tuple(sorted(host.options.items())),
+                  extra_names=tuple(host.extra_names))
+    spec = _spec_string(tuple(sorted(fields.items())))
+    arrays = host.arrays(call)
+    keep = torch.is_grad_enabled() and any(a.requires_grad for a in arrays[:host.n_diff])
+    res = _compiled_forward(spec, arrays, bool(keep and host.training))
+    return res[0], list(res[1:-1])
