@@ -261,7 +261,7 @@ def _standard_row_grads(d, dr, g, hp, ax, dhi, ci, dzi, H, pending):
     da_h) of one row, dzi = dh * z; the pending output gradient ci is added and consumed
     when ``pending`` (where it is not, it is zero and left out: only the sign of a zero
     can differ). The same operations in the same order as the general path, in four loops
-    instead of ten: 61 against 78 ns per row at H=32 in isolation."""
+    instead of ten, each of which pays its loop setup, alias checks and remainder."""
     gz, gr, gh = g[:H], g[H:2 * H], g[2 * H:3 * H]     # views from 0: see _math.activate
     dz_, dr_, dah_ = d[:H], d[H:2 * H], d[2 * H:3 * H]
     for j in range(H):          # one stored array (d) per loop: see _common.take_pending

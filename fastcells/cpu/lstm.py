@@ -58,8 +58,7 @@ def _cell_update(g, ac, off, c, h, out, mask, use_mask, t, b0, n, H, act, fast, 
     row keeps its state and repeats its output (or outputs zeros) in ``out``. Without a
     mask the output is h and ``out`` is not written."""
     # one output array per loop: LLVM vectorises a loop only when it can rule out
-    # overlaps, and a loop storing to two arrays ran 2.7 times slower (1.6 -> 0.6 ms for
-    # 64 rows x 500 steps at H=32)
+    # overlaps, and a loop storing to two arrays runs 2.7 times slower
     for i in range(n):
         if use_mask and not mask[t, b0 + i]:
             continue
@@ -67,9 +66,8 @@ def _cell_update(g, ac, off, c, h, out, mask, use_mask, t, b0, n, H, act, fast, 
         for j in range(H):
             ci[j] = gi[H + j] * ci[j] + gi[j] * gi[2 * H + j]
     # act(c) as one sweep over the n x H block (c and ac[off:off + n] are contiguous),
-    # masked rows too (their act(c) is not used): per row, each 32-float loop paid its
-    # alias checks and remainder. 1.4 -> 0.8 ms for the cell updates of 64 rows x 500
-    # steps at H=32
+    # masked rows too (their act(c) is not used): per row, each 32-float loop would pay its
+    # alias checks and remainder
     cf = c.reshape(n * H)
     af = ac[off:off + n].reshape(n * H)
     if act == TANH and fast:
@@ -90,7 +88,7 @@ def _cell_update(g, ac, off, c, h, out, mask, use_mask, t, b0, n, H, act, fast, 
             hi[j] = gi[3 * H + j] * ai[j]
         if use_mask:
             oi = out[i]
-            for j in range(H):  # a loop: a slice assignment (oi[:] = hi) took 2.5 times
+            for j in range(H):  # a loop: a slice assignment (oi[:] = hi) takes 2.5 times
                 oi[j] = hi[j]   # as long as the whole cell update
 
 
