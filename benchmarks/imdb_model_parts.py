@@ -1,6 +1,7 @@
 """Where the time of an IMDB-style ``train_on_batch`` goes: the same model without a
 recurrent layer (Embedding -> GlobalAveragePooling1D -> Dense), and with the fastcells and
-the built-in LSTM and GRU, all timed in alternation (the README's "what limits model.fit").
+the built-in LSTM and GRU, all timed in alternation (docs/performance.md, "model.fit: the
+rest of the model").
 
     python benchmarks/imdb_model_parts.py [--batches 15] [--seconds 1.5]
 

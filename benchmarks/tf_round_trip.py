@@ -1,6 +1,6 @@
 """What a ``tf.numpy_function`` under ``tf.function`` costs around a body that runs for a
-given time, and on which side of the body the time goes (the README's "TensorFlow round
-trip" measurement).
+given time, and on which side of the body the time goes (docs/performance.md, "The
+TensorFlow round trip").
 
     python benchmarks/tf_round_trip.py [--calls 40] [--work sleep|spin]
 

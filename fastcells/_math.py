@@ -11,7 +11,7 @@ a device function), picked when the kernel is compiled by ``scalar_activation`` 
 
 float32 arrays use a rational approximation of tanh (sigmoid(x) = 0.5 * tanh(0.5 x) + 0.5)
 in plain arithmetic, because ``np.tanh`` never vectorises in Numba (no SVML in llvmlite).
-Its coefficients were fitted for this project by a Lawson minimax iteration on
+Its coefficients come from a Lawson minimax iteration on
 tanh(x)/x = P(x^2)/Q(x^2) over [0, 9]; relative error 6.6e-9 in exact arithmetic, 3.6e-7
 absolute when evaluated in float32 (about 3 ulp of 1.0). The CPU kernels compile it with
 multiply-adds fused (``config.NJIT_OPTIONS``): 2.9e-7 against 3.2e-7 unfused on every 7th
@@ -59,9 +59,8 @@ def tanh32(x):
     """tanh(x) in plain float32 arithmetic, in [-1, 1]; max abs error 3.6e-7 (float32
     rounding)."""
     # Clamps as min/max: LLVM makes each one vmaxps and one vminps per vector, where the
-    # same clamps written as if/elif comparisons became masked compare-and-move pairs on
-    # the critical path (the tanh of a gate row took 23 instead of 19.4 cycles per 16
-    # floats). min/max need not keep a NaN (numba-cuda lowers them to fmaxf/fminf, which
+    # same clamps written as if/elif comparisons become masked compare-and-move pairs on
+    # the critical path (about 20% slower). min/max need not keep a NaN (numba-cuda lowers them to fmaxf/fminf, which
     # drop it), so the last line gives NaN back for a NaN argument, on every target.
     x = np.float32(x)
     y = min(max(x, -_CLAMP), _CLAMP)
@@ -228,9 +227,8 @@ def activate(code, fast, a, lo, hi):
     choice is made outside the element loops so that every loop is a plain sweep.
 
     Every loop runs over a view from index 0: a loop ``for j in range(lo, hi)`` with a
-    runtime ``lo`` did not vectorise (Numba's negative-index wraparound on ``a[j]``), and
-    the tanh of 32 floats per row and step took 8 times as long (3.1 against 0.39 ms for
-    64 rows x 500 steps)."""
+    runtime ``lo`` does not vectorise (Numba's negative-index wraparound on ``a[j]``), which
+    makes the tanh of 32 floats per row and step 8 times as slow."""
     v = a[lo:hi]
     n = v.shape[0]
     if code == TANH:

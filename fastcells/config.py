@@ -37,26 +37,15 @@ BLOCK_ROWS = _env_int("FASTCELLS_BLOCK_ROWS", 16)
 #: weight gradients (one GEMM of K = BLOCK_ROWS * WINDOW_STEPS while the data is in cache).
 WINDOW_STEPS = _env_int("FASTCELLS_WINDOW_STEPS", 32)
 
-#: Bytes of batch-major input a thread copies at once into a time-major buffer of its own
-#: (``x[b, t]`` rows of one step lie T*D floats apart, a memory page each: reading them step
-#: by step missed the TLB once per row. Memory TensorFlow allocates has no huge pages; an LSTM
-#: forward at B=128 T=500 D=32 H=32 took 13.3 ms on a TensorFlow tensor against 11.0 ms on a
-#: NumPy array before this staging). Each batch row's stretch of steps is read in one go.
+#: Bytes of batch-major input a thread copies at once into a time-major buffer of its own.
+#: The rows ``x[b, t]`` of one step lie T*D floats apart, a memory page each, so reading
+#: them step by step misses the TLB once per row; staged, each batch row's stretch of steps
+#: is read in one go.
 STAGE_BYTES = _env_int("FASTCELLS_STAGE_BYTES", 256 << 10)
 
-#: Largest size of the weights a fused step multiplies by, [W; U; b] in bytes (U is read at
-#: every step whichever path runs), for which the input projection moves into the step.
-#: Each thread multiplies its rows by them at every step, so they must stay near the core.
-#: Measured with the packed in-step GEMM (B=64 T=100 unless said, ops level, fused against
-#: unfused, calls alternated): LSTM D=H=256 float32 (2 MB) inference 47 -> 37 ms, training
-#: 139 -> 122 ms; the same in float64 (4 MB) inference 91 -> 74 ms, training 280 -> 256
-#: ms; LSTM D=256 H=512 float32 (6 MB) inference 109 -> 99 ms, training 336 -> 340 ms;
-#: GRU D=2048 H=256 float32 (6.8 MB) inference 120 -> 109 ms, training 375 -> 379 ms.
-#: Past the limit: LSTM D=256 H=512 float64 (12 MB) inference 234 -> 241 ms, training
-#: 716 -> 807 ms; GRU D=256 H=1024 float32 (15 MB) the same either way; B=32 D=512 H=1024
-#: float32, LSTM (24 MB) training 750 -> 1144 ms and GRU (18 MB) inference 205 -> 234 ms.
-#: Before the packed GEMM the limit was 512 KB (OpenBLAS re-packed the matrix at every
-#: call); then it was 4 MB and counted [W; b] alone for GRU and SimpleRNN.
+#: Largest [W; U; b], in bytes, for which the fused kernels move the input projection into
+#: the step: each thread multiplies its rows by these weights at every step, so they must
+#: stay near the core (docs/performance.md has the measurements around the limit).
 FUSED_MAX_WEIGHT_BYTES = _env_int("FASTCELLS_FUSED_MAX_WEIGHT_BYTES", 8 << 20)
 
 #: Use the fused kernels where they apply (the input projection inside each step, the input
@@ -66,11 +55,10 @@ FUSED = os.environ.get("FASTCELLS_FUSED", "1") != "0"
 #: Smallest GEMM (M*N*K multiply-adds) split over the threads; smaller ones run on one.
 MIN_PARALLEL_GEMM_FLOPS = _env_int("FASTCELLS_MIN_PARALLEL_GEMM_FLOPS", 1 << 20)
 
-#: Keep SciPy's OpenBLAS (what Numba's ``np.dot`` calls from compiled code; the CPU kernels
-#: no longer do, their products are packed ones) at one thread
-#: from the first fastcells call on, instead of restoring its thread count after every call
-#: (see ``cpu/_parallel.py``: the restore made a spinning worker thread slow the next call
-#: down 2-100x). SciPy's own linear algebra then runs on one thread too.
+#: Keep SciPy's OpenBLAS (what Numba's ``np.dot`` calls from compiled code) at one thread
+#: from the first fastcells call on, instead of restoring its thread count after every call:
+#: a restored OpenBLAS leaves a worker spinning against the next call's kernels (see
+#: ``cpu/_parallel.py``). SciPy's own linear algebra then runs on one thread too.
 #: ``FASTCELLS_HOLD_KERNEL_BLAS=0`` restores it after each call.
 HOLD_KERNEL_BLAS = os.environ.get("FASTCELLS_HOLD_KERNEL_BLAS", "1") != "0"
 
@@ -87,8 +75,7 @@ GEMM_VECTOR_BYTES = (_env_int("FASTCELLS_GEMM_VECTOR_BYTES", 0)
 #: ``fastmath={'contract'}`` lets LLVM fuse a multiply and the add that follows it into one
 #: FMA (one rounding instead of two) and nothing else: no reassociation, no assumptions
 #: about NaN, infinities or signed zeros, so every sum keeps its order and NaN still
-#: propagates. The rational tanh (``_math.tanh32``, 10 multiply-adds) ran 23% faster with it,
-#: 390 against 500 ps per element, and its largest error fell from 3.2e-7 to 2.9e-7.
+#: propagates.
 NJIT_OPTIONS = dict(nogil=True, cache=GEMM_VECTOR_BYTES is None, error_model="numpy",
                     fastmath={"contract"})
 
@@ -170,7 +157,7 @@ MAX_PENDING_CACHES = _env_int("FASTCELLS_MAX_PENDING_CACHES", 64)
 #: ... and at most this many bytes together.
 MAX_PENDING_CACHE_BYTES = _env_int("FASTCELLS_MAX_PENDING_CACHE_BYTES", 4 << 30)
 
-# --- equivalence bounds (the contract in DESIGN.md; used by tests and `fastcells bench`) ---
+# --- equivalence bounds against the built-in layers (used by tests and `fastcells bench`) ---
 TOL_OUTPUT_F32 = 1e-5      # absolute, outputs and states vs the built-in layer
 TOL_GRAD_F32 = 1e-4        # relative to the gradient's norm
 TOL_F64 = 1e-10            # kernels vs the float64 reference

@@ -2,9 +2,9 @@
 
 Every time step multiplies a few batch rows (a block of 8 to 64) by a weight matrix that does
 not change during the call: ``h @ U``, ``[x | h | 1] @ [W; U; b]``, ``dz @ [W; U]^T``. BLAS
-is poor at this shape because it re-packs the weight matrix at every call: measured on the
-2-core AVX-512 machine, one thread, OpenBLAS ran 16x1024 @ 1024x4096 at 30 GFLOP/s and
-32x256 @ 256x1024 at 61 GFLOP/s, where the loop below runs at 79 and 109 GFLOP/s (the core's
+is poor at this shape because it re-packs the weight matrix at every call: on one thread
+of an AVX-512 core OpenBLAS runs 16x1024 @ 1024x4096 at 30 GFLOP/s and 32x256 @ 256x1024
+at 61 GFLOP/s, where the loop below runs at 79 and 109 GFLOP/s (the core's
 peak, one 16-lane FMA per cycle, is about 114: ``_rates.product_rate``). This is what MKL's
 packed GEMM and oneDNN's RNN primitive do for PyTorch.
 
@@ -14,7 +14,7 @@ summed dimension reads NR contiguous values. ``packed_dot(a, P, out)`` computes
 ``out = a @ V``: for each strip (it stays in the core's L2 cache), MR rows of ``a`` at a
 time are multiplied into MR x NR accumulators held in vector registers, written in LLVM IR
 (``_tile``) since Numba has no vector types and LLVM does not turn the scalar form into
-this register blocking by itself (measured: 6 GFLOP/s).
+this register blocking by itself (the scalar form runs at about 6 GFLOP/s).
 
 Each output element is one fused multiply-add chain over k in order, whatever the number of
 rows and threads: a row's result never depends on how the batch was split, so the kernels
@@ -240,7 +240,7 @@ def strip_view(V):
     ``packed_dot(a, strip_view(V), out)`` = ``a @ V``, reading each strip's row k (NR
     contiguous values) a row of V apart. For operands made during a call, as the gate
     gradients of a window of steps in the weight-gradient products: copying them into
-    packed strips took as long as the product (GRU, 512 x 96: 29 us each)."""
+    packed strips takes as long as the product itself."""
     K, N = V.shape
     NR = _STRIP_BYTES // V.itemsize
     return V.reshape((K, N // NR, NR)).transpose((1, 0, 2))

@@ -1,7 +1,7 @@
 """``njit`` for the kernels that Python calls, with an on-disk cache that cannot break a call.
 
 Numba loads its cache index with ``pickle`` and does not guard against a corrupt or
-truncated file: measured, overwriting an index file made every later call raise
+truncated file: an overwritten index file makes every later call raise
 ``UnpicklingError``. A kernel made here drops its cache index when a call fails for any
 reason other than a typing error, warns once, recompiles, and retries once (a real error
 comes back from the retry).

@@ -10,8 +10,8 @@ Python threads at once are safe whatever threading layer Numba has.
 
 BLAS is held to one thread for a whole op (``single_threaded_blas``) and the large GEMMs are
 split over the same pool (``gemm``). A multithreaded BLAS next to our threads oversubscribes
-the cores, and OpenBLAS workers keep spinning for a while after each GEMM: measured on the
-2-core machine, an LSTM backward that takes 54 ms took 135 ms to 2.3 s that way. GEMMs are
+the cores, and OpenBLAS workers keep spinning for a while after each GEMM, which can make
+an LSTM backward several times to 40 times slower on 2 cores. GEMMs are
 split by output rows or columns only, never along the summed dimension, so every result is
 bit-identical whatever the number of threads.
 """
@@ -54,9 +54,9 @@ class _SingleThreadedBlas:
 
     SciPy's OpenBLAS, the one Numba's ``np.dot`` calls inside the kernels, is an exception
     when ``config.HOLD_KERNEL_BLAS`` is set: it is set to one thread the first time and left
-    there. Restoring its thread count after every call left an OpenBLAS worker spinning
-    against the kernels of the next call: inside a TensorFlow training loop an LSTM step of
-    33 ms took 65 ms to 3.2 s that way (B=128 T=500 H=32, 2 cores).
+    there. Restoring its thread count after every call leaves an OpenBLAS worker spinning
+    against the kernels of the next call, which inside a TensorFlow training loop makes an
+    LSTM step 2 to 100 times slower (B=128 T=500 H=32, 2 cores).
     """
 
     def __init__(self):

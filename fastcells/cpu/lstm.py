@@ -58,8 +58,7 @@ def _cell_update(g, ac, off, c, h, out, mask, use_mask, t, b0, n, H, act, fast, 
     row keeps its state and repeats its output (or outputs zeros) in ``out``. Without a
     mask the output is h and ``out`` is not written."""
     # one output array per loop: LLVM vectorises a loop only when it can rule out
-    # overlaps, and a loop storing to two arrays ran 2.7 times slower (1.6 -> 0.6 ms for
-    # 64 rows x 500 steps at H=32)
+    # overlaps, and a loop storing to two arrays runs 2.7 times slower
     for i in range(n):
         if use_mask and not mask[t, b0 + i]:
             continue
@@ -67,9 +66,8 @@ def _cell_update(g, ac, off, c, h, out, mask, use_mask, t, b0, n, H, act, fast, 
         for j in range(H):
             ci[j] = gi[H + j] * ci[j] + gi[j] * gi[2 * H + j]
     # act(c) as one sweep over the n x H block (c and ac[off:off + n] are contiguous),
-    # masked rows too (their act(c) is not used): per row, each 32-float loop paid its
-    # alias checks and remainder. 1.4 -> 0.8 ms for the cell updates of 64 rows x 500
-    # steps at H=32
+    # masked rows too (their act(c) is not used): per row, each 32-float loop would pay its
+    # alias checks and remainder
     cf = c.reshape(n * H)
     af = ac[off:off + n].reshape(n * H)
     if act == TANH and fast:
@@ -90,14 +88,14 @@ def _cell_update(g, ac, off, c, h, out, mask, use_mask, t, b0, n, H, act, fast, 
             hi[j] = gi[3 * H + j] * ai[j]
         if use_mask:
             oi = out[i]
-            for j in range(H):  # a loop: a slice assignment (oi[:] = hi) took 2.5 times
+            for j in range(H):  # a loop: a slice assignment (oi[:] = hi) takes 2.5 times
                 oi[j] = hi[j]   # as long as the whole cell update
 
 
 @njit(inline="always", **NJIT_OPTIONS)
 def _gate_grads(d, g, ac, cp, dh, dc, carry, i, H, act, ract, dht, da):
     """The gate pre-activation gradients d (di, df, dc~, do) of one processed row; dc[i]
-    becomes the gradient reaching c_{t-1} (see the derivation above _backward_kernel).
+    becomes the gradient reaching c_{t-1} (the LSTM derivation in docs/design.md).
     dht, da: [H] scratch. One stored array per loop (see _common.take_pending)."""
     take_pending(dht, dh[i], carry[i])
     for j in range(H):
@@ -192,16 +190,10 @@ def _forward_kernel(b0, b1, xw, U, Ug, rmask, use_rmask, mask, use_mask, h0, c0,
     restore(fpmode)
 
 
-# Backward, per processed step t (masks and dropout aside), with s(.) the recurrent
-# activation, a(.) the activation, and dh, dc the gradients reaching h_t and c_t:
-#   c_t = f * c_{t-1} + i * c~          h_t = o * a(c_t)
-#   do  = dh * a(c_t)                   dc += dh * o * a'(c_t)
-#   di  = dc * c~      df = dc * c_{t-1}      dc~ = dc * i       dc_{t-1} = dc * f
-#   dz_k = d(gate_k) * act_k'(gate_k)   (derivatives from the gate outputs)
-#   dh_{t-1} = sum_k (dz_k @ U_k^T) * r_k
-# A masked step passes dh and dc through unchanged and has dz = 0. The output gradient dy_s
-# reaches h_t only if step t was processed; for a masked step it flows to the previous
-# output (unless zero_output_for_mask), which is what ``carry`` tracks.
+# Backward, per processed step t: the LSTM derivation in docs/design.md (dh, dc the
+# gradients reaching h_t and c_t; dz_k the gate pre-activation gradients, then
+# dh_{t-1} = sum_k (dz_k @ U_k^T) * r_k). A masked step passes dh and dc through with dz = 0;
+# the output gradient of a masked step flows to the previous output, tracked by ``carry``.
 @kernel
 def _backward_kernel(b0, b1, gates, cprev, actc, UT, UgT, rmask, use_rmask, mask, use_mask,
                      dy, dh_in, dc_in, act, ract, go_backwards, zero_output,
@@ -380,11 +372,9 @@ def _forward_fused_kernel(b0, b1, x, t_off, T, stage, V, dmask, use_dmask, mask,
     restore(fpmode)
 
 
-# The backward of the fused forward: the same per-step gate derivation as _backward_kernel;
-# then, per block of R rows,
-#   [dx_t | dh_{t-1}] = dz_t @ [W; U]^T          (dx_t times the dropout mask)
-#   acc_block += s_w^T @ dz_w                    (s_w, dz_w: the rows of a window of steps)
-# with acc = [dW; dU; db] summed over the blocks afterwards.
+# The backward of the fused forward: the per-step gate derivation of _backward_kernel, then
+# per block of R rows the in-step and window products of docs/design.md ("Fused steps"):
+# [dx_t | dh_{t-1}] = dz_t @ [W; U]^T and acc_block += s_w^T @ dz_w, acc = [dW; dU; db].
 @kernel
 def _backward_fused_kernel(b0, b1, R, window, gates, xh, cprev, actc, VT, dmask, use_dmask,
                            mask, use_mask, dy, dh_in, dc_in, act, ract, go_backwards,

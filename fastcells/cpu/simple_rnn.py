@@ -98,8 +98,8 @@ def _forward_kernel(b0, b1, T, xw, x, t_off, stage, Wb, dmask, use_dmask, from_x
     restore(fpmode)
 
 
-# Backward per processed step: dz = (dh + dout) * act'(h_t);  dh_{t-1} = (dz @ U^T) * r.
-# Masked steps pass dh through and have dz = 0 (output gradient handling as in lstm.py).
+# Backward per processed step (docs/design.md): dz = (dh + dout) * act'(h_t), then
+# dh_{t-1} = (dz @ U^T) * r. Masked steps pass dh through with dz = 0 (``carry`` as in lstm.py).
 @kernel
 def _backward_kernel(b0, b1, hs, UT, rmask, use_rmask, mask, use_mask, dy, dh_in,
                      act, go_backwards, zero_output, carry_io, dz, dh0):

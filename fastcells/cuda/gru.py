@@ -1,12 +1,8 @@
 """GRU recurrence on the GPU, both Keras variants (reset_after True and False), with the
 signatures of ``fastcells.cpu.gru``.
 
-Gate order z, r, h (G = 3). With ``xw = x @ W + b_in`` and recurrent dropout masks r_k:
-  reset_after=True:   a_k = (h * r_k) @ U_k + b_rec_k      for k in z, r, h
-                      z = s(xw_z + a_z)   r = s(xw_r + a_r)   hh = act(xw_h + r * a_h)
-  reset_after=False:  z = s(xw_z + (h*r_z) @ U_z)   r = s(xw_r + (h*r_r) @ U_r)
-                      q = r * (h * r_h)   hh = act(xw_h + q @ U_h)
-  h_t = z * h_{t-1} + (1 - z) * hh  =  hh + z * (h_{t-1} - hh)
+Gate order z, r, h (G = 3); the equations of both variants (a_k, hh, q) are in
+docs/design.md.
 
 Parallel decomposition as in ``fastcells.cuda.lstm``: a block owns batch rows for the whole
 sequence, a thread owns (unit j, R rows) items and computes the three gates of its unit.
@@ -234,12 +230,8 @@ def _backward_exchange(H, reset_after):
     return 2 * G * H if reset_after else 3 * H
 
 
-# Backward per processed step, dh the gradient reaching h_t (state and output):
-#   dz  = dh * (h_{t-1} - hh)          dah = dh * (1 - z) * act'(hh)     dh_{t-1} = dh * z + ...
-#   reset_after:  dr = dah * a_h       da_h = dah * r
-#   otherwise:    dq = dah @ U_h^T     dr = dq * (h_{t-1} * r_h)        dh_{t-1} += dq * r * r_h
-#   daz = dz * s'(z)   dar = dr * s'(r)
-#   dh_{t-1} += sum_k (da_k @ U_k^T) * r_k   over z, r (and h with da_h when reset_after)
+# Backward per processed step, dh the gradient reaching h_t (state and output): the GRU
+# derivation in docs/design.md, in its symbols (dz, dah, dr, dq, daz, dar, da_h).
 # Outputs: dz [T, B, 3H] = (daz, dar, dah), the gradient of the input-side pre-activations,
 # and dah_rec [T, B, H] = da_h (reset_after only), the gradient of the recurrent h term.
 # Masked steps pass dh through and have dz = 0; output gradients as in lstm.py (carry).

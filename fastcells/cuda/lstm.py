@@ -189,16 +189,10 @@ def _backward_state(NR, Hb, H, split):
     return 3 * NR * Hb + (0 if split else 2 * NR * row_stride(G * H))
 
 
-# Backward, per processed step t (masks and dropout aside), with s(.) the recurrent
-# activation, a(.) the activation, and dh, dc the gradients reaching h_t and c_t:
-#   c_t = f * c_{t-1} + i * c~          h_t = o * a(c_t)
-#   do  = dh * a(c_t)                   dc += dh * o * a'(c_t)
-#   di  = dc * c~      df = dc * c_{t-1}      dc~ = dc * i       dc_{t-1} = dc * f
-#   dz_k = d(gate_k) * act_k'(gate_k)   (derivatives from the gate outputs)
-#   dh_{t-1} = sum_k (dz_k @ U_k^T) * r_k
-# A masked step passes dh and dc through unchanged and has dz = 0. The output gradient dy_s
-# reaches h_t only if step t was processed; for a masked step it flows to the previous
-# output (unless zero_output_for_mask), which is what ``carry`` tracks.
+# Backward, per processed step t: the LSTM derivation in docs/design.md (dh, dc the
+# gradients reaching h_t and c_t; dz_k the gate pre-activation gradients, then
+# dh_{t-1} = sum_k (dz_k @ U_k^T) * r_k). A masked step passes dh and dc through with dz = 0;
+# the output gradient of a masked step flows to the previous output, tracked by ``carry``.
 # Phase 1 of a step computes dz for the thread's (row, unit) items, phase 2 (after one
 # syncthreads) dh_{t-1} for the same items from every dz of the row.
 @kernel_variant

@@ -113,8 +113,8 @@ def _forward_kernel(dtype, R, u_shared, act, fast, split):
 
 
 
-# Backward per processed step: dz = (dh + dout) * act'(h_t);  dh_{t-1} = (dz @ U^T) * r.
-# Masked steps pass dh through and have dz = 0 (output gradient handling as in lstm.py).
+# Backward per processed step: the SimpleRNN derivation in docs/design.md (dz, then
+# dh_{t-1} = (dz @ U^T) * r). Masked steps pass dh through with dz = 0 (``carry``).
 @kernel_variant
 def _backward_kernel(dtype, R, u_shared, act, split):
     DT = numba_type(dtype)
