@@ -1,6 +1,7 @@
 """Models with fastcells layers where Keras models go after training: exported artifacts
 served by a process without fastcells, conversion both ways, compiled steps and
 distributions (in processes of their own: ``tests/deploy_checks.py``)."""
+import json
 import os
 import subprocess
 import sys
@@ -279,3 +280,36 @@ def test_torch_compile_runs_the_kernels_as_an_opaque_op():
 @pytest.mark.late
 def test_tensorflow_mirrored_strategy_over_two_logical_cpus():
     _checks("tensorflow")
+
+
+@pytest.mark.late
+def test_jax_data_parallel_over_two_processes():
+    """``jax.distributed`` over two processes on 127.0.0.1: the same loss history as the
+    built-in layers in both, each running the kernels on its own shard."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    script = os.path.join(HERE, "jax_multiprocess_check.py")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND="jax")
+    procs = [subprocess.Popen([sys.executable, script, str(pid), port], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for pid in (0, 1)]
+    try:
+        done = [p.communicate(timeout=600) for p in procs]
+    finally:
+        for p in procs:         # a process left waiting for its peer
+            if p.poll() is None:
+                p.kill()
+    outs = []
+    for p, (out, err) in zip(procs, done):
+        assert p.returncode == 0, err[-4000:]
+        line = [ln for ln in out.splitlines() if ln.startswith("RESULT ")][-1]
+        outs.append(json.loads(line[len("RESULT "):]))
+    for res in outs:
+        ref, fc = np.array(res["keras.layers"]), np.array(res["fastcells"])
+        np.testing.assert_allclose(fc, ref, rtol=1e-4)
+        assert fc[-1] < fc[0]
+        assert res["kernel_calls"].get("lstm_backward", 0) > 0, res
+        assert res["kernel_calls"].get("gru_backward", 0) > 0, res
+    np.testing.assert_array_equal(outs[0]["fastcells"], outs[1]["fastcells"])
