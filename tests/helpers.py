@@ -120,6 +120,7 @@ def run_backend_checks(backend, cases, argv, worst):
     Keras (``FASTCELLS_CHECK_SEED``, default 0), print one line per check, the worst errors
     and the failures; a fastcells fallback warning counts as a failure. Returns the exit
     status: 1 when a check failed."""
+    import time
     import traceback
     import warnings
 
@@ -131,9 +132,10 @@ def run_backend_checks(backend, cases, argv, worst):
     seed = int(os.environ.get("FASTCELLS_CHECK_SEED", "0"))
     for name, fn in selected:
         keras.utils.set_random_seed(seed)      # the layers' initial weights
+        start = time.perf_counter()
         try:
             fn()
-            print(f"ok    {name}")
+            print(f"ok    {name} ({time.perf_counter() - start:.1f} s)")
         except Exception:
             failed.append(name)
             print(f"FAIL  {name}\n{traceback.format_exc()}")

@@ -39,9 +39,18 @@ TOL_GRAD = config.TOL_GRAD_F32          # relative to the gradient's norm (relat
 TOL_F64 = config.TOL_F64
 
 CELLS = LAYER_CELLS
-# every configuration the TensorFlow layer tests compare (each check compiles two jit
-# functions) but "sequences", whose arrays "backwards" already sends across the bridge
-CONFIGS = {k: v for k, v in LAYER_CONFIGS.items() if k != "sequences"}
+# what changes the arrays that cross the bridge (each check compiles two jit functions):
+# the extras (mask, dropout masks), the states in and out, no bias, reversed sequences
+CONFIGS = {k: LAYER_CONFIGS[k] for k in (
+    "last_output", "backwards", "mask_zero_output", "state_in_out", "no_bias",
+    "dropout_training")}
+# the other configurations of the TensorFlow layer tests (but "sequences", whose arrays
+# "backwards" sends), each on some of the cells, so that every cell meets several of them
+# within the suite's time
+MORE_CONFIGS = {"mask": ("lstm", "simple_rnn"), "mask_last_backwards": ("gru",),
+                "input_dropout_only": ("lstm", "gru_reset_before"),
+                "dropout_inference": ("gru",),
+                "other_activations": ("lstm", "gru_reset_before", "simple_rnn")}
 
 worst = {"out": 0.0, "grad": 0.0, "out_f64": 0.0, "grad_f64": 0.0, "fit_loss": 0.0}
 
@@ -243,11 +252,14 @@ def cases():
         for config_name in CONFIGS:
             yield (f"layer/{cell}/{config_name}",
                    lambda c=cell, k=config_name: layer_case(c, k))
-    for cell in CELLS:
+    for config_name, cells in MORE_CONFIGS.items():
+        for cell in cells:
+            yield (f"layer/{cell}/{config_name}",
+                   lambda c=cell, k=config_name: layer_case(c, k))
+    for cell in ("lstm", "gru_reset_before"):
         yield f"float64/{cell}", lambda c=cell: float64_case(c)
-    for name in ("LSTM", "GRU", "SimpleRNN"):
-        yield f"bidirectional/{name}", lambda n=name: bidirectional_case(n)
-        yield f"stateful/{name}", lambda n=name: stateful_case(n)
+    yield "bidirectional/GRU", lambda: bidirectional_case("GRU")
+    yield "stateful/LSTM", lambda: stateful_case("LSTM")
     for name in ("LSTM", "GRU"):
         yield f"fit/{name}", lambda n=name: fit_case(n)
     yield "bridge/evicted_cache", evicted_cache_case
