@@ -113,9 +113,12 @@ def test_dropout_masks_per_gate_as_the_builtin_layers(name, kw):
     w = [projections.standard_normal(o.shape) for o in outs]
     g = getattr(R, cell + "_backward")(x, *weights, *states, d_outputs=w[0], d_states=w[1:],
                                        **opts)
-    for got, want in zip([y, *final], outs):
-        assert np.abs(got - want).max() <= config.TOL_F64
+    assert len(outs) == 1 + len(final)
+    for k, (got, want) in enumerate(zip([y, *final], outs)):
+        err = np.abs(got - want).max()
+        assert err <= config.TOL_F64, f"output {k}: max abs error {err:.3e}"
     want_grads = [g["x"], g["kernel"], g["recurrent_kernel"], g["bias"], *g["states"]]
     assert len(grads) == len(want_grads)
     for k, (got, want) in enumerate(zip(want_grads, grads)):
-        assert relative_error(got, want) <= config.TOL_F64, k
+        err = relative_error(got, want)
+        assert err <= config.TOL_F64, f"gradient {k}: error relative to the norm {err:.3e}"
