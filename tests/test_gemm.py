@@ -184,4 +184,5 @@ def test_other_vector_widths_give_the_same_bits(tmp_path, width, cells):
     assert int(b["vector_bytes"]) == width != int(a["vector_bytes"]), (a["vector_bytes"], width)
     assert sorted(a.files) == sorted(b.files)
     for k in a.files:
-        assert np.array_equal(a[k], b[k]), k
+        if k != "vector_bytes":
+            assert np.array_equal(a[k], b[k]), k
