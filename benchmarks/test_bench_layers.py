@@ -3,7 +3,8 @@
 Each case builds its engine with the weights and inputs of :mod:`fastcells.bench` (the same
 for every engine), calls it once untimed (JIT compilation, ``tf.function`` tracing), checks it
 against the built-in Keras layer (float32: outputs within 1e-5, gradients within 1e-4 of their
-norm; ``--bench-dtype float64`` for float64 and its bounds), then times it with
+norm in both the Frobenius and the largest-element ratio, :func:`fastcells.bench.relative_error`;
+NaN fails; ``--bench-dtype float64`` for float64 and its bounds), then times it with
 ``benchmark.pedantic``. ``extra_info`` holds microseconds per
 time step, the speed-up over the built-in layer of the same run, the errors and, once a
 fastcells-cpu case ran, the workload's compute floor (``floor_s``: its products and

@@ -49,7 +49,8 @@ from ._bench_torch import (keras_to_torch, time_calls, time_interleaved,  # noqa
 from ._bench_torch import timed as timed_calls
 
 __all__ = ["Shape", "SHAPES", "CELLS", "MODES", "ENGINES", "BASELINE", "Settings", "Case",
-           "make_case", "make_weights", "make_inputs", "compare", "check_equivalence",
+           "make_case", "make_weights", "make_inputs", "relative_error", "worst_of", "compare",
+           "fit_step", "compare_fit_step", "check_equivalence",
            "engine_unavailable", "available_engines", "time_calls", "timed_calls",
            "time_interleaved", "time_together",
            "Result", "FitResult",
@@ -197,7 +198,8 @@ class Settings:
     seed: seed of the weights and inputs.
     dtype: "float32" or "float64".
     fit_batches: timed ``train_on_batch`` calls of the model.fit workload.
-    fit_warmup: untimed ``train_on_batch`` calls before those (the first one traces).
+    fit_warmup: untimed ``train_on_batch`` calls before those, after the first one (which
+        traces the step and is checked against the built-in model's).
     torch_threads: ``torch.set_num_threads`` for the PyTorch engine (None: its default).
     torch_isolated: run the PyTorch engine in a worker process of its own (see
         :class:`TorchWorker`); False runs it in this process, next to TensorFlow.
@@ -436,13 +438,17 @@ def _tf_case(engine, cell, shape, mode, weights, x_np):
 
     def check():
         if engine.startswith("fastcells"):
-            used = {getattr(layer, "last_engine", None) for layer in layers}
-            want = engine.split("-", 1)[1]
-            if used != {want}:
-                raise RuntimeError(f"{engine}: the layers ran {sorted(map(str, used))}, not the "
-                                   f"{want} kernels (a silent fallback would time Keras)")
+            _check_kernels_ran(engine, layers)
 
     return Case(engine, cell, shape, mode, run, fetch, check)
+
+
+def _check_kernels_ran(engine, layers):
+    used = {getattr(layer, "last_engine", None) for layer in layers}
+    want = engine.split("-", 1)[1]
+    if used != {want}:
+        raise RuntimeError(f"{engine}: the layers ran {sorted(map(str, used))}, not the "
+                           f"{want} kernels (a silent fallback would time Keras)")
 
 
 def _torch_case(cell, shape, mode, weights, x_np, threads):
@@ -633,31 +639,67 @@ def timing_kwargs(settings):
 
 
 # --------------------------------------------------------------------------- equivalence
+def relative_error(got, want):
+    """The difference of ``got`` from ``want`` relative to ``want``, in the two norms at once:
+    ``max(||got - want|| / ||want||, max|got - want| / max|want|)`` (Frobenius, then largest
+    element), in float64. Neither ratio grows with the number of elements, and the second
+    sees one wrong element of a large tensor. NaN (or Inf) in either array gives NaN, which
+    fails every bound; 0.0 for empty arrays."""
+    got = np.asarray(got, np.float64)
+    want = np.asarray(want, np.float64)
+    if got.shape != want.shape:
+        raise AssertionError(f"shapes differ: {got.shape} and {want.shape}")
+    if want.size == 0:
+        return 0.0
+    e = got - want
+    if not np.isfinite(e).all():
+        return float("nan")
+    worst = 0.0
+    for err, size in ((np.linalg.norm(e), np.linalg.norm(want)),
+                      (np.abs(e).max(), np.abs(want).max())):
+        if err:
+            worst = max(worst, float(err / size) if size else float("inf"))
+    return worst
+
+
+def worst_of(a, b):
+    """The larger of two errors, NaN when either is NaN (``max(0.0, nan)`` is 0.0)."""
+    if a is None:
+        return b
+    return float(np.maximum(a, b))
+
+
 def compare(result, reference):
     """Differences of ``(outputs, grads)`` against the reference (the built-in layer).
 
     Returns ``(max_error, grad_error)``: the largest absolute difference of the outputs, and
-    (training mode) the largest over the gradient tensors of ``max|g - g_ref| / |g_ref|``,
-    the norm being the Frobenius norm of the reference gradient (None in inference mode).
+    (training mode) the largest over the gradient tensors of :func:`relative_error` (None in
+    inference mode). NaN anywhere gives NaN; gradient lists of different lengths or tensors
+    of different shapes raise ``AssertionError``.
     """
     y, grads = result
     y_ref, g_ref = reference
     if y.shape != y_ref.shape:
         raise AssertionError(f"outputs have shape {y.shape}, the built-in layer's "
                              f"{y_ref.shape}")
-    max_error = float(np.max(np.abs(y.astype(np.float64) - y_ref))) if y.size else 0.0
+    max_error = 0.0
+    if y.size:
+        e = np.abs(y.astype(np.float64) - y_ref)
+        max_error = float(e.max()) if np.isfinite(e).all() else float("nan")
     grad_error = None
     if grads is not None and g_ref is not None:
+        grads, g_ref = list(grads), list(g_ref)
+        if len(grads) != len(g_ref):
+            raise AssertionError(f"{len(grads)} gradients, the built-in layer has "
+                                 f"{len(g_ref)}")
         grad_error = 0.0
         for g, r in zip(grads, g_ref):
             if g.shape != r.shape:
                 raise AssertionError(f"a gradient has shape {g.shape}, the built-in layer's "
                                      f"{r.shape}")
-            if r.size == 0:
-                continue
-            norm = max(float(np.linalg.norm(r.astype(np.float64))), 1e-30)
-            err = float(np.max(np.abs(g.astype(np.float64) - r))) / norm
-            grad_error = max(grad_error, err)
+            grad_error = worst_of(grad_error, relative_error(g, r))
+    elif (grads is None) != (g_ref is None):
+        raise AssertionError("gradients on one side only")
     return max_error, grad_error
 
 
@@ -671,16 +713,48 @@ def tolerances(engine, dtype="float32"):
     return config.TOL_OUTPUT_F32, config.TOL_GRAD_F32
 
 
-def check_equivalence(engine, max_error, grad_error, dtype="float32"):
-    """None when the errors are within :func:`tolerances`, else a message saying what is off."""
+def fit_step(model, x, y):
+    """One ``model.train_on_batch(x, y)`` from the model's current weights: ``(loss, the
+    weights after the step)``."""
+    loss = float(np.asarray(model.train_on_batch(x, y)))
+    return loss, [np.asarray(w) for w in model.get_weights()]
+
+
+def compare_fit_step(step, reference):
+    """``(loss_error, weight_error)`` of a :func:`fit_step` against the built-in model's
+    from the same weights: the absolute difference of the losses, and the largest
+    :func:`relative_error` of the weights after the step (NaN anywhere gives NaN)."""
+    (loss, weights), (loss_ref, weights_ref) = step, reference
+    if len(weights) != len(weights_ref):
+        raise AssertionError(f"{len(weights)} weights after the step, the built-in model has "
+                             f"{len(weights_ref)}")
+    loss_error = abs(loss - loss_ref) if math.isfinite(loss - loss_ref) else float("nan")
+    weight_error = 0.0
+    for w, r in zip(weights, weights_ref):
+        weight_error = worst_of(weight_error, relative_error(w, r))
+    return loss_error, weight_error
+
+
+def check_equivalence(engine, max_error, grad_error, dtype="float32", loss_error=None,
+                      weight_error=None):
+    """None when the errors are within :func:`tolerances`, else a message saying what is off.
+    The loss of a training step (``loss_error``) has the outputs' bound, the weights after
+    it (``weight_error``, relative as the gradients) the gradients' bound."""
     out_tol, grad_tol = tolerances(engine, dtype)
     problems = []
     if max_error is not None and not max_error <= out_tol:   # NaN fails too
         problems.append(f"outputs differ from the built-in layer by {max_error:.3g} "
                         f"(bound {out_tol:g})")
+    if loss_error is not None and not loss_error <= out_tol:
+        problems.append(f"the loss of a training step differs from the built-in model's by "
+                        f"{loss_error:.3g} (bound {out_tol:g})")
+    if weight_error is not None and not weight_error <= grad_tol:
+        problems.append(f"the weights after a training step differ from the built-in "
+                        f"model's by {weight_error:.3g} of their norm (bound {grad_tol:g})")
     if grad_error is not None and not grad_error <= grad_tol:
         problems.append(f"gradients differ from the built-in layer's by {grad_error:.3g} of "
-                        f"their norm (bound {grad_tol:g})")
+                        f"their norm (bound {grad_tol:g}; the larger of the Frobenius and "
+                        f"the largest-element ratio)")
     return "; ".join(problems) or None
 
 
@@ -742,6 +816,8 @@ class FitResult:
     time: int
     times: list = dataclasses.field(default_factory=list)
     max_error: float = None       # predictions before training vs the built-in layer's
+    loss_error: float = None      # the first train_on_batch's loss vs the built-in model's
+    weight_error: float = None    # the weights after it vs the built-in model's (relative)
     status: str = "ok"
     baseline_median: float = None
     speedup_range: tuple = None
@@ -1032,8 +1108,9 @@ def run_fit_benchmarks(cells=("lstm", "gru"), engines=None, settings=None, progr
                        batch=128, time_steps=500):
     """Time ``model.train_on_batch`` of the IMDB-style model for each cell and engine.
 
-    The models share their initial weights; their predictions are compared before training.
-    Returns a list of :class:`FitResult`.
+    The models share their initial weights; their predictions are compared before training,
+    then one training step (:func:`fit_step`: the loss and the weights after it) with the
+    built-in model's. Returns a list of :class:`FitResult`.
     """
     import keras
     settings = settings or Settings()
@@ -1042,7 +1119,7 @@ def run_fit_benchmarks(cells=("lstm", "gru"), engines=None, settings=None, progr
     x, y = imdb_batch(batch, time_steps, seed=settings.seed)
     results = []
     for cell in cells:
-        weights = reference = None
+        weights = reference = ref_step = None
         cell_results, timed = [], []
         for engine in engines:
             progress.step(f"model.fit imdb {CELL_NAMES[cell]} {engine}")
@@ -1058,8 +1135,16 @@ def run_fit_benchmarks(cells=("lstm", "gru"), engines=None, settings=None, progr
                 pred = np.asarray(model(x, training=False))
                 if reference is None:
                     reference = pred
-                res.max_error = float(np.max(np.abs(pred - reference)))
-                problem = check_equivalence(engine, res.max_error, None, settings.dtype)
+                res.max_error = compare((pred, None), (reference, None))[0]
+                step = fit_step(model, x, y)              # the first one traces the step
+                if engine.startswith("fastcells"):
+                    _check_kernels_ran(engine, [model.layers[1]])
+                if ref_step is None:
+                    ref_step = step
+                res.loss_error, res.weight_error = compare_fit_step(step, ref_step)
+                del step
+                problem = check_equivalence(engine, res.max_error, None, settings.dtype,
+                                            res.loss_error, res.weight_error)
                 if problem:
                     res.status = f"mismatch: {problem}"
                 timed.append((res, timed_calls(
@@ -1069,7 +1154,7 @@ def run_fit_benchmarks(cells=("lstm", "gru"), engines=None, settings=None, progr
 
         # the models' batches in alternation, as the layers' calls (see _run_workload)
         time_together(cell_results, timed,
-                      dict(repeats=settings.fit_batches, warmup=settings.fit_warmup + 1,
+                      dict(repeats=settings.fit_batches, warmup=settings.fit_warmup,
                            max_seconds=settings.max_seconds,
                            min_repeats=settings.min_repeats))
         timed = model = None          # the models' memory, before the next cell's
@@ -1243,6 +1328,11 @@ def _si(count, unit, sep=""):
     return f"{count:.3g} {unit}"
 
 
+def _fmt_error(value):
+    """An error for the tables: NaN shows as "nan" (a missing one as "-")."""
+    return "nan" if isinstance(value, float) and math.isnan(value) else _fmt(value, ".1e")
+
+
 def _fmt_range(span):
     """``(lo, hi)`` of :attr:`Result.speedup_range` as ``"lo-hi x"``, or "" without one."""
     return "" if span is None else f"{span[0]:.2f}-{span[1]:.2f}x"
@@ -1278,7 +1368,7 @@ def write_report(report, stream):
             table.append([r.engine, _fmt(r.us_per_step, ".1f"), _fmt(r.median * 1e3, ".2f"),
                           _fmt(r.speedup, ".2f", "-") + ("x" if r.speedup else ""),
                           _fmt_range(r.speedup_range),
-                          _fmt(r.max_error, ".1e"), _fmt(r.grad_error, ".1e"),
+                          _fmt_error(r.max_error), _fmt_error(r.grad_error),
                           len(r.times) or "-", _status_note(r.status)])
         f = workload_floor(cell, shape, mode, report.peak) if shape else None
         if f is not None:
@@ -1293,11 +1383,13 @@ def write_report(report, stream):
         r0 = report.fit[0]
         stream.write(f"\nmodel.fit · IMDB-style model (Embedding(10000, 32) -> RNN(32) -> "
                      f"Dense(1)), train_on_batch, B={r0.batch} T={r0.time}\n")
-        header = ["cell", "engine", "ms/batch", "vs keras", "middle half", "max|err|", "n", ""]
+        header = ["cell", "engine", "ms/batch", "vs keras", "middle half", "max|err|",
+                  "loss err", "weights err", "n", ""]
         table = [[CELL_NAMES[r.cell], r.engine, _fmt(r.ms_per_batch, ".1f"),
                   _fmt(r.speedup, ".2f") + ("x" if r.speedup else ""),
                   _fmt_range(r.speedup_range),
-                  _fmt(r.max_error, ".1e"), len(r.times) or "-", _status_note(r.status)]
+                  _fmt_error(r.max_error), _fmt_error(r.loss_error),
+                  _fmt_error(r.weight_error), len(r.times) or "-", _status_note(r.status)]
                  for r in report.fit]
         _table(header, table, stream)
     if report.cold:

@@ -2,6 +2,7 @@
 import os
 
 import numpy as np
+import pytest
 
 GATES = {"lstm": 4, "gru": 3, "simple_rnn": 1}
 NSTATES = {"lstm": 2, "gru": 1, "simple_rnn": 1}
@@ -60,6 +61,17 @@ def random_mask(rng, B, T, p_keep=0.6):
 
 
 # --------------------------------------------------------------------------- layer cases
+#: The start of the warning a layer gives when it falls back to the built-in recurrence
+#: (fastcells/layers.py), as a regular expression (with no colon: warning filters split on
+#: it).
+FALLBACK_WARNING = r"fastcells\.\w+ '[^']*'. using the built-in Keras implementation"
+
+#: ``pytestmark = FAIL_ON_FALLBACK`` in a module that compares the layers with the built-in
+#: ones: a fallback there would compare Keras with Keras, so its warning fails the test
+#: (``pytest.warns`` still records it where a test expects the fallback).
+FAIL_ON_FALLBACK = pytest.mark.filterwarnings(f"error:{FALLBACK_WARNING}:UserWarning")
+
+
 #: The layers compared with the built-in ones, by id: (class name, layer arguments).
 LAYER_CELLS = {"lstm": ("LSTM", {}), "gru": ("GRU", {}),
                "gru_reset_before": ("GRU", {"reset_after": False}),
@@ -108,6 +120,7 @@ def run_backend_checks(backend, cases, argv, worst):
     Keras (``FASTCELLS_CHECK_SEED``, default 0), print one line per check, the worst errors
     and the failures; a fastcells fallback warning counts as a failure. Returns the exit
     status: 1 when a check failed."""
+    import time
     import traceback
     import warnings
 
@@ -119,9 +132,10 @@ def run_backend_checks(backend, cases, argv, worst):
     seed = int(os.environ.get("FASTCELLS_CHECK_SEED", "0"))
     for name, fn in selected:
         keras.utils.set_random_seed(seed)      # the layers' initial weights
+        start = time.perf_counter()
         try:
             fn()
-            print(f"ok    {name}")
+            print(f"ok    {name} ({time.perf_counter() - start:.1f} s)")
         except Exception:
             failed.append(name)
             print(f"FAIL  {name}\n{traceback.format_exc()}")
@@ -140,7 +154,6 @@ def assert_backend_checks_pass(backend, *selection):
     import subprocess
     import sys
 
-    import pytest
     here = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
     proc = subprocess.run([sys.executable, os.path.join(here, f"{backend}_backend_checks.py"),

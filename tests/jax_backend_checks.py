@@ -6,7 +6,7 @@ their own (``tests/test_jax_backend.py`` starts it); run it by hand with::
     KERAS_BACKEND=jax python tests/jax_backend_checks.py [name-substring ...]
 
 Every check compares a fastcells layer (``engine="cpu"``) with the built-in layer holding
-the same weights: outputs and states, and the gradients ``jax.grad`` takes through
+the same weights (float64: with the NumPy reference, tests/reference.py): outputs and states, and the gradients ``jax.grad`` takes through
 ``Layer.stateless_call`` with respect to the inputs, the initial states and each trainable
 weight, under ``jax.jit`` as ``model.fit`` runs them. The script prints one line per check
 and exits with status 1 when any check fails (77 when jax is not importable).
@@ -28,12 +28,15 @@ import numpy as np  # noqa: E402
 
 import fastcells  # noqa: E402
 from fastcells import bridge, config  # noqa: E402
+from fastcells.bench import relative_error, worst_of  # noqa: E402
 from fastcells.bridge import jax as jax_bridge  # noqa: E402
 from helpers import (LAYER_CELLS, LAYER_CONFIGS, layer_arguments,  # noqa: E402
-                     run_backend_checks)
+                     random_mask, run_backend_checks)
 
 TOL_OUT = config.TOL_OUTPUT_F32         # absolute, float32 outputs and states
-TOL_GRAD = config.TOL_GRAD_F32          # relative to the gradient's norm
+TOL_GRAD = config.TOL_GRAD_F32          # relative to the gradient's norm (relative_error)
+
+TOL_F64 = config.TOL_F64
 
 CELLS = LAYER_CELLS
 # what changes the arrays that cross the bridge (each check compiles two jit functions):
@@ -41,8 +44,15 @@ CELLS = LAYER_CELLS
 CONFIGS = {k: LAYER_CONFIGS[k] for k in (
     "last_output", "backwards", "mask_zero_output", "state_in_out", "no_bias",
     "dropout_training")}
+# the other configurations of the TensorFlow layer tests (but "sequences", whose arrays
+# "backwards" sends), each on some of the cells, so that every cell meets several of them
+# within the suite's time
+MORE_CONFIGS = {"mask": ("lstm", "simple_rnn"), "mask_last_backwards": ("gru",),
+                "input_dropout_only": ("lstm", "gru_reset_before"),
+                "dropout_inference": ("gru",),
+                "other_activations": ("lstm", "gru_reset_before", "simple_rnn")}
 
-worst = {"out": 0.0, "grad": 0.0, "fit_loss": 0.0}
+worst = {"out": 0.0, "grad": 0.0, "out_f64": 0.0, "grad_f64": 0.0, "fit_loss": 0.0}
 
 
 def pair(name, units, **kw):
@@ -82,37 +92,104 @@ def outputs_and_grads(layer, x, *, mask=None, initial_state=None, training=False
     return [np.asarray(o) for o in outs], [np.asarray(g) for g in grads]
 
 
-def compare(ro, rg, fo, fg):
+def compare(ro, rg, fo, fg, tol_out=TOL_OUT, tol_grad=TOL_GRAD, kind=""):
     assert len(ro) == len(fo) and len(rg) == len(fg)
     for k, (a, b) in enumerate(zip(ro, fo)):
         assert a.shape == b.shape, (k, a.shape, b.shape)
         err = float(np.abs(a.astype(np.float64) - b).max()) if a.size else 0.0
-        assert err <= TOL_OUT, f"output {k}: max abs error {err:.3e}"
-        worst["out"] = max(worst["out"], err)
+        assert err <= tol_out, f"output {k}: max abs error {err:.3e}"      # NaN fails too
+        worst["out" + kind] = worst_of(worst["out" + kind], err)
     for k, (a, b) in enumerate(zip(rg, fg)):
         assert a.shape == b.shape, (k, a.shape, b.shape)
-        err = float(np.abs(a.astype(np.float64) - b).max() /
-                    max(np.linalg.norm(a), 1e-30)) if a.size else 0.0
-        assert err <= TOL_GRAD, f"gradient {k}: error relative to the norm {err:.3e}"
-        worst["grad"] = max(worst["grad"], err)
+        err = relative_error(b, a)
+        assert err <= tol_grad, f"gradient {k}: error relative to the norm {err:.3e}"
+        worst["grad" + kind] = worst_of(worst["grad" + kind], err)
 
 
-def assert_same(ref, fc, x, **kw):
+def assert_same(ref, fc, x, *, inner=None, tol=(TOL_OUT, TOL_GRAD, ""), **kw):
+    """Build both layers, copy the built-in weights, compare outputs and gradients; the
+    kernels must have run in ``fc`` (or in each of the ``inner`` layers)."""
     calls = dict(bridge.kernel_calls)
     ref.build(x.shape)
     fc.build(x.shape)
     fc.set_weights(ref.get_weights())
     ro, rg = outputs_and_grads(ref, x, **kw)
     fo, fg = outputs_and_grads(fc, x, **kw)
-    assert fc.last_engine == "cpu", f"the fastcells kernels did not run ({fc.last_engine})"
+    for layer in inner or [fc]:
+        assert layer.last_engine == "cpu", f"the kernels did not run ({layer.last_engine})"
     assert sum(bridge.kernel_calls.values()) > sum(calls.values()), "no kernel ran"
-    compare(ro, rg, fo, fg)
+    compare(ro, rg, fo, fg, *tol)
 
 
 def layer_case(cell, config):
     name, kw, units, x, call = layer_arguments(cell, config, np.random.default_rng(1))
     ref, fc = pair(name, units, **kw)
     assert_same(ref, fc, x, **call)
+
+
+def float64_case(cell):
+    """float64 (JAX's 64-bit mode on) against the NumPy reference (tests/reference.py) to
+    TOL_F64, with a mask, initial states and the final states returned, in both
+    directions. The built-in layers are no float64 reference here: under Keras 3.15 their
+    JAX scan carries float32 states out of float64 ones and fails."""
+    import reference
+    enable_x64 = jax.enable_x64 if hasattr(jax, "enable_x64") else jax.experimental.enable_x64
+    name, kw = CELLS[cell]
+    base = cell.replace("_reset_before", "")
+    rng = np.random.default_rng(7)
+    B, T, D, H = 4, 12, 3, 5
+    x = rng.standard_normal((B, T, D))
+    mask = random_mask(rng, B, T)
+    states = [rng.standard_normal((B, H)) for _ in range(2 if name == "LSTM" else 1)]
+    with enable_x64(True):
+        for backwards in (False, True):
+            fc = getattr(fastcells, name)(H, return_sequences=True, return_state=True,
+                                          go_backwards=backwards, dtype="float64",
+                                          engine="cpu", **kw)
+            fc.build(x.shape)
+            fo, fg = outputs_and_grads(fc, x, mask=mask, initial_state=states)
+            assert fc.last_engine == "cpu", fc.last_engine
+            assert all(o.dtype == np.float64 for o in fo + fg)
+            projections = np.random.default_rng(0)      # those of outputs_and_grads
+            w = [projections.standard_normal(o.shape) for o in fo]
+            weights = fc.get_weights()
+            opts = dict(mask=mask, go_backwards=backwards,
+                        reset_after=kw.get("reset_after", True))
+            y, final = getattr(reference, f"{base}_forward")(x, *weights, *states, **opts)
+            g = getattr(reference, f"{base}_backward")(x, *weights, *states, d_outputs=w[0],
+                                                       d_states=w[1:], **opts)
+            want = [g["x"], g["kernel"], g["recurrent_kernel"], g["bias"], *g["states"]]
+            compare([y, *final], want, fo, fg, TOL_F64, TOL_F64, "_f64")
+
+
+def bidirectional_case(name):
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((4, 7, 3)).astype("float32")
+    ref = keras.layers.Bidirectional(getattr(keras.layers, name)(5, return_sequences=True))
+    fc = keras.layers.Bidirectional(getattr(fastcells, name)(5, return_sequences=True,
+                                                             engine="cpu"))
+    assert isinstance(fc.backward_layer, getattr(fastcells, name))
+    assert_same(ref, fc, x, mask=random_mask(rng, 4, 7),
+                inner=[fc.forward_layer, fc.backward_layer])
+
+
+def stateful_case(name):
+    """stateful=True: outputs and the states carried between calls (and after
+    reset_state) are the built-in ones."""
+    rng = np.random.default_rng(4)
+    xs = [rng.standard_normal((3, 5, 2)).astype("float32") for _ in range(3)]
+    ref, fc = pair(name, 4, stateful=True, return_sequences=True)
+    ref.build(xs[0].shape)
+    fc.build(xs[0].shape)
+    fc.set_weights(ref.get_weights())
+    for step, x in enumerate(xs):
+        if step == 2:
+            ref.reset_state()
+            fc.reset_state()
+        want, got = np.asarray(ref(x)), np.asarray(fc(x))
+        assert fc.last_engine == "cpu", fc.last_engine
+        compare([want] + [np.asarray(s) for s in ref.states], [],
+                [got] + [np.asarray(s) for s in fc.states], [])
 
 
 def evicted_cache_case():
@@ -125,7 +202,7 @@ def evicted_cache_case():
         assert_same(ref, fc, x, training=True)
     finally:
         config.MAX_PENDING_CACHES = saved
-    assert len(jax_bridge.pending) == 0
+    assert len(bridge.pending) == 0
 
 
 def fit_case(name):
@@ -175,6 +252,14 @@ def cases():
         for config_name in CONFIGS:
             yield (f"layer/{cell}/{config_name}",
                    lambda c=cell, k=config_name: layer_case(c, k))
+    for config_name, cells in MORE_CONFIGS.items():
+        for cell in cells:
+            yield (f"layer/{cell}/{config_name}",
+                   lambda c=cell, k=config_name: layer_case(c, k))
+    for cell in ("lstm", "gru_reset_before"):
+        yield f"float64/{cell}", lambda c=cell: float64_case(c)
+    yield "bidirectional/GRU", lambda: bidirectional_case("GRU")
+    yield "stateful/LSTM", lambda: stateful_case("LSTM")
     for name in ("LSTM", "GRU"):
         yield f"fit/{name}", lambda n=name: fit_case(n)
     yield "bridge/evicted_cache", evicted_cache_case

@@ -5,10 +5,11 @@ import tensorflow as tf
 
 import fastcells
 from fastcells import config
+from fastcells.bench import relative_error, worst_of
 from helpers import LAYER_CELLS, LAYER_CONFIGS, layer_arguments
 
 TOL_OUT = config.TOL_OUTPUT_F32     # absolute, float32 outputs and states
-TOL_GRAD = config.TOL_GRAD_F32      # relative to the gradient's norm
+TOL_GRAD = config.TOL_GRAD_F32      # relative to the gradient's norm (relative_error)
 
 
 CELL_IDS = list(LAYER_CELLS)
@@ -72,14 +73,15 @@ def assert_same(ref_layer, fc_layer, x, *, tol_out=TOL_OUT, tol_grad=TOL_GRAD, e
     for k, (a, b) in enumerate(zip(ro, fo)):
         assert a.shape == b.shape, (k, a.shape, b.shape)
         err = float(np.abs(a.astype(np.float64) - b).max()) if a.size else 0.0
-        assert err <= tol_out, f"output {k}: max abs error {err:.3e}"
-        worst_out = max(worst_out, err)
+        assert err <= tol_out, f"output {k}: max abs error {err:.3e}"      # NaN fails too
+        worst_out = worst_of(worst_out, err)
+    assert len(rg) == len(fg), (len(rg), len(fg))
     worst_grad = 0.0
     for k, (a, b) in enumerate(zip(rg, fg)):
         assert (a is None) == (b is None), k
-        if a is None or not a.size:
+        if a is None:
             continue
-        err = float(np.abs(a.astype(np.float64) - b).max() / max(np.linalg.norm(a), 1e-30))
+        err = relative_error(b, a)
         assert err <= tol_grad, f"gradient {k}: error relative to the norm {err:.3e}"
-        worst_grad = max(worst_grad, err)
+        worst_grad = worst_of(worst_grad, err)
     return worst_out, worst_grad

@@ -161,7 +161,9 @@ def main(path, workers=2):
           f"(sm_{CC[0]}{CC[1]}) with {found[1]}")
     assembled = [(rec, regs, spill) for rec, (err, regs, spill) in zip(records, results)
                  if regs is not None]
-    if assembled:
+    if not assembled:
+        print(f"no ptxas in {found[0]}/bin: the PTX was not assembled")
+    else:
         print(f"ptxas: {len(assembled)} assembled, at most "
               f"{max(r for _, r, _ in assembled)} registers per thread")
         for (key, _), regs, spill in assembled:

@@ -4,6 +4,7 @@ machines without a GPU; the real GPU cases on tiny shapes where torch sees one).
 import importlib.metadata
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -296,12 +297,31 @@ def test_report_says_where_torch_ran():
     assert "GPU: {'name': 'H100'}" in text or "H100" in text
 
 
-def test_nvtx_range_is_a_no_op_without_gpu():
+def test_nvtx_range_marks_the_block_only_where_torch_sees_a_gpu(monkeypatch):
+    """With a torch that sees no GPU the range is a no-op around the block; with one that
+    sees a GPU, the block runs between a push of the range's name and a pop (after one probe
+    range), the pop also when the block raises. (A stand-in torch: this runs without one.)"""
+    import types
+    calls = []
+    nvtx = types.SimpleNamespace(range_push=lambda name: calls.append(("push", name)),
+                                 range_pop=lambda: calls.append("pop"))
+    cuda = types.SimpleNamespace(is_available=lambda: False, nvtx=nvtx)
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(cuda=cuda))
+    monkeypatch.setattr(_bench_torch, "_nvtx", None)
     with _bench_torch.nvtx_range("fastcells-cuda"):
-        pass
-    push, pop = _bench_torch._nvtx_functions()
-    push("x")
-    pop()
+        calls.append("block")
+    assert calls == ["block"]
+    assert _bench_torch._nvtx_functions() is _bench_torch._NO_NVTX
+
+    calls.clear()
+    cuda.is_available = lambda: True
+    monkeypatch.setattr(_bench_torch, "_nvtx", None)
+    with pytest.raises(KeyError):
+        with _bench_torch.nvtx_range("fastcells-cuda"):
+            calls.append("block")
+            raise KeyError("inside the range")
+    assert calls == [("push", "fastcells-nvtx-probe"), "pop", ("push", "fastcells-cuda"),
+                     "block", "pop"]
 
 
 def test_cli_flags_reach_settings():
@@ -474,6 +494,9 @@ def test_layer_and_fit_benchmarks_time_their_engines_together(monkeypatch):
     assert seen == [2]
     assert [r.status for r in fit] == ["ok", "ok"]
     assert all(len(r.times) >= settings.fit_batches for r in fit)
+    # the first training step is compared too: its loss and the weights after it
+    assert fit[0].loss_error == fit[0].weight_error == 0.0
+    assert fit[1].loss_error <= 1e-5 and fit[1].weight_error <= 1e-4
     assert fit[1].speedup == pytest.approx(fit[0].median / fit[1].median)
 
 
@@ -490,6 +513,7 @@ def test_fit_benchmark_and_report_follow_the_run_dtype():
                                    time_steps=6)
     assert [r.status for r in fit] == ["ok", "ok"]
     assert fit[1].max_error <= 1e-13
+    assert fit[1].loss_error <= 1e-13 and fit[1].weight_error <= 1e-13
     stream = io.StringIO()
     bench.write_report(bench.Report(machine=dict(cpu="cpu", cores=2, versions={}),
                                     settings=dict(dtype="float64")), stream)
@@ -583,7 +607,8 @@ def test_measured_rates_are_rates_of_correct_results(dtype):
     for threads in (1, 2):
         flops = _rates.product_rate(dtype, threads, seconds=0.002, rounds=1)
         tanh = _rates.activation_rate(dtype, threads, seconds=0.002, rounds=1)
-        assert np.isfinite(flops) and flops > 1e8 and np.isfinite(tanh) and tanh > 1e6
+        # a rate, not a speed to meet (timing never lives in a test): finite and positive
+        assert np.isfinite(flops) and flops > 0 and np.isfinite(tanh) and tanh > 0
     with pytest.raises(ValueError, match="threads"):
         _rates.product_rate(dtype, 0)
 
@@ -651,6 +676,9 @@ def test_cpu_bench_command_reports_the_floor(tmp_path, capsys, no_floor):
         return
     assert data["peak"]["flops_per_s"] > 0 and data["peak"]["tanh_per_s"] > 0
     floor, = data["floors"]
-    assert floor["floor_s"] == pytest.approx(bench.compute_floor(
-        "simple_rnn", bench.SHAPES["streaming"], "forward", data["peak"]))
+    # B=1 T=100 D=64 H=128: 2 FLOP x (64 + 128) x 128 weights a step, one tanh a unit a step
+    flops, tanh = 2 * 100 * (64 + 128) * 128, 100 * 128
+    assert (floor["flops"], floor["tanh"]) == (flops, tanh)
+    assert floor["floor_s"] == pytest.approx(flops / data["peak"]["flops_per_s"]
+                                             + tanh / data["peak"]["tanh_per_s"])
     assert "  floor " in out and "G tanh/s" in out

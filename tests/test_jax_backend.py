@@ -16,6 +16,9 @@ if importlib.util.find_spec("jax") is None:
 @pytest.mark.late
 def test_layers_equal_builtin_under_jax_backend():
     """Outputs and gradients (jax.vjp under jit) of every cell in six configurations
-    (masks, go_backwards, states, no bias, dropout), a recomputed evicted cache, model.fit
-    loss histories and the bridge's fallback reasons."""
+    (masks, go_backwards, states, no bias, dropout) and of some cells each in the other
+    configurations of the TensorFlow layer tests (masks that repeat outputs, dropout at
+    inference, input dropout only, relu/hard_sigmoid), float64 against the NumPy
+    reference, Bidirectional, stateful, a recomputed evicted cache, model.fit loss
+    histories and the bridge's fallback reasons."""
     assert_backend_checks_pass("jax")

@@ -7,6 +7,9 @@ import pytest
 import tensorflow as tf
 
 import fastcells
+from helpers import FAIL_ON_FALLBACK
+
+pytestmark = FAIL_ON_FALLBACK       # a fallback would compare Keras with Keras
 
 VOCAB, T, B = 500, 40, 16
 
@@ -62,6 +65,7 @@ def test_save_and_load_round_trip(cell, tmp_path):
     assert type(layer) is getattr(fastcells, cell)
     assert layer.engine == "auto"
     np.testing.assert_array_equal(model.predict(x, verbose=0), loaded.predict(x, verbose=0))
+    assert model.layers[1].last_engine == layer.last_engine == "cpu"
 
 
 @pytest.mark.parametrize("cell", ["LSTM", "GRU", "SimpleRNN"])
@@ -74,6 +78,7 @@ def test_weights_move_between_builtin_and_fastcells(cell, tmp_path):
     fc.layers[1].cell.kernel.assign(np.zeros(fc.layers[1].cell.kernel.shape))
     fc.load_weights(path)
     np.testing.assert_allclose(ref.predict(x, verbose=0), fc.predict(x, verbose=0), atol=1e-6)
+    assert fc.layers[1].last_engine == "cpu"
     path2 = os.path.join(tmp_path, "w2.weights.h5")
     fc.save_weights(path2)
     back = imdb_model(keras.layers, cell)
@@ -89,6 +94,7 @@ def test_jit_compile_auto_turns_xla_off_for_the_layer():
     x, y = synthetic_tokens(n=B)
     model.fit(x, y, batch_size=B, epochs=1, verbose=0)
     assert model.jit_compile is False
+    assert model.layers[1].last_engine == "cpu"
 
 
 # ------------------------------------------------------------------ bad input, edge cases
@@ -155,6 +161,7 @@ def test_nan_and_inf_propagate_like_builtin(cell):
     fc.build(x.shape)
     fc.set_weights(ref.get_weights())
     a, b = ref(x).numpy(), fc(x).numpy()
+    assert fc.last_engine == "cpu"
     np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
     np.testing.assert_array_equal(np.isinf(a), np.isinf(b))
     finite = np.isfinite(a)
