@@ -166,6 +166,7 @@ def _make_tile(MR):
                                       acc[r][v])
             c0 = builder.mul(s_v, NR)
             full = builder.icmp_signed("<=", builder.add(c0, NR), N)
+            spill = cgutils.alloca_once(builder, fty, size=NV * lanes)
             for r in range(MR):
                 row = builder.add(r0_v, ir.Constant(i64, r))
                 base = builder.gep(_row_pointer(builder, O.data, row, o_stride, itemsize), [c0])
@@ -176,17 +177,17 @@ def _make_tile(MR):
                                 builder.gep(base, [ir.Constant(i64, v * lanes)]),
                                 vty.as_pointer())
                             builder.store(builder.load(acc[r][v]), ptr, align=itemsize)
-                    with tail:      # the last strip: element by element up to column N
+                    with tail:      # the last strip: its row through a buffer, up to column N
                         for v in range(NV):
-                            vec = builder.load(acc[r][v])
-                            for lane in range(lanes):
-                                col = v * lanes + lane
-                                inside = builder.icmp_signed(
-                                    "<", builder.add(c0, ir.Constant(i64, col)), N)
-                                with builder.if_then(inside):
-                                    builder.store(builder.extract_element(
-                                        vec, ir.Constant(i32, lane)),
-                                        builder.gep(base, [ir.Constant(i64, col)]))
+                            ptr = builder.bitcast(
+                                builder.gep(spill, [ir.Constant(i64, v * lanes)]),
+                                vty.as_pointer())
+                            builder.store(builder.load(acc[r][v]), ptr, align=itemsize)
+                        # a loop, not a test per lane: unrolled, the tests of every tile
+                        # made thousands of blocks that LLVM took tens of seconds to compile
+                        with cgutils.for_range(builder, builder.sub(N, c0)) as col:
+                            builder.store(builder.load(builder.gep(spill, [col.index])),
+                                          builder.gep(base, [col.index]))
             return context.get_dummy_value()
 
         return sig, codegen
@@ -243,7 +244,12 @@ def strip_view(V):
     packed strips takes as long as the product itself."""
     K, N = V.shape
     NR = _STRIP_BYTES // V.itemsize
-    return V.reshape((K, N // NR, NR)).transpose((1, 0, 2))
+    sk, sn = V.strides
+    # as_strided, not reshape().transpose(axes): Numba's transpose checks its axes with a
+    # set and a slice assignment whose error message formatting alone takes seconds to
+    # compile
+    return np.lib.stride_tricks.as_strided(V, shape=(N // NR, K, NR),
+                                           strides=(NR * sn, sk, sn))
 
 
 def pack_stack(Vs):

@@ -139,8 +139,8 @@ def _forward_kernel(b0, b1, T, xw, x, t_off, stage, Wb, dmask, use_dmask, from_x
         if full:
             copy_rows(y[s, b0:b1], res)
     if not full:
-        y[0, b0:b1] = res
-    h_out[b0:b1] = h
+        copy_rows(y[0, b0:b1], res)
+    copy_rows(h_out[b0:b1], h)
     restore(fpmode)
 
 
@@ -249,8 +249,8 @@ def _backward_kernel(b0, b1, gates, hprev, aux, UT, UgT, rmask, use_rmask, mask,
         for i in range(n):
             if live[i]:
                 dh[i] = dhn[i]
-    dh0[b0:b1] = dh
-    carry_io[b0:b1] = carry
+    copy_rows(dh0[b0:b1], dh)
+    copy_rows(carry_io[b0:b1], carry)
     restore(fpmode)
 
 
@@ -394,8 +394,8 @@ def _backward_fused_kernel(b0, b1, R, window, gates, hprev, aux, x, t_off, stage
             flush_window(sxw, dzw, acc_in, part_in, k0, R, w, n, dxw, dx, b0, s, T, t_off,
                          go_backwards)
             w = 0
-    dh0[b0:b1] = dh
-    carry_io[b0:b1] = carry
+    copy_rows(dh0[b0:b1], dh)
+    copy_rows(carry_io[b0:b1], carry)
     restore(fpmode)
 
 

@@ -184,9 +184,9 @@ def _forward_kernel(b0, b1, xw, U, Ug, rmask, use_rmask, mask, use_mask, h0, c0,
         if full:
             copy_rows(y[s, b0:b1], res)
     if not full:
-        y[0, b0:b1] = res
-    h_out[b0:b1] = h
-    c_out[b0:b1] = c
+        copy_rows(y[0, b0:b1], res)
+    copy_rows(h_out[b0:b1], h)
+    copy_rows(c_out[b0:b1], c)
     restore(fpmode)
 
 
@@ -247,9 +247,9 @@ def _backward_kernel(b0, b1, gates, cprev, actc, UT, UgT, rmask, use_rmask, mask
         for i in range(n):
             if live[i]:
                 dh[i] = dhn[i]
-    dh0[b0:b1] = dh
-    dc0[b0:b1] = dc
-    carry_io[b0:b1] = carry
+    copy_rows(dh0[b0:b1], dh)
+    copy_rows(dc0[b0:b1], dc)
+    copy_rows(carry_io[b0:b1], carry)
     restore(fpmode)
 
 
@@ -366,9 +366,9 @@ def _forward_fused_kernel(b0, b1, x, t_off, T, stage, V, dmask, use_dmask, mask,
         if full:
             copy_rows(y[s, b0:b1], res)
     if not full:
-        y[0, b0:b1] = res
-    h_out[b0:b1] = h
-    c_out[b0:b1] = c
+        copy_rows(y[0, b0:b1], res)
+    copy_rows(h_out[b0:b1], h)
+    copy_rows(c_out[b0:b1], c)
     restore(fpmode)
 
 
@@ -458,9 +458,9 @@ def _backward_fused_kernel(b0, b1, R, window, gates, xh, cprev, actc, VT, dmask,
             flush_window(sw, dzw, acc, part, k0, R, w, n, dxw, dx, b0, s, T, t_off,
                          go_backwards)
             w = 0
-    dh0[b0:b1] = dh
-    dc0[b0:b1] = dc
-    carry_io[b0:b1] = carry
+    copy_rows(dh0[b0:b1], dh)
+    copy_rows(dc0[b0:b1], dc)
+    copy_rows(carry_io[b0:b1], carry)
     restore(fpmode)
 
 

@@ -93,8 +93,8 @@ def _forward_kernel(b0, b1, T, xw, x, t_off, stage, Wb, dmask, use_dmask, from_x
         if full:
             copy_rows(y[s, b0:b1], res)
     if not full:
-        y[0, b0:b1] = res
-    h_out[b0:b1] = h
+        copy_rows(y[0, b0:b1], res)
+    copy_rows(h_out[b0:b1], h)
     restore(fpmode)
 
 
@@ -131,8 +131,8 @@ def _backward_kernel(b0, b1, hs, UT, rmask, use_rmask, mask, use_mask, dy, dh_in
             if live[i]:
                 for j in range(H):
                     dh[i, j] = dhn[i, j] * rmask[b0 + i, j] if use_rmask else dhn[i, j]
-    dh0[b0:b1] = dh
-    carry_io[b0:b1] = carry
+    copy_rows(dh0[b0:b1], dh)
+    copy_rows(carry_io[b0:b1], carry)
     restore(fpmode)
 
 
@@ -196,8 +196,8 @@ def _backward_fused_kernel(b0, b1, R, window, hs, hprev, x, t_off, stage, dmask,
             flush_window(sw, dzw, acc, part, k0, R, w, n, dxw, dx, b0, s, T, t_off,
                          go_backwards)
             w = 0
-    dh0[b0:b1] = dh
-    carry_io[b0:b1] = carry
+    copy_rows(dh0[b0:b1], dh)
+    copy_rows(carry_io[b0:b1], carry)
     restore(fpmode)
 
 
