@@ -5,6 +5,7 @@
     python -m fastcells bench --json out.json --plot out.png
     python -m fastcells bench --gpu       # CUDA engines vs cuDNN and Keras on torch (no TF)
     python -m fastcells demo              # train the IMDB-style model a few batches
+    python -m fastcells warmup            # compile every CPU kernel into the kernel cache
 
 Without TensorFlow, ``bench`` runs the GPU comparison (``fastcells.bench_gpu``); the package
 then starts Keras on the torch backend (see ``fastcells/_startup.py``).
@@ -171,7 +172,37 @@ def _parser():
     c.add_argument("--to", required=True, choices=("fastcells", "keras"),
                    help="the kind of layer to convert to")
     c.add_argument("--verbose", action="store_true", help="keep TensorFlow's start-up logs")
+
+    from fastcells import warmup
+    w = sub.add_parser("warmup", help="compile every CPU kernel into the kernel cache",
+                       description="Compile the CPU kernels of every cell, dtype and kernel "
+                       "path into Numba's on-disk cache (NUMBA_CACHE_DIR when set), so that "
+                       "later processes start without compiling. Each job runs in a process "
+                       "of its own, --jobs at a time.")
+    w.add_argument("--cells", type=_csv(warmup.CELLS), default=list(warmup.CELLS),
+                   help="comma-separated, or all (default: all)")
+    w.add_argument("--dtypes", type=_csv(warmup.DTYPES), default=list(warmup.DTYPES),
+                   help="comma-separated, or all (default: all)")
+    w.add_argument("--jobs", type=int, default=None, help="compile processes at once "
+                   "(default: the number of CPUs)")
+    w.add_argument("--no-progress", action="store_true", help="no progress lines")
+    w.add_argument("--verbose", action="store_true", help="keep TensorFlow's start-up logs")
     return p
+
+
+def warmup_command(args):
+    """``python -m fastcells warmup``: compile every kernel into the on-disk cache."""
+    from fastcells import warmup
+    if args.jobs is not None and args.jobs < 1:
+        print(f"python -m fastcells warmup: error: --jobs must be at least 1, got {args.jobs}",
+              file=sys.stderr)
+        return 2
+    try:
+        warmup.warmup(args.cells, args.dtypes, jobs=args.jobs, progress=not args.no_progress)
+    except RuntimeError as e:
+        print(e, file=sys.stderr)
+        return 1
+    return 0
 
 
 def convert_command(args):
@@ -401,6 +432,8 @@ def main(argv=None):
         return bench_command(args)
     if args.command == "convert":
         return convert_command(args)
+    if args.command == "warmup":
+        return warmup_command(args)
     return demo_command(args)
 
 

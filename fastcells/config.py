@@ -79,6 +79,11 @@ GEMM_VECTOR_BYTES = (_env_int("FASTCELLS_GEMM_VECTOR_BYTES", 0)
 NJIT_OPTIONS = dict(nogil=True, cache=GEMM_VECTOR_BYTES is None, error_model="numpy",
                     fastmath={"contract"})
 
+#: Say once per process, on the "fastcells" logger, when the kernels are being compiled
+#: (the first use on a machine, before they are in the on-disk cache).
+#: ``FASTCELLS_COMPILE_NOTICE=0`` turns it off.
+COMPILE_NOTICE = os.environ.get("FASTCELLS_COMPILE_NOTICE", "1") != "0"
+
 #: Use the rational tanh/sigmoid approximation (max abs error 3.6e-7, i.e. float32
 #: rounding) for float32 arrays.
 FAST_FLOAT32_ACTIVATIONS = os.environ.get("FASTCELLS_EXACT_ACTIVATIONS", "0") != "1"

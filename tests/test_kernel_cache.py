@@ -30,7 +30,8 @@ def _run(cache_dir):
 def test_damaged_cache_is_rebuilt(tmp_path):
     """Both kinds of damage in one cache (each rebuild compiles the kernels again, 30 s):
     index and data files overwritten with garbage or truncated to nothing, alternately."""
-    clean, _ = _run(tmp_path)                       # compiles and fills the cache
+    clean, err = _run(tmp_path)                     # compiles and fills the cache
+    assert err.count("compiling CPU kernels that are not in the kernel cache") == 1, err
     files = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs]
     index = sorted(f for f in files if f.endswith(".nbi"))
     data = sorted(f for f in files if f.endswith(".nbc"))
@@ -44,3 +45,64 @@ def test_damaged_cache_is_rebuilt(tmp_path):
     assert "could not be used" in err             # it said so, once per kernel
     again, err = _run(tmp_path)                     # and the rebuilt cache is clean
     assert again == clean and "could not be used" not in err
+    assert "compiling CPU kernels" not in err       # nothing left to compile: no notice
+
+
+USE_AFTER_WARMUP = """
+import numpy as np
+from numba.core import event
+from fastcells import ops
+compiled = []
+class Seen(event.Listener):
+    def on_start(self, ev):
+        compiled.append(ev.data["dispatcher"].py_func.__module__)
+    def on_end(self, ev):
+        pass
+event.register("numba:compile", Seen())
+rng = np.random.default_rng(1)
+B, T, D, H = 7, 9, 3, 4           # other sizes than the warm-up's
+x = rng.standard_normal((B, T, D)).astype(np.float32)
+W = rng.standard_normal((D, H)).astype(np.float32)
+U = rng.standard_normal((H, H)).astype(np.float32)
+b = np.zeros(H, np.float32)
+mask = rng.random((B, T)) > 0.3
+for kw in ({}, dict(mask=mask, go_backwards=True), dict(return_sequences=True),
+           dict(dropout_mask=np.full((B, D), 2.0, np.float32),
+                recurrent_dropout_mask=np.full((B, H), 2.0, np.float32)),
+           dict(activation="relu")):
+    f = ops.simple_rnn_forward(x, W, U, b, training=True, **kw)
+    ops.simple_rnn_backward(f.cache, np.ones_like(f.outputs))
+    ops.simple_rnn_forward(x, W, U, b, training=False, **{k: v for k, v in kw.items()
+                                                          if "dropout" not in k})
+print("COMPILED", sorted(m for m in compiled if m.startswith("fastcells")))
+"""
+
+
+@pytest.mark.early
+def test_warmup_compiles_what_later_processes_use(tmp_path):
+    """`python -m fastcells warmup` for one cell and dtype fills an empty cache; a later
+    process then runs that cell's training and inference calls (masks, dropout, other
+    activations, other sizes) without compiling anything of fastcells, and says nothing
+    about compiling."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), TF_CPP_MIN_LOG_LEVEL="3")
+    out = subprocess.run([sys.executable, "-m", "fastcells", "warmup", "--cells",
+                          "simple_rnn", "--dtypes", "float32", "--jobs", "2"], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "2/2 simple_rnn float32" in out.stderr and str(tmp_path) in out.stderr
+    use = subprocess.run([sys.executable, "-c", USE_AFTER_WARMUP], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert use.returncode == 0, use.stderr[-3000:]
+    assert "COMPILED []" in use.stdout, use.stdout
+    assert "compiling CPU kernels" not in use.stderr
+
+
+def test_warmup_rejects_bad_arguments():
+    from fastcells import warmup
+    with pytest.raises(ValueError, match="cells: unknown \\['lstmm'\\]"):
+        warmup.jobs_for(["lstmm"], ["float32"])
+    with pytest.raises(ValueError, match="dtypes: unknown \\['float16'\\]"):
+        warmup.jobs_for(["lstm"], ["float16"])
+    assert warmup.jobs_for(["simple_rnn", "lstm"], ["float32"]) == [
+        ("lstm", "float32", "fused"), ("lstm", "float32", "unfused"),
+        ("simple_rnn", "float32", "fused"), ("simple_rnn", "float32", "unfused")]

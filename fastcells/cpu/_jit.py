@@ -5,14 +5,54 @@ truncated file: an overwritten index file makes every later call raise
 ``UnpicklingError``. A kernel made here drops its cache index when a call fails for any
 reason other than a typing error, warns once, recompiles, and retries once (a real error
 comes back from the retry).
+
+The first time a process compiles a kernel (nothing for it in the cache yet), it says so
+once, on the "fastcells" logger: a first call then takes tens of seconds, and
+``python -m fastcells warmup`` compiles everything ahead of time.
 """
 import functools
+import logging
+import threading
 import warnings
 
 from numba import njit
+from numba.core import event
 from numba.core.errors import TypingError
 
 from .. import config
+
+
+_log = logging.getLogger("fastcells")
+
+
+class _CompileNotice(event.Listener):
+    """Logs one line the first time a fastcells kernel is compiled in this process (Numba
+    sends "numba:compile" only for a real compilation, not for a load from the cache)."""
+
+    def __init__(self):
+        self.said = False
+        self._lock = threading.Lock()
+
+    def on_start(self, ev):
+        dispatcher = ev.data.get("dispatcher")
+        module = getattr(getattr(dispatcher, "py_func", None), "__module__", "") or ""
+        if self.said or not config.COMPILE_NOTICE or not module.startswith("fastcells."):
+            return
+        with self._lock:
+            if self.said:
+                return
+            self.said = True
+        from ..warmup import cache_location
+        _log.warning("fastcells: compiling CPU kernels that are not in the kernel cache "
+                     "yet (10-30 s per cell and dtype, once; cached in %s). `python -m "
+                     "fastcells warmup` compiles them all ahead of time.", cache_location())
+
+    def on_end(self, ev):
+        pass
+
+
+_notice = _CompileNotice()
+event.register("numba:compile", _notice)
 
 
 class CacheSafe:

@@ -1,0 +1,141 @@
+"""Compile the CPU kernels ahead of their first use, into Numba's on-disk cache.
+
+A kernel is compiled the first time a process calls it with a new kind of argument (cell,
+dtype, path) and kept on disk from then on, so that later processes load it in a fraction of
+a second. :func:`warmup` compiles every kernel that the layers and ``fastcells.ops`` use on
+this machine, so that a container image, a CI cache or a notebook server can be prepared
+once::
+
+    python -m fastcells warmup                      # every cell, float32 and float64
+    python -m fastcells warmup --cells lstm,gru --dtypes float32
+
+Each (cell, dtype, path) is compiled in a process of its own, ``jobs`` at a time (the
+compiler holds one lock per process). The cache lives where Numba puts it:
+``NUMBA_CACHE_DIR`` when it is set, else the ``__pycache__`` folders of the installed
+package (or, where those are read-only, Numba's per-user cache folder). Set
+``NUMBA_CACHE_DIR`` to the same folder for the warm-up and for the processes that use it.
+
+Example::
+
+    from fastcells import warmup
+    warmup.warmup(cells=["lstm"], dtypes=["float32"])     # [(job, seconds), ...]
+"""
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+#: The cells a warm-up can compile.
+CELLS = ("lstm", "gru", "simple_rnn")
+#: The dtypes a warm-up can compile.
+DTYPES = ("float32", "float64")
+#: The kernel paths of each cell: "fused" (the input projection inside each step, what a
+#: layer uses while its weights stay near the core) and "unfused" (the projection as one
+#: product before the recurrence: weights too large to stay near the core, per-gate
+#: dropout, ``FASTCELLS_FUSED=0``).
+PATHS = ("fused", "unfused")
+
+_GATES = {"lstm": 4, "gru": 3, "simple_rnn": 1}
+_STATES = {"lstm": 2, "gru": 1, "simple_rnn": 1}
+
+
+def jobs_for(cells=CELLS, dtypes=DTYPES):
+    """The ``(cell, dtype, path)`` jobs of a warm-up, largest first."""
+    for name, allowed, given in (("cells", CELLS, cells), ("dtypes", DTYPES, dtypes)):
+        bad = [v for v in given if v not in allowed]
+        if bad:
+            raise ValueError(f"{name}: unknown {bad}; choose from {', '.join(allowed)}")
+    order = {"lstm": 0, "gru": 1, "simple_rnn": 2}
+    return [(c, d, p) for c in sorted(cells, key=order.get) for d in dtypes for p in PATHS]
+
+
+def run_job(cell, dtype, path):
+    """Compile (or load) the kernels of one job in this process: training calls (forward
+    and backward; with and without a mask, dropout masks and whole sequences) and an
+    inference call, on a tiny batch. Which kernels a call reaches depends on the path
+    (``config.FUSED``), the cell and the dtype, never on the sizes."""
+    from . import config, ops
+    config.FUSED = path == "fused"
+    G, n_states = _GATES[cell], _STATES[cell]
+    B, T, D, H = 3, 4, 5, 6
+    rng = np.random.default_rng(0)
+    dt = np.dtype(dtype)
+    x = rng.standard_normal((B, T, D)).astype(dt)
+    W = rng.standard_normal((D, G * H)).astype(dt)
+    U = rng.standard_normal((H, G * H)).astype(dt)
+    forward = getattr(ops, cell + "_forward")
+    backward = getattr(ops, cell + "_backward")
+    rmask = dict(recurrent_dropout_mask=np.ones((G, B, H), dt))
+    variants = [{}, dict(mask=np.ones((B, T), bool)), dict(return_sequences=True),
+                dict(dropout_mask=np.ones((B, D), dt))]
+    # recurrent dropout (and per-gate input dropout) take the LSTM off its fused path:
+    # those calls belong to the unfused job
+    if path == "unfused" or cell != "lstm":
+        variants.append(dict(dropout_mask=np.ones((B, D), dt), **rmask))
+    if path == "unfused":
+        variants.append(dict(dropout_mask=np.ones((G, B, D), dt), **rmask))
+    for reset_after in ((True, False) if cell == "gru" else (None,)):
+        gru = {} if reset_after is None else dict(reset_after=reset_after)
+        b = np.zeros((2, G * H) if reset_after else G * H, dt)
+        for kw in variants:
+            f = forward(x, W, U, b, training=True, **gru, **kw)
+            backward(f.cache, np.ones_like(f.outputs), *[np.ones((B, H), dt)] * n_states)
+        forward(x, W, U, b, training=False, **gru)
+
+
+def warmup(cells=CELLS, dtypes=DTYPES, jobs=None, progress=True, stream=None):
+    """Compile the kernels of every ``(cell, dtype, path)`` into the on-disk cache, each in
+    a subprocess, ``jobs`` at a time (default: the number of CPUs). Prints a progress line
+    per finished job to ``stream`` (stderr) when ``progress``. Returns ``[(job, seconds)]``;
+    raises RuntimeError naming the job and its error output when a job fails."""
+    stream = sys.stderr if stream is None else stream
+    todo = jobs_for(cells, dtypes)
+    jobs = max(1, int(jobs or os.cpu_count() or 1))
+    env = dict(os.environ)
+    env["KERAS_BACKEND"] = "numpy"          # the kernels need no framework: start quickly
+    code = "import sys; from fastcells import warmup; warmup.run_job(*sys.argv[1:])"
+    running, done, start = [], [], time.perf_counter()
+    pending = list(todo)
+    while pending or running:
+        while pending and len(running) < jobs:
+            job = pending.pop(0)
+            proc = subprocess.Popen([sys.executable, "-c", code, *job], env=env,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                    text=True)
+            running.append((job, proc, time.perf_counter()))
+        finished = [r for r in running if r[1].poll() is not None]
+        if not finished:
+            time.sleep(0.05)
+            continue
+        for job, proc, t0 in finished:
+            running.remove((job, proc, t0))
+            err = proc.stderr.read()
+            proc.stderr.close()
+            if proc.returncode != 0:
+                for _, other, _ in running:
+                    other.kill()
+                raise RuntimeError(f"fastcells warmup: compiling {' '.join(job)} failed "
+                                   f"(exit {proc.returncode}):\n{err[-3000:]}")
+            done.append((job, time.perf_counter() - t0))
+            if progress:
+                n = len(done)
+                bar = "#" * (20 * n // len(todo))
+                print(f"\r[{bar:<20}] {n}/{len(todo)} {' '.join(job)} "
+                      f"({done[-1][1]:.0f} s)", file=stream, end="\n" if n == len(todo)
+                      else "", flush=True)
+    if progress:
+        print(f"compiled {len(todo)} kernel sets in {time.perf_counter() - start:.0f} s; "
+              f"cache: {cache_location()}", file=stream, flush=True)
+    return done
+
+
+def cache_location():
+    """Where Numba keeps the kernels, in words: ``NUMBA_CACHE_DIR``, or the package's own
+    ``__pycache__`` folders."""
+    import numba
+    if numba.config.CACHE_DIR:
+        return numba.config.CACHE_DIR
+    here = os.path.dirname(os.path.abspath(__file__))
+    return f"the __pycache__ folders under {here} (NUMBA_CACHE_DIR is not set)"
