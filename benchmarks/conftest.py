@@ -89,7 +89,7 @@ class _Session:
         self.baselines = {}
         self.layers = []
         self.fit = []
-        self.peak = None        # bench.measure_peak(), once the first fastcells-cpu case ran
+        self.peak = None        # workloads.measure_peak(), once a fastcells-cpu case ran
 
 
     def record(self, benchmark, key, result, bucket, **extra_info):
@@ -130,6 +130,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not (_session.layers or _session.fit):
         return
     from fastcells import bench
+    from fastcells.bench import workloads
 
     class _Writer:
         def write(self, text):
@@ -141,8 +142,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                 key = r.workload if hasattr(r, "workload") else ("model.fit", r.cell)
                 r.baseline_median = _session.baselines.get(key)
     if _session.peak:               # the better of the rates at the start and the end
-        _session.peak = bench.measure_peak(_session.peak["dtype"], _session.peak["threads"],
-                                           previous=_session.peak)
+        _session.peak = workloads.measure_peak(_session.peak["dtype"],
+                                               _session.peak["threads"], previous=_session.peak)
     terminalreporter.section("fastcells: microseconds per time step, speed-up over keras")
     bench.write_report(bench.Report(layers=_session.layers, fit=_session.fit,
                                     peak=_session.peak), _Writer())

@@ -20,13 +20,13 @@ def main():
     import keras
 
     import fastcells
-    from fastcells import bench
+    from fastcells.bench import timing, workloads
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batches", type=int, default=15, help="timed batches per model, at least")
     ap.add_argument("--seconds", type=float, default=1.5, help="time per model, at least")
     args = ap.parse_args()
-    x, y = bench.imdb_batch()
+    x, y = workloads.imdb_batch()
 
     def model(middle):
         m = keras.Sequential([keras.Input((x.shape[1],), dtype="int32"),
@@ -40,10 +40,10 @@ def main():
               "keras LSTM": model(keras.layers.LSTM(32)),
               "fastcells GRU": model(fastcells.GRU(32)),
               "keras GRU": model(keras.layers.GRU(32))}
-    timers = [bench.timed_calls(lambda m=m: m.train_on_batch(x, y))
+    timers = [timing.timed(lambda m=m: m.train_on_batch(x, y))
               for m in models.values()]
-    times = bench.time_interleaved(timers, repeats=args.batches, warmup=3,
-                                   min_seconds=args.seconds)
+    times = timing.time_interleaved(timers, repeats=args.batches, warmup=3,
+                                    min_seconds=args.seconds)
     print(f"IMDB-style model, B={x.shape[0]} T={x.shape[1]}: ms per train_on_batch")
     for name, t in zip(models, times):
         print(f"  {name:20s} median {np.median(t) * 1e3:6.1f}   fastest {min(t) * 1e3:6.1f}"

@@ -8,32 +8,35 @@ NaN fails; ``--bench-dtype float64`` for float64 and its bounds), then times it 
 ``benchmark.pedantic``. ``extra_info`` holds microseconds per
 time step, the speed-up over the built-in layer of the same run, the errors and, once a
 fastcells-cpu case ran, the workload's compute floor (``floor_s``: its products and
-activations at the rates :func:`fastcells.bench.measure_peak` measured in this run).
+activations at the rates :func:`fastcells.bench.workloads.measure_peak` measured in this
+run).
 
     pytest benchmarks --benchmark-only                       # default grid (no heavy shapes)
     pytest benchmarks --benchmark-only -k "imdb and lstm"    # one workload
     pytest benchmarks --benchmark-only --bench-heavy         # with the large shape
 
 Unlike ``python -m fastcells bench``, which runs PyTorch in a worker process of its own
-(:class:`fastcells.bench.TorchWorker`), the torch cases here run in the pytest process,
-next to TensorFlow and the fastcells kernels (pytest-benchmark times callables in its own
-process): their threads share the cores with the threads those leave behind. Denormals are
-flushed in torch's threads as in the worker (:func:`fastcells._bench_torch.flush_denormals`,
-called before the first torch case starts torch's thread pool). For torch numbers measured
+(:class:`fastcells.bench.torch_worker.TorchWorker`), the torch cases here run in the pytest
+process, next to TensorFlow and the fastcells kernels (pytest-benchmark times callables in
+its own process): their threads share the cores with the threads those leave behind.
+Denormals are flushed in torch's threads as in the worker
+(:func:`fastcells.bench.torch_worker.flush_denormals`, called before the first torch case
+starts torch's thread pool). For torch numbers measured
 on their own, use ``python -m fastcells bench``.
 """
 import pytest
 
-from fastcells import _bench_torch, bench
+from fastcells import bench
+from fastcells.bench import cpu, engines, equivalence, report, torch_worker, workloads
 
 
 def _cases():
-    engines = sorted(bench.ENGINES, key=lambda e: e != bench.BASELINE)   # baseline first
+    cpu_engines = sorted(engines.CPU_ENGINES, key=lambda e: e != bench.BASELINE)  # baseline 1st
     for shape in bench.SHAPES.values():
         marks = [pytest.mark.heavy] if shape.heavy else []
         for cell in bench.CELLS:
             for mode in shape.modes:
-                for engine in engines:
+                for engine in cpu_engines:
                     yield pytest.param(shape.name, cell, mode, engine, marks=marks,
                                        id=f"{shape.name}-{cell}-{mode}-{engine}")
 
@@ -47,18 +50,18 @@ def test_layer(benchmark, bench_session, bench_settings, bench_rounds, shape_nam
     s = bench_settings
     shape = bench.SHAPES[shape_name]
     key = (shape_name, cell, mode)
-    benchmark.group = f"{shape_name} {bench.CELL_NAMES[cell]} {mode}: {shape.describe()}"
+    benchmark.group = f"{shape_name} {workloads.CELL_NAMES[cell]} {mode}: {shape.describe()}"
 
     if engine == "torch" and s.torch_flush_denormal:
-        _bench_torch.flush_denormals()            # before torch starts its threads
-    case = bench.make_case(engine, cell, shape, mode, s.seed, s.dtype, s.torch_threads)
+        torch_worker.flush_denormals()            # before torch starts its threads
+    case = cpu.make_case(engine, cell, shape, mode, s.seed, s.dtype, s.torch_threads)
     out = case.first_call()                       # compile + trace, outside the timing
     if engine == bench.BASELINE:
         bench_session.references[key] = out
     reference = bench_session.references.get(key)
     if reference is None:
-        reference = bench.make_case(bench.BASELINE, cell, shape, mode, s.seed,
-                                    s.dtype).first_call()
+        reference = cpu.make_case(bench.BASELINE, cell, shape, mode, s.seed,
+                                  s.dtype).first_call()
         bench_session.references[key] = reference
     max_error, grad_error = bench.compare(out, reference)
     del out
@@ -67,11 +70,11 @@ def test_layer(benchmark, bench_session, bench_settings, bench_rounds, shape_nam
                                 features=shape.features, units=shape.units,
                                 layers=shape.layers, max_error=max_error,
                                 grad_error=grad_error)
-    problem = bench.check_equivalence(engine, max_error, grad_error, s.dtype)
+    problem = equivalence.check_equivalence(engine, max_error, grad_error, s.dtype)
     assert problem is None, f"{engine} on {shape_name}/{cell}/{mode}: {problem}"
     if engine == "fastcells-cpu" and bench_session.peak is None:
-        bench_session.peak = bench.measure_peak(s.dtype)     # the rates behind the floors
-    floor = bench.workload_floor(cell, shape, mode, bench_session.peak)
+        bench_session.peak = workloads.measure_peak(s.dtype)     # the rates behind the floors
+    floor = workloads.workload_floor(cell, shape, mode, bench_session.peak)
     if floor is not None:
         benchmark.extra_info.update(floor_s=floor["floor_s"], product_flops=floor["flops"])
 
@@ -81,7 +84,7 @@ def test_layer(benchmark, bench_session, bench_settings, bench_rounds, shape_nam
     if benchmark.stats is None:                   # --benchmark-disable: ran once, untimed
         return
     times = list(benchmark.stats.stats.data)
-    result = bench.Result(shape_name, cell, mode, engine, shape.time, times=times,
-                          max_error=max_error, grad_error=grad_error)
+    result = report.Result(shape_name, cell, mode, engine, shape.time, times=times,
+                           max_error=max_error, grad_error=grad_error)
     bench_session.record(benchmark, key, result, bench_session.layers,
                          us_per_step=result.us_per_step)

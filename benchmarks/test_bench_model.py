@@ -1,12 +1,13 @@
 """model.fit benchmark: ``train_on_batch`` of the IMDB-style model (Embedding(10000, 32) ->
 LSTM(32) or GRU(32) -> Dense(1, sigmoid)), B=128, T=500, synthetic tokens; fastcells against
 the built-in layer with the same initial weights. Before the timing, the predictions and the
-first training step (its loss and the weights after it, :func:`fastcells.bench.fit_step`)
-are checked against the built-in model's."""
+first training step (its loss and the weights after it,
+:func:`fastcells.bench.equivalence.fit_step`) are checked against the built-in model's."""
 import numpy as np
 import pytest
 
 from fastcells import bench
+from fastcells.bench import cpu, equivalence, report, workloads
 
 BATCH, TIME_STEPS = 128, 500
 
@@ -26,31 +27,31 @@ def test_model_fit(benchmark, bench_session, bench_settings, bench_rounds, cell,
     if reason is not None:
         pytest.skip(reason)
     s = bench_settings
-    benchmark.group = (f"model.fit imdb {bench.CELL_NAMES[cell]}: B={BATCH} T={TIME_STEPS}, "
+    benchmark.group = (f"model.fit imdb {workloads.CELL_NAMES[cell]}: B={BATCH} T={TIME_STEPS}, "
                        f"train_on_batch")
-    x, y = bench.imdb_batch(BATCH, TIME_STEPS, seed=s.seed)
+    x, y = workloads.imdb_batch(BATCH, TIME_STEPS, seed=s.seed)
     key = ("model.fit", cell)
     if key not in bench_session.references:
         keras.utils.set_random_seed(s.seed)
-        ref_model = bench.build_imdb_model(bench.BASELINE, cell, TIME_STEPS, dtype=s.dtype)
+        ref_model = cpu.build_imdb_model(bench.BASELINE, cell, TIME_STEPS, dtype=s.dtype)
         weights = ref_model.get_weights()
         pred = np.asarray(ref_model(x, training=False))
-        bench_session.references[key] = (weights, pred, bench.fit_step(ref_model, x, y))
+        bench_session.references[key] = (weights, pred, equivalence.fit_step(ref_model, x, y))
         del ref_model
     weights, reference, ref_step = bench_session.references[key]
 
-    model = bench.build_imdb_model(engine, cell, TIME_STEPS, dtype=s.dtype)
+    model = cpu.build_imdb_model(engine, cell, TIME_STEPS, dtype=s.dtype)
     model.set_weights(weights)
     max_error, _ = bench.compare((np.asarray(model(x, training=False)), None), (reference, None))
-    step = bench.fit_step(model, x, y)            # traces the train step, outside the timing
+    step = equivalence.fit_step(model, x, y)            # traces the train step, outside the timing
     if engine != bench.BASELINE:
         assert model.layers[1].last_engine == engine.split("-", 1)[1], "the kernels did not run"
-    loss_error, weight_error = bench.compare_fit_step(step, ref_step)
+    loss_error, weight_error = equivalence.compare_fit_step(step, ref_step)
     del step
     benchmark.extra_info.update(engine=engine, cell=cell, batch=BATCH, time_steps=TIME_STEPS,
                                 max_error=max_error, loss_error=loss_error,
                                 weight_error=weight_error)
-    problem = bench.check_equivalence(engine, max_error, None, s.dtype, loss_error,
+    problem = equivalence.check_equivalence(engine, max_error, None, s.dtype, loss_error,
                                       weight_error)
     assert problem is None, f"{engine} model.fit {cell}: {problem}"
     for _ in range(s.fit_warmup):
@@ -61,7 +62,7 @@ def test_model_fit(benchmark, bench_session, bench_settings, bench_rounds, cell,
 
     if benchmark.stats is None:
         return
-    result = bench.FitResult(cell, engine, BATCH, TIME_STEPS,
+    result = report.FitResult(cell, engine, BATCH, TIME_STEPS,
                              times=list(benchmark.stats.stats.data), max_error=max_error,
                              loss_error=loss_error, weight_error=weight_error)
     bench_session.record(benchmark, key, result, bench_session.fit,

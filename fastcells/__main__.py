@@ -7,10 +7,11 @@
     python -m fastcells demo              # train the IMDB-style model a few batches
     python -m fastcells warmup            # compile every CPU kernel into the kernel cache
 
-Without TensorFlow, ``bench`` runs the GPU comparison (``fastcells.bench_gpu``); the package
+Without TensorFlow, ``bench`` runs the GPU comparison (``fastcells.bench.gpu``); the package
 then starts Keras on the torch backend (see ``fastcells/_startup.py``).
 
-The measuring is done by :mod:`fastcells.bench`; this module only parses flags and prints.
+The measuring is done by the :mod:`fastcells.bench` package; this module only parses flags
+and prints.
 """
 import argparse
 import contextlib
@@ -65,7 +66,9 @@ def _csv(choices):
 
 
 def _parser():
-    from fastcells import bench, bench_gpu
+    from fastcells import bench
+    from fastcells.bench import engines as eng
+    from fastcells.bench import gpu
     p = argparse.ArgumentParser(prog="python -m fastcells",
                                 description="fastcells: benchmarks, a demo and model conversion")
     sub = p.add_subparsers(dest="command", required=True)
@@ -91,13 +94,12 @@ def _parser():
                    help="comma-separated cells (default: all)")
     b.add_argument("--modes", type=_csv(bench.MODES), default=None,
                    help="forward (inference), train (forward+backward); default both")
-    all_engines = list(dict.fromkeys(bench.ENGINES + bench_gpu.GPU_ENGINES
-                                     + bench_gpu.GPU_OPTIONAL_ENGINES))
-    b.add_argument("--engines", type=_csv(all_engines), default=None,
-                   help=f"comma-separated engines from {', '.join(bench.ENGINES)} (with "
-                        f"--gpu: {', '.join(bench_gpu.GPU_ENGINES)}, and on request "
-                        f"{', '.join(bench_gpu.GPU_OPTIONAL_ENGINES)}) (default: every one "
-                        f"available here; {bench.BASELINE} always runs)")
+    b.add_argument("--engines", type=_csv(list(eng.ENGINES)), default=None,
+                   help=f"comma-separated engines from {', '.join(eng.CPU_ENGINES)} (with "
+                        f"--gpu: {', '.join(eng.GPU_ENGINES)}, and on request "
+                        f"{', '.join(eng.GPU_OPTIONAL_ENGINES)}) (default: every one "
+                        f"available here; {bench.BASELINE} always runs; what each runs: "
+                        f"docs/benchmarks.md)")
     b.add_argument("--repeats", type=int, default=None,
                    help=f"timed calls per case at least, median reported (default "
                         f"{d.repeats}, --quick {bench.quick_settings().repeats})")
@@ -125,12 +127,12 @@ def _parser():
                         "flushed to zero, as TensorFlow and the kernels run; with denormals "
                         "the IMDB-shape LSTM training step of torch takes 5x longer)")
     b.add_argument("--gpu", action="store_true",
-                   help="the GPU comparison: fastcells engine='cuda' against cuDNN "
+                   help="the GPU comparison: the fastcells CUDA engines against cuDNN "
                         "(torch.nn) and the built-in Keras layers on the torch backend, on "
                         "torch CUDA tensors; no TensorFlow needed (the default where "
                         "TensorFlow is not installed). Engines: "
-                        + ", ".join(bench_gpu.GPU_ENGINES) + "; shapes by default: "
-                        + ",".join(bench_gpu.GPU_SHAPES))
+                        + ", ".join(eng.GPU_ENGINES) + "; shapes by default: "
+                        + ",".join(gpu.GPU_SHAPES))
     b.add_argument("--tf32", action="store_true",
                    help="GPU comparison: let cuDNN and torch matmuls use TF32 (default off)")
     b.add_argument("--no-fit", action="store_true", help="skip the model.fit workload")
@@ -240,9 +242,11 @@ def bench_command(args):
     """``python -m fastcells bench``: run, print the tables, save JSON / plot."""
     import keras
 
-    from fastcells import _startup, bench, bench_gpu
+    from fastcells import _startup, bench
+    from fastcells.bench import engines as eng
+    from fastcells.bench import timing, torch_worker, workloads
 
-    path, note = bench_gpu.choose_bench(args.gpu, _startup.module_found("tensorflow"),
+    path, note = eng.choose_bench(args.gpu, _startup.module_found("tensorflow"),
                                         keras.backend.backend())
     if path == "gpu":
         return gpu_bench_command(args, note)
@@ -258,11 +262,11 @@ def bench_command(args):
         shapes += [n for n, s in bench.SHAPES.items() if s.heavy and n not in shapes]
     cells = args.cells or list(bench.CELLS)
     modes = args.modes or list(bench.MODES)
-    requested = args.engines or list(bench.ENGINES)
+    requested = args.engines or list(eng.CPU_ENGINES)
     if bench.BASELINE not in requested:          # every ratio is taken against it
         requested = [bench.BASELINE] + requested
-    gpu_only = [e for e in requested if e not in bench.ENGINES]
-    requested = [e for e in requested if e in bench.ENGINES]
+    gpu_only = [e for e in requested if e not in eng.CPU_ENGINES]
+    requested = [e for e in requested if e in eng.CPU_ENGINES]
     engines, unavailable = bench.available_engines(requested)
     for e in gpu_only:
         unavailable[e] = "an engine of the GPU comparison (python -m fastcells bench --gpu)"
@@ -277,18 +281,18 @@ def bench_command(args):
     fit_engines = [e for e in engines if e != "torch"]
     n_cold = len(cold_cells) * sum(1 if e == bench.BASELINE else 1 + args.cold
                                    for e in fit_engines)
-    total = (bench.count_layer_cases(shapes, cells, modes, engines)
+    total = (workloads.count_layer_cases(shapes, cells, modes, engines)
              + len(fit_cells) * len(fit_engines) + n_cold)
-    progress = bench.Progress(total, enabled=not args.no_progress)
+    progress = timing.Progress(total, enabled=not args.no_progress)
 
     start = time.perf_counter()
     report = bench.Report(machine=bench.machine_info(), unavailable=unavailable)
     report.settings = dict(vars(settings), shapes=shapes, cells=cells, modes=modes,
                            engines=engines, quick=args.quick, comparison="cpu")
-    worker = bench.TorchWorker(settings.subprocess_timeout,
+    worker = torch_worker.TorchWorker(settings.subprocess_timeout,
                                flush_denormal=settings.torch_flush_denormal)
     if "fastcells-cpu" in engines and not args.no_floor:
-        report.peak = bench.measure_peak(settings.dtype)
+        report.peak = workloads.measure_peak(settings.dtype)
     try:
         report.layers = bench.run_layer_benchmarks(shapes, cells, modes, engines, settings,
                                                    progress, torch_worker=worker)
@@ -302,7 +306,7 @@ def bench_command(args):
         worker.close()
         progress.close()
     if report.peak:
-        report.peak = bench.measure_peak(settings.dtype, previous=report.peak)
+        report.peak = workloads.measure_peak(settings.dtype, previous=report.peak)
     report.elapsed_s = time.perf_counter() - start
     report.machine = bench.machine_info()       # now with the torch threads, if it ran
     if worker.info:
@@ -335,17 +339,19 @@ def _finish(args, report):
 def gpu_bench_command(args, note=None):
     """``python -m fastcells bench --gpu`` (or ``bench`` without TensorFlow): the CUDA
     engines against cuDNN and the built-in Keras layers on the torch backend."""
-    from fastcells import bench, bench_gpu
+    from fastcells import bench
+    from fastcells.bench import engines as eng
+    from fastcells.bench import gpu, timing, workloads
 
     if note:
         print(f"fastcells bench: {note}")
     settings = _settings(args)
     report = bench.Report(machine=bench.machine_info())
     report.settings = dict(vars(settings), quick=args.quick, comparison="gpu")
-    reason = bench_gpu.no_gpu_reason()
+    reason = eng.no_gpu_reason()
     if reason is not None:
         print(f"fastcells bench (GPU comparison): skipped: {reason}")
-        report.unavailable = {e: reason for e in bench_gpu.GPU_ENGINES}
+        report.unavailable = {e: reason for e in eng.GPU_ENGINES}
         report.settings["skipped"] = reason
         if args.json:
             bench.save_json(args.json, report)
@@ -355,36 +361,36 @@ def gpu_bench_command(args, note=None):
     if args.shapes is not None:
         shapes = args.shapes
     else:
-        shapes = list(bench_gpu.QUICK_GPU_SHAPES if args.quick else bench_gpu.GPU_SHAPES)
+        shapes = list(gpu.QUICK_GPU_SHAPES if args.quick else gpu.GPU_SHAPES)
     cells = args.cells or list(bench.CELLS)
     modes = args.modes or list(bench.MODES)
     requested = ["torch-cudnn" if e == "torch" else e
-                 for e in (args.engines or list(bench_gpu.GPU_ENGINES))]
+                 for e in (args.engines or list(eng.GPU_ENGINES))]
     if bench.BASELINE not in requested:
         requested = [bench.BASELINE] + requested
-    gpu_engines = bench_gpu.GPU_ENGINES + bench_gpu.GPU_OPTIONAL_ENGINES
+    gpu_engines = eng.GPU_ENGINES + eng.GPU_OPTIONAL_ENGINES
     unavailable = {e: "a CPU engine; the GPU comparison runs "
                       + ", ".join(gpu_engines)
                    for e in requested if e not in gpu_engines}
     requested = [e for e in requested if e in gpu_engines]
-    engines, missing = bench_gpu.available_gpu_engines(requested)
+    engines, missing = bench.available_engines(requested, "gpu")
     unavailable.update(missing)
     report.unavailable = unavailable             # printed with the tables ("not run: ...")
     if not [e for e in engines if e != bench.BASELINE]:
         print("fastcells bench (GPU comparison): no GPU engine to compare can run here")
-    total = bench.count_layer_cases(shapes, cells, modes, engines)
-    progress = bench.Progress(total, enabled=not args.no_progress)
+    total = workloads.count_layer_cases(shapes, cells, modes, engines)
+    progress = timing.Progress(total, enabled=not args.no_progress)
     report.settings.update(shapes=shapes, cells=cells, modes=modes, engines=engines)
     start = time.perf_counter()
     try:
-        report.layers = bench_gpu.run_gpu_benchmarks(shapes, cells, modes, engines, settings,
-                                                     progress)
+        report.layers = bench.run_gpu_benchmarks(shapes, cells, modes, engines, settings,
+                                                 progress)
     finally:
         progress.close()
     report.elapsed_s = time.perf_counter() - start
     report.machine = bench.machine_info()
-    report.machine["gpu"] = bench_gpu.gpu_info()
-    print(f"\nGPU comparison on {report.machine['gpu']['name']}: {bench_gpu.LEGEND}")
+    report.machine["gpu"] = gpu.gpu_info()
+    print(f"\nGPU comparison on {report.machine['gpu']['name']}: {gpu.LEGEND}")
     return _finish(args, report)
 
 

@@ -9,7 +9,10 @@ import sys
 import numpy as np
 import pytest
 
-from fastcells import _bench_torch, _startup, bench, bench_gpu
+from fastcells import _startup, bench
+from fastcells.bench import cpu, engines, equivalence, gpu, timing, workloads
+from fastcells.bench import report as reporting
+from fastcells.bench import torch_worker
 from fastcells import __main__ as cli
 
 TINY = bench.Shape("tiny", 3, 4, 2, 5)
@@ -20,7 +23,7 @@ def _has_torch():
 
 
 def _gpu():
-    return bench_gpu.no_gpu_reason() is None
+    return engines.no_gpu_reason() is None
 
 
 # --------------------------------------------------------------------------- which run
@@ -33,7 +36,7 @@ def _gpu():
     (False, True, "jax", "gpu", "'jax' backend"),
 ])
 def test_choose_bench(gpu_flag, tf_found, backend, path, note):
-    got_path, got_note = bench_gpu.choose_bench(gpu_flag, tf_found, backend)
+    got_path, got_note = engines.choose_bench(gpu_flag, tf_found, backend)
     assert got_path == path
     if note is None:
         assert got_note is None
@@ -77,7 +80,7 @@ def test_gpu_command_skips_without_gpu(tmp_path, capsys):
     assert "skipped: no CUDA GPU" in out
     data = json.loads(path.read_text())
     assert "no CUDA GPU" in data["settings"]["skipped"]
-    assert set(data["unavailable"]) == set(bench_gpu.GPU_ENGINES)
+    assert set(data["unavailable"]) == set(engines.GPU_ENGINES)
 
 
 @pytest.mark.skipif(_gpu(), reason="torch sees a CUDA GPU here")
@@ -93,25 +96,24 @@ def test_bench_without_tensorflow_runs_the_gpu_comparison(monkeypatch, capsys):
 
 @pytest.mark.skipif(_gpu(), reason="torch sees a CUDA GPU here")
 def test_gpu_engines_unavailable_without_gpu(monkeypatch):
-    monkeypatch.setattr(bench_gpu, "_unavailable", {})
-    ok, missing = bench_gpu.available_gpu_engines()
+    monkeypatch.setattr(engines, "_unavailable_cache", {})
+    ok, missing = bench.available_engines(comparison="gpu")
     assert ok == []
     assert all("no CUDA GPU" in why for why in missing.values())
 
 
 def test_gpu_engine_reasons(monkeypatch):
-    monkeypatch.setattr(bench_gpu, "_unavailable", {})
-    monkeypatch.setattr(bench_gpu, "no_gpu_reason", lambda: None)
-    monkeypatch.setattr(bench_gpu, "_numba_cuda_reason", lambda: "numba says no")
-    monkeypatch.setattr(bench_gpu, "_probe", lambda engine: None)
+    monkeypatch.setattr(engines, "_unavailable_cache", {})
+    monkeypatch.setattr(engines, "no_gpu_reason", lambda: None)
+    monkeypatch.setattr(engines, "_numba_cuda_reason", lambda: "numba says no")
+    monkeypatch.setattr(engines, "_probe", lambda engine, comparison: None)
     import keras
     if keras.backend.backend() != "torch":
-        assert "KERAS_BACKEND=torch" in bench_gpu.gpu_engine_unavailable("keras")
-        assert "KERAS_BACKEND=torch" in bench_gpu.gpu_engine_unavailable(
-            "fastcells-cuda-layer")
-    assert bench_gpu.gpu_engine_unavailable("fastcells-cuda") == "numba says no"
+        assert "KERAS_BACKEND=torch" in bench.engine_unavailable("keras", "gpu")
+        assert "KERAS_BACKEND=torch" in bench.engine_unavailable("fastcells-cuda", "gpu")
+    assert bench.engine_unavailable("fastcells-cuda-ops", "gpu") == "numba says no"
     with pytest.raises(ValueError, match="engine must be one of"):
-        bench_gpu.gpu_engine_unavailable("fastcells-cpu")
+        bench.engine_unavailable("fastcells-cpu", "gpu")
 
 
 # --------------------------------------------------------------------------- GPU runner
@@ -127,7 +129,7 @@ def _fake_case(engine, cell, shape, mode, offset=0.0, fail=False):
         y, grads = out
         return y, (list(grads) if mode == "train" else None)
 
-    return bench.Case(engine, cell, shape, mode, run, fetch)
+    return workloads.Case(engine, cell, shape, mode, run, fetch)
 
 
 def _patch_gpu_runner(monkeypatch, behaviour):
@@ -137,9 +139,9 @@ def _patch_gpu_runner(monkeypatch, behaviour):
         built.append(engine)
         return _fake_case(engine, cell, shape, mode, **behaviour.get(engine, {}))
 
-    monkeypatch.setattr(bench_gpu, "make_gpu_case", make)
-    monkeypatch.setattr(bench_gpu, "configure", lambda settings: None)
-    monkeypatch.setattr(bench_gpu, "_free_gpu_memory", lambda: None)
+    monkeypatch.setattr(gpu, "make_gpu_case", make)
+    monkeypatch.setattr(gpu, "configure", lambda settings: None)
+    monkeypatch.setattr(gpu, "_free_gpu_memory", lambda: None)
     return built
 
 
@@ -150,25 +152,26 @@ def _quick():
 
 
 def test_gpu_runner_bookkeeping(monkeypatch):
-    _patch_gpu_runner(monkeypatch, {"fastcells-cuda-layer": dict(fail=True),
+    _patch_gpu_runner(monkeypatch, {"fastcells-cuda": dict(fail=True),
                                     "torch-cudnn": dict(offset=0.5)})
-    results = bench_gpu.run_gpu_benchmarks(
+    results = bench.run_gpu_benchmarks(
         [TINY], ["lstm"], ["train"],
-        ["torch-cudnn", "fastcells-cuda-layer", "fastcells-cuda", "keras"], _quick())
+        ["torch-cudnn", "fastcells-cuda", "fastcells-cuda-ops", "keras"], _quick())
     by = {r.engine: r for r in results}
-    assert [r.engine for r in results] == list(bench_gpu.GPU_ENGINES)    # baseline first
+    assert [r.engine for r in results] == list(engines.GPU_ENGINES)    # baseline first
     assert by["keras"].status == "ok" and by["keras"].speedup == pytest.approx(1.0)
-    assert by["fastcells-cuda"].status == "ok" and by["fastcells-cuda"].max_error == 0.0
-    assert by["fastcells-cuda"].speedup is not None
-    assert by["fastcells-cuda-layer"].status.startswith("error: RuntimeError: kernel")
+    assert by["fastcells-cuda-ops"].status == "ok"
+    assert by["fastcells-cuda-ops"].max_error == 0.0
+    assert by["fastcells-cuda-ops"].speedup is not None
+    assert by["fastcells-cuda"].status.startswith("error: RuntimeError: kernel")
     assert by["torch-cudnn"].status.startswith("mismatch: outputs differ from keras")
-    assert len(by["fastcells-cuda"].times) >= 2
+    assert len(by["fastcells-cuda-ops"].times) >= 2
 
 
 def test_gpu_runner_without_keras_compares_with_cudnn(monkeypatch):
     built = _patch_gpu_runner(monkeypatch, {})
-    results = bench_gpu.run_gpu_benchmarks([TINY], ["gru"], ["forward"],
-                                           ["fastcells-cuda", "torch-cudnn"], _quick())
+    results = bench.run_gpu_benchmarks([TINY], ["gru"], ["forward"],
+                                       ["fastcells-cuda-ops", "torch-cudnn"], _quick())
     assert built[0] == "torch-cudnn"              # the reference, built first
     for r in results:
         assert r.status == "ok" and r.max_error == 0.0
@@ -176,51 +179,50 @@ def test_gpu_runner_without_keras_compares_with_cudnn(monkeypatch):
 
 
 def test_unsplit_engine_runs_on_request_after_fastcells_cuda(monkeypatch):
-    """``fastcells-cuda-unsplit`` is not in the default grid, runs when asked for, is
+    """``fastcells-cuda-ops-unsplit`` is not in the default grid, runs when asked for, is
     ordered after the default engines, and lifts the split threshold only while it runs."""
     from fastcells import config
-    assert "fastcells-cuda-unsplit" not in bench_gpu.GPU_ENGINES
+    assert "fastcells-cuda-ops-unsplit" not in engines.GPU_ENGINES
     _patch_gpu_runner(monkeypatch, {})
-    results = bench_gpu.run_gpu_benchmarks(
-        [TINY], ["lstm"], ["forward"], ["fastcells-cuda-unsplit", "fastcells-cuda", "keras"],
-        _quick())
-    assert [r.engine for r in results] == ["keras", "fastcells-cuda",
-                                           "fastcells-cuda-unsplit"]
+    results = bench.run_gpu_benchmarks(
+        [TINY], ["lstm"], ["forward"],
+        ["fastcells-cuda-ops-unsplit", "fastcells-cuda-ops", "keras"], _quick())
+    assert [r.engine for r in results] == ["keras", "fastcells-cuda-ops",
+                                           "fastcells-cuda-ops-unsplit"]
     before = config.CUDA_SPLIT_MIN_UNITS
-    with bench_gpu._unsplit("fastcells-cuda-unsplit"):
+    with gpu._unsplit("fastcells-cuda-ops-unsplit"):
         assert config.CUDA_SPLIT_MIN_UNITS > 1 << 40
-    with bench_gpu._unsplit("fastcells-cuda"):
+    with gpu._unsplit("fastcells-cuda-ops"):
         assert config.CUDA_SPLIT_MIN_UNITS == before
     assert config.CUDA_SPLIT_MIN_UNITS == before
     assert cli._parser().parse_args(
-        ["bench", "--gpu", "--engines", "fastcells-cuda-unsplit"]).engines == [
-        "fastcells-cuda-unsplit"]
+        ["bench", "--gpu", "--engines", "fastcells-cuda-ops-unsplit"]).engines == [
+        "fastcells-cuda-ops-unsplit"]
 
 
 @pytest.mark.skipif(not _gpu(), reason="no CUDA GPU")
 def test_gpu_cases_on_a_gpu(monkeypatch):
-    monkeypatch.setattr(bench_gpu, "_unavailable", {})
-    engines, missing = bench_gpu.available_gpu_engines()
-    results = bench_gpu.run_gpu_benchmarks([TINY, bench.Shape("tiny2", 2, 3, 4, 3, layers=2)],
-                                           list(bench.CELLS), list(bench.MODES), engines,
-                                           _quick())
+    monkeypatch.setattr(engines, "_unavailable_cache", {})
+    ok, missing = bench.available_engines(comparison="gpu")
+    results = bench.run_gpu_benchmarks([TINY, bench.Shape("tiny2", 2, 3, 4, 3, layers=2)],
+                                       list(bench.CELLS), list(bench.MODES), ok, _quick())
     bad = [(r.workload, r.engine, r.status) for r in results if r.status != "ok"]
     assert not bad, (bad, missing)
 
 
 # --------------------------------------------------------------------------- torch worker
 def test_parse_reply():
-    assert _bench_torch.parse_reply("some warning from torch\n") is None
-    reply = _bench_torch.parse_reply(_bench_torch.REPLY_PREFIX + '{"ok": true, "times": [1]}')
+    assert torch_worker.parse_reply("some warning from torch\n") is None
+    reply = torch_worker.parse_reply(torch_worker.REPLY_PREFIX + '{"ok": true, "times": [1]}')
     assert reply == {"ok": True, "times": [1]}
     with pytest.raises(ValueError, match="malformed"):
-        _bench_torch.parse_reply(_bench_torch.REPLY_PREFIX + "[1, 2]")
+        torch_worker.parse_reply(torch_worker.REPLY_PREFIX + "[1, 2]")
 
 
 def test_worker_reply_to_results(tmp_path):
     path = str(tmp_path / "out.npz")
     np.savez(path, y=np.ones((2, 3)), g0=np.zeros(2), g1=np.ones(4))
-    worker = bench.TorchWorker()
+    worker = torch_worker.TorchWorker()
     (y, grads), times = worker.parse(
         {"ok": True, "times": [0.5, 0.25], "n_grads": 2, "info": {"torch_threads": 7}}, path)
     assert times == [0.5, 0.25] and y.shape == (2, 3)
@@ -233,11 +235,11 @@ def test_worker_reply_to_results(tmp_path):
 
 
 def test_inputs_round_trip(tmp_path):
-    weights = bench.make_weights("gru", bench.Shape("s", 2, 3, 4, 5, layers=2))
-    x = bench.make_inputs(TINY)
+    weights = workloads.make_weights("gru", bench.Shape("s", 2, 3, 4, 5, layers=2))
+    x = workloads.make_inputs(TINY)
     path = str(tmp_path / "in.npz")
-    _bench_torch.save_inputs(path, weights, x)
-    w2, x2 = _bench_torch.load_inputs(path)
+    torch_worker.save_inputs(path, weights, x)
+    w2, x2 = torch_worker.load_inputs(path)
     np.testing.assert_array_equal(x2, x)
     assert len(w2) == 2
     for a, b in zip(sum(weights, []), sum(w2, [])):
@@ -250,15 +252,15 @@ def test_worker_loop_in_process(tmp_path):
     lines = io.StringIO(json.dumps({"op": "case", "cell": "nope"}) + "\n\n"
                         + json.dumps({"op": "exit"}) + "\n" + "never read\n")
     out = io.StringIO()
-    assert _bench_torch.main(lines, out) == 0
-    replies = [_bench_torch.parse_reply(ln) for ln in out.getvalue().splitlines()]
+    assert torch_worker.main(lines, out) == 0
+    replies = [torch_worker.parse_reply(ln) for ln in out.getvalue().splitlines()]
     assert len(replies) == 1 and replies[0]["ok"] is False
 
 
 @pytest.mark.skipif(not _has_torch(), reason="PyTorch is not installed")
 def test_torch_engine_runs_in_a_worker_process():
     settings = _quick()
-    with bench.TorchWorker(timeout=120) as worker:
+    with torch_worker.TorchWorker(timeout=120) as worker:
         results = bench.run_layer_benchmarks([TINY], ["lstm"], ["train"], ["keras", "torch"],
                                              settings, torch_worker=worker)
         pid = worker.info["pid"]
@@ -267,7 +269,7 @@ def test_torch_engine_runs_in_a_worker_process():
         by = {r.engine: r for r in results}
         assert by["torch"].status == "ok", by["torch"].status
         assert len(by["torch"].times) >= 2 and by["torch"].speedup is not None
-        assert by["torch"].grad_error < bench.TORCH_TOLERANCE["float32"]
+        assert by["torch"].grad_error < equivalence.TORCH_TOLERANCE["float32"]
         half = _quick()
         half.dtype = "float16"                    # torch_case takes float32/64 only
         with pytest.raises(RuntimeError, match="in the torch worker: KeyError"):   # reported
@@ -280,7 +282,7 @@ def test_torch_engine_runs_in_a_worker_process():
 
 @pytest.mark.skipif(not _has_torch(), reason="PyTorch is not installed")
 def test_worker_timeout_is_an_error():
-    worker = bench.TorchWorker(timeout=0.01)
+    worker = torch_worker.TorchWorker(timeout=0.01)
     with pytest.raises(RuntimeError, match="torch worker took more than"):
         worker.run("lstm", TINY, "forward", _quick())
     assert worker._proc is None
@@ -307,17 +309,17 @@ def test_nvtx_range_marks_the_block_only_where_torch_sees_a_gpu(monkeypatch):
                                  range_pop=lambda: calls.append("pop"))
     cuda = types.SimpleNamespace(is_available=lambda: False, nvtx=nvtx)
     monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(cuda=cuda))
-    monkeypatch.setattr(_bench_torch, "_nvtx", None)
-    with _bench_torch.nvtx_range("fastcells-cuda"):
+    monkeypatch.setattr(torch_worker, "_nvtx", None)
+    with torch_worker.nvtx_range("fastcells-cuda"):
         calls.append("block")
     assert calls == ["block"]
-    assert _bench_torch._nvtx_functions() is _bench_torch._NO_NVTX
+    assert torch_worker._nvtx_functions() is torch_worker._NO_NVTX
 
     calls.clear()
     cuda.is_available = lambda: True
-    monkeypatch.setattr(_bench_torch, "_nvtx", None)
+    monkeypatch.setattr(torch_worker, "_nvtx", None)
     with pytest.raises(KeyError):
-        with _bench_torch.nvtx_range("fastcells-cuda"):
+        with torch_worker.nvtx_range("fastcells-cuda"):
             calls.append("block")
             raise KeyError("inside the range")
     assert calls == [("push", "fastcells-nvtx-probe"), "pop", ("push", "fastcells-cuda"),
@@ -348,7 +350,7 @@ def test_cpu_comparison_never_imports_torch(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", guarded)
-    monkeypatch.setattr(bench, "_unavailable_cache", {})
+    monkeypatch.setattr(engines, "_unavailable_cache", {})
     info = bench.machine_info()
     assert info["versions"]["torch"] == (importlib.metadata.version("torch")
                                          if _has_torch() else None)
@@ -385,10 +387,10 @@ def test_interleaved_timing_puts_a_slow_stretch_on_every_engine():
         slow, fast = m.engine("slow", 0.010), m.engine("fast", 0.004)
         kw = dict(repeats=7, warmup=1, max_seconds=None, min_seconds=0.6)
         if interleave:
-            t_slow, t_fast = bench.time_interleaved([slow, fast], **kw)
+            t_slow, t_fast = timing.time_interleaved([slow, fast], **kw)
         else:
-            t_slow = bench.time_interleaved([slow], **kw)[0]
-            t_fast = bench.time_interleaved([fast], **kw)[0]
+            t_slow = timing.time_interleaved([slow], **kw)[0]
+            t_fast = timing.time_interleaved([fast], **kw)[0]
         return np.median(t_slow) / np.median(t_fast), m.log
 
     sequential, _ = ratio(False)
@@ -405,14 +407,14 @@ def test_interleaved_timing_puts_a_slow_stretch_on_every_engine():
 def test_interleaved_timing_stops_and_errors():
     m = _SharedMachine(0.0, 0.0)
     a, b = m.engine("a", 0.001), m.engine("b", 0.003)
-    ta, tb = bench.time_interleaved([a, b], repeats=5, warmup=0, min_seconds=0.0)
+    ta, tb = timing.time_interleaved([a, b], repeats=5, warmup=0, min_seconds=0.0)
     assert len(ta) >= 5 and len(tb) >= 5
     # max_seconds: stops once the slowest engine spent it, with min_repeats calls each
-    ta, tb = bench.time_interleaved([a, b], repeats=100, warmup=0, max_seconds=0.03,
+    ta, tb = timing.time_interleaved([a, b], repeats=100, warmup=0, max_seconds=0.03,
                                     min_repeats=3)
     assert 0.03 <= sum(tb) < 0.03 + 0.003 * 2 and len(tb) < 100
     # max_repeats bounds every engine
-    ta, tb = bench.time_interleaved([a, b], repeats=50, warmup=0, max_repeats=20)
+    ta, tb = timing.time_interleaved([a, b], repeats=50, warmup=0, max_repeats=20)
     assert len(ta) <= 20 and len(tb) <= 20 and max(len(ta), len(tb)) == 20
     # a timer that fails is dropped and reported; the others go on
     calls = []
@@ -424,14 +426,14 @@ def test_interleaved_timing_stops_and_errors():
         return [0.002] * k
 
     seen = []
-    ta, tbroken = bench.time_interleaved([a, broken], repeats=20, warmup=1,
+    ta, tbroken = timing.time_interleaved([a, broken], repeats=20, warmup=1,
                                          on_error=lambda i, exc: seen.append((i, str(exc))))
     assert seen == [(1, "device lost")] and len(ta) >= 20 and len(tbroken) == 1
     with pytest.raises(RuntimeError, match="device lost"):
-        bench.time_interleaved([broken], repeats=3, warmup=0)
+        timing.time_interleaved([broken], repeats=3, warmup=0)
     # one engine: one call per round, as time_calls has always timed
     counter = []
-    assert len(bench.time_calls(lambda: counter.append(1), repeats=4, warmup=2)) == 4
+    assert len(timing.time_calls(lambda: counter.append(1), repeats=4, warmup=2)) == 4
     assert len(counter) == 6
 
 
@@ -446,20 +448,21 @@ def test_worker_keeps_a_case_open_for_interleaved_timing(tmp_path):
         return (lambda: made.append("call")), (lambda out: (np.zeros((2, 3)), None))
 
     inputs, outputs = str(tmp_path / "in.npz"), str(tmp_path / "out.npz")
-    _bench_torch.save_inputs(inputs, bench.make_weights("lstm", TINY), bench.make_inputs(TINY))
+    torch_worker.save_inputs(inputs, workloads.make_weights("lstm", TINY),
+                             workloads.make_inputs(TINY))
     shape = dict(batch=3, time=4, features=2, units=5, layers=1, return_sequences=True)
     case = dict(cell="lstm", mode="forward", inputs=inputs, outputs=outputs, shape=shape)
     requests = [dict(op="time", calls=2), dict(op="open", **case), dict(op="time", calls=3),
                 dict(op="close"), dict(op="time", calls=1), dict(op="nope")]
     lines = io.StringIO("".join(json.dumps(r) + "\n" for r in requests))
     out = io.StringIO()
-    real = _bench_torch.torch_case
-    _bench_torch.torch_case = fake_case
+    real = torch_worker.torch_case
+    torch_worker.torch_case = fake_case
     try:
-        _bench_torch.main(lines, out)
+        torch_worker.main(lines, out)
     finally:
-        _bench_torch.torch_case = real
-    replies = [_bench_torch.parse_reply(ln) for ln in out.getvalue().splitlines()]
+        torch_worker.torch_case = real
+    replies = [torch_worker.parse_reply(ln) for ln in out.getvalue().splitlines()]
     assert [r["ok"] for r in replies] == [False, True, True, True, False, False]
     assert "no open case" in replies[0]["error"] and "no open case" in replies[4]["error"]
     assert replies[1]["times"] == [] and replies[1]["n_grads"] == 0
@@ -472,13 +475,13 @@ def test_layer_and_fit_benchmarks_time_their_engines_together(monkeypatch):
     """The CPU comparison times all engines of a workload (and both IMDB models) in one
     interleaved run, each still checked against the built-in layer."""
     seen = []
-    real = bench.time_interleaved
+    real = timing.time_interleaved
 
     def spy(timers, *args, **kwargs):
         seen.append(len(timers))
         return real(timers, *args, **kwargs)
 
-    monkeypatch.setattr(bench, "time_interleaved", spy)
+    monkeypatch.setattr(timing, "time_interleaved", spy)
     settings = _quick()
     results = bench.run_layer_benchmarks([TINY], ["gru"], ["train"],
                                          ["keras", "fastcells-cpu"], settings)
@@ -507,7 +510,7 @@ def test_fit_benchmark_and_report_follow_the_run_dtype():
     import io
     settings = _quick()
     settings.dtype = "float64"
-    model = bench.build_imdb_model("fastcells-cpu", "gru", 6, vocab=50, dtype="float64")
+    model = cpu.build_imdb_model("fastcells-cpu", "gru", 6, vocab=50, dtype="float64")
     assert {w.dtype for w in model.get_weights()} == {np.dtype(np.float64)}
     fit = bench.run_fit_benchmarks(["gru"], ["keras", "fastcells-cpu"], settings, batch=4,
                                    time_steps=6)
@@ -525,9 +528,9 @@ def test_speedup_spread_pairs_the_engines_round_by_round():
     engines' times in that stretch, and the paired speed-ups stay at the true ratio, while
     either engine's own times spread over 2x."""
     m = _SharedMachine(slow_from=0.3, slow_to=0.6)
-    results = [bench.Result("s", "lstm", "train", "keras", 10),
-               bench.Result("s", "lstm", "train", "fastcells-cpu", 10)]
-    bench.time_together(results, list(zip(results, [m.engine("keras", 0.010),
+    results = [reporting.Result("s", "lstm", "train", "keras", 10),
+               reporting.Result("s", "lstm", "train", "fastcells-cpu", 10)]
+    timing.time_together(results, list(zip(results, [m.engine("keras", 0.010),
                                                     m.engine("fast", 0.004)])),
                         dict(repeats=7, warmup=1, min_seconds=0.6))
     keras, fast = results
@@ -539,7 +542,7 @@ def test_speedup_spread_pairs_the_engines_round_by_round():
     # the rounds record every timed call once
     m = _SharedMachine(0.0, 0.0)
     rounds = []
-    times = bench.time_interleaved([m.engine("a", 0.01), m.engine("b", 0.003)], repeats=5,
+    times = timing.time_interleaved([m.engine("a", 0.01), m.engine("b", 0.003)], repeats=5,
                                    warmup=1, rounds=rounds)
     assert all(set(rd) == {0, 1} for rd in rounds)
     for i in (0, 1):
@@ -548,8 +551,8 @@ def test_speedup_spread_pairs_the_engines_round_by_round():
 
 def test_report_shows_the_spread_of_the_speedup():
     import io
-    rows = [bench.Result("imdb", "gru", "forward", "keras", 500, times=[0.02]),
-            bench.Result("imdb", "gru", "forward", "fastcells-cpu", 500, times=[0.008],
+    rows = [reporting.Result("imdb", "gru", "forward", "keras", 500, times=[0.02]),
+            reporting.Result("imdb", "gru", "forward", "fastcells-cpu", 500, times=[0.008],
                          baseline_median=0.02, speedup_range=(2.31, 2.74))]
     rows[0].baseline_median = 0.02
     stream = io.StringIO()
@@ -565,10 +568,10 @@ def test_product_flops_are_two_per_weight_per_row_and_step(cell, shape):
     every row by every weight of W and U once (a multiply-add, 2 FLOP) in the forward, and
     the backward does it twice more (the input and state gradients, the weight gradients)."""
     s = bench.SHAPES[shape]
-    weights = bench.make_weights(cell, s)
+    weights = workloads.make_weights(cell, s)
     per_step = sum(W.size + U.size for W, U, _ in weights)
-    assert bench.product_flops(cell, s, "forward") == 2 * s.batch * s.time * per_step
-    assert bench.product_flops(cell, s, "train") == 3 * 2 * s.batch * s.time * per_step
+    assert workloads.product_flops(cell, s, "forward") == 2 * s.batch * s.time * per_step
+    assert workloads.product_flops(cell, s, "train") == 3 * 2 * s.batch * s.time * per_step
 
 
 @pytest.mark.parametrize("cell", bench.CELLS)
@@ -588,15 +591,15 @@ def test_activation_count_is_what_the_reference_evaluates(cell, monkeypatch):
         monkeypatch.setitem(reference.ACTS, name, (counting(f), df))
     s = bench.Shape("probe", 3, 5, 4, 6)
     rng = np.random.default_rng(0)
-    (W, U, b), = bench.make_weights(cell, s, dtype="float64")
+    (W, U, b), = workloads.make_weights(cell, s, dtype="float64")
     x = rng.standard_normal((s.batch, s.time, s.features))
     states = [np.zeros((s.batch, s.units))] * (2 if cell == "lstm" else 1)
     getattr(reference, f"{cell}_forward")(x, W, U, b, *states)
-    assert count[0] == bench.activation_count(cell, s, "forward")
+    assert count[0] == workloads.activation_count(cell, s, "forward")
     count[0] = 0
     getattr(reference, f"{cell}_backward")(x, W, U, b, *states,
                                            d_outputs=np.ones((s.batch, s.time, s.units)))
-    assert count[0] == bench.activation_count(cell, s, "train")
+    assert count[0] == workloads.activation_count(cell, s, "train")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -619,12 +622,12 @@ def test_report_and_json_give_the_floor_of_each_workload(tmp_path):
     import io
     s = bench.SHAPES["imdb"]
     peak = dict(flops_per_s=2e11, tanh_per_s=5e9, dtype="float32", threads=2)
-    rows = [bench.Result("imdb", "lstm", "train", "keras", s.time, times=[0.08]),
-            bench.Result("imdb", "lstm", "train", "fastcells-cpu", s.time, times=[0.03],
+    rows = [reporting.Result("imdb", "lstm", "train", "keras", s.time, times=[0.08]),
+            reporting.Result("imdb", "lstm", "train", "fastcells-cpu", s.time, times=[0.03],
                          baseline_median=0.08)]
-    floor = bench.product_flops("lstm", s, "train") / 2e11 + 5 * 128 * 500 * 32 / 5e9
-    assert bench.compute_floor("lstm", s, "train", peak) == pytest.approx(floor)
-    assert bench.compute_floor("lstm", s, "train", None) is None
+    floor = workloads.product_flops("lstm", s, "train") / 2e11 + 5 * 128 * 500 * 32 / 5e9
+    assert workloads.compute_floor("lstm", s, "train", peak) == pytest.approx(floor)
+    assert workloads.compute_floor("lstm", s, "train", None) is None
     report = bench.Report(layers=rows, peak=peak)
     stream = io.StringIO()
     bench.write_report(report, stream)
@@ -638,7 +641,7 @@ def test_report_and_json_give_the_floor_of_each_workload(tmp_path):
     data = json.loads(path.read_text())
     assert data["peak"] == peak
     assert data["floors"] == [dict(shape="imdb", cell="lstm", mode="train",
-                                   flops=bench.product_flops("lstm", s, "train"),
+                                   flops=workloads.product_flops("lstm", s, "train"),
                                    tanh=5 * 128 * 500 * 32, floor_s=pytest.approx(floor))]
     # no peak, no floor row
     stream = io.StringIO()
@@ -652,10 +655,10 @@ def test_the_peak_keeps_the_better_rate_of_a_run(monkeypatch):
     from fastcells.cpu import _rates
     monkeypatch.setattr(_rates, "product_rate", lambda dtype, threads: 1e11)
     monkeypatch.setattr(_rates, "activation_rate", lambda dtype, threads: 4e9)
-    first = bench.measure_peak("float64", 2)
+    first = workloads.measure_peak("float64", 2)
     assert first == dict(flops_per_s=1e11, tanh_per_s=4e9, dtype="float64", threads=2)
     earlier = dict(first, flops_per_s=2e11, tanh_per_s=1e9)
-    assert bench.measure_peak("float64", 2, previous=earlier) == dict(
+    assert workloads.measure_peak("float64", 2, previous=earlier) == dict(
         first, flops_per_s=2e11, tanh_per_s=4e9)
 
 

@@ -1,18 +1,19 @@
-"""The PyTorch side of the benchmarks, importable on its own: NumPy and (lazily) torch only,
-never fastcells, Keras or TensorFlow.
+"""The PyTorch engine: ``torch.nn`` holding the Keras weights, and the worker process that
+runs it away from the Keras backend and the fastcells kernels.
 
-- :func:`time_interleaved` (and :func:`time_calls`, its one-engine form) is the timing
-  routine of every engine, here so that the worker below times torch with the very same
-  code (``fastcells.bench`` re-exports it);
+Run as a script, this file is the **torch worker**, importable on its own: NumPy, (lazily)
+torch and the timing code of :mod:`fastcells.bench.timing` (loaded from its file), never
+fastcells, Keras or TensorFlow.
+
 - :func:`torch_case` builds ``torch.nn.LSTM/GRU/RNN`` holding the Keras weights, on the CPU
   or on a CUDA device (cuDNN), with :func:`keras_to_torch` / :func:`torch_grads_to_keras`;
 - :func:`nvtx_range` marks a region for Nsight Systems / Nsight Compute (a no-op without a
   CUDA build of torch);
-- run as a script, this file is the **torch worker**: ``fastcells.bench`` starts it once per
-  benchmark run so that ``torch.nn`` runs in a process of its own. In the process of
-  TensorFlow and the fastcells kernels, the LSTM forward+backward of the IMDB shape took
-  340 ms per call instead of 62-81 ms alone, and torch's OpenMP threads competed with the
-  engines measured after it.
+- :class:`TorchWorker`, the benchmark's side, starts the worker once per benchmark run so
+  that ``torch.nn`` runs in a process of its own. In the process of TensorFlow and the
+  fastcells kernels, the LSTM forward+backward of the IMDB shape took 340 ms per call
+  instead of 62-81 ms alone, and torch's OpenMP threads competed with the engines measured
+  after it.
 
 Worker protocol (one JSON object per line on stdin; one reply line on stdout starting with
 :data:`REPLY_PREFIX`)::
@@ -27,7 +28,8 @@ Worker protocol (one JSON object per line on stdin; one reply line on stdout sta
 ``"op": "open"`` (the same fields, no ``timing``) makes the first call, writes the outputs
 and keeps the case open; ``{"op": "time", "calls": k}`` then times k calls of it (the reply's
 ``times``), so that the benchmark can alternate torch's calls with the other engines' (see
-:func:`time_interleaved`); ``{"op": "close"}`` drops it (so does the next case).
+:func:`fastcells.bench.timing.time_interleaved`); ``{"op": "close"}`` drops it (so does
+the next case).
 
 Started with ``--flush-denormal``, the worker flushes denormals in all of torch's threads
 (as TensorFlow and the fastcells kernels do) before any work.
@@ -39,126 +41,35 @@ each layer, Keras layout) to ``outputs``. End of input (or ``{"op": "exit"}``) e
 import contextlib
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 import types
 
 if __name__ == "__main__":
-    # run as a script, this file's folder (fastcells/, which holds config.py, ops.py,
-    # cuda/, ...) must not shadow top-level modules that torch or numpy may import
+    # run as a script, this file's folder (fastcells/bench/, which holds cpu.py, gpu.py,
+    # ...) must not shadow top-level modules that torch or numpy may import
     _here = os.path.dirname(os.path.abspath(__file__))
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
 
 import numpy as np  # noqa: E402
 
+if __package__:
+    from .timing import time_calls, timed
+else:
+    # a script: the timing code is loaded from its file, without the fastcells package (and
+    # so without Keras or TensorFlow) in this process
+    import importlib.util as _util
+    _spec = _util.spec_from_file_location(
+        "_fastcells_bench_timing", os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                "timing.py"))
+    _timing = _util.module_from_spec(_spec)
+    _spec.loader.exec_module(_timing)
+    time_calls, timed = _timing.time_calls, _timing.timed
+
 #: Start of the worker's reply lines (anything else on its stdout is ignored).
 REPLY_PREFIX = "FASTCELLS_TORCH "
-
-GATES = {"lstm": 4, "gru": 3, "simple_rnn": 1}
-
-
-# --------------------------------------------------------------------------- timing
-def timed(fn, clock=time.perf_counter):
-    """A timer (see :func:`time_interleaved`) of the callable ``fn``: ``timer(k)`` calls it
-    k times and returns the k durations in seconds."""
-    def timer(k):
-        times = []
-        for _ in range(k):
-            t0 = clock()
-            fn()
-            times.append(clock() - t0)
-        return times
-    return timer
-
-
-def time_calls(fn, repeats=7, warmup=1, max_seconds=None, min_repeats=3, min_seconds=0.0,
-               max_repeats=500):
-    """Call ``fn`` ``warmup`` times untimed, then time it: :func:`time_interleaved` with one
-    engine. Returns the list of durations in seconds (``time.perf_counter``). A GPU engine's
-    ``fn`` synchronises the device before it returns, so that the whole call is timed."""
-    return time_interleaved([timed(fn)], repeats, warmup, max_seconds, min_repeats,
-                            min_seconds, max_repeats)[0]
-
-
-def time_interleaved(timers, repeats=7, warmup=1, max_seconds=None, min_repeats=3,
-                     min_seconds=0.0, max_repeats=500, on_error=None, most_per_round=64,
-                     rounds=None):
-    """Time several engines in alternation, so that each one's calls spread over the same
-    stretch of time.
-
-    ``timers[i](k)`` makes k calls of engine i and returns their k durations (see
-    :func:`timed`; the torch worker's timer runs them in its own process). Each engine first
-    makes ``warmup`` untimed calls; then rounds follow, and in each round every engine makes
-    about as many calls as fill the time of one call of the slowest (at most
-    ``most_per_round``), from its median so far, the engines' order turning by one each round.
-
-    Why: on a shared machine the speed of a core comes and goes in stretches of about a
-    second (on the 2-core development machine, stretches where two threads ran a kernel at
-    the speed of one, 64-67 ms against 35-37 ms a call). Timed one after the other, a
-    stretch falls on one engine's calls and its ratio to the others is off by up to 2x;
-    timed in alternation, it falls on every engine alike.
-
-    Rounds go on until every engine has made at least ``repeats`` timed calls and spent
-    ``min_seconds`` (so that a short call is repeated enough for a stable median); they stop
-    early once an engine has made ``max_repeats`` calls, or once the slowest engine has spent
-    ``max_seconds`` and every engine has made ``min(min_repeats, repeats)`` calls (so that
-    a slow case does not take forever).
-
-    A timer that raises is dropped from the rounds: ``on_error(i, exc)`` is called, or the
-    exception propagates when ``on_error`` is None. Returns one list of durations per timer
-    (empty for a dropped one). ``rounds``, a list, gets one dict per round: timer index ->
-    the durations of that round (for ratios paired round by round).
-    """
-    n = len(timers)
-    times = [[] for _ in range(n)]
-    warm = [[] for _ in range(n)]
-    live = list(range(n))
-
-    def call(i, k):
-        try:
-            return timers[i](k)
-        except Exception as exc:
-            if on_error is None:
-                raise
-            on_error(i, exc)
-            live.remove(i)
-            return None
-
-    for i in list(live):
-        if warmup > 0:
-            warm[i] = call(i, warmup) or []
-    first = max(1, repeats)
-    r = 0
-    while live:
-        typical = {i: float(np.median(times[i] or warm[i])) if times[i] or warm[i]
-                   else None for i in live}
-        slowest = max((v for v in typical.values() if v is not None), default=None)
-        order = live[r % len(live):] + live[:r % len(live)]
-        this_round = {}
-        for i in order:
-            k = 1
-            if slowest is not None and typical[i]:
-                k = int(min(most_per_round, max(1, slowest / typical[i])))
-            k = max(1, min(k, max_repeats - len(times[i])))
-            got = call(i, k)
-            if got is not None:
-                this_round[i] = [float(t) for t in got]
-                times[i] += this_round[i]
-        if rounds is not None:
-            rounds.append(this_round)
-        r += 1
-        if not live:
-            break
-        counts = [len(times[i]) for i in live]
-        totals = [sum(times[i]) for i in live]
-        if all(c >= first and t >= min_seconds for c, t in zip(counts, totals)):
-            break
-        if max(counts) >= max_repeats:
-            break
-        if (max_seconds is not None and max(totals) >= max_seconds
-                and min(counts) >= min(min_repeats, first)):
-            break
-    return times
 
 
 # --------------------------------------------------------------------------- NVTX
@@ -203,9 +114,9 @@ def nvtx_range(name):
 
 
 # --------------------------------------------------------------------------- weights
-def _gate_perm(cell, H):
-    """Indices taking Keras's gate order to PyTorch's (GRU: z, r, h -> r, z, n)."""
-    G = GATES[cell]
+def _gate_perm(cell, H, G):
+    """Indices taking Keras's gate order to PyTorch's (GRU: z, r, h -> r, z, n), for G gates
+    of H units (G from the weights' shapes: this module never imports fastcells)."""
     if cell == "gru":
         order = (1, 0, 2)
     else:
@@ -218,7 +129,7 @@ def keras_to_torch(cell, layer_weights):
     PyTorch layer: ``[weight_ih, weight_hh, bias_ih, bias_hh]``."""
     W, U, b = layer_weights
     H = U.shape[0]
-    p = _gate_perm(cell, H)
+    p = _gate_perm(cell, H, U.shape[1] // H)
     if cell == "gru":
         b_ih, b_hh = b[0][p], b[1][p]
     else:
@@ -229,7 +140,7 @@ def keras_to_torch(cell, layer_weights):
 def torch_grads_to_keras(cell, grads, H):
     """Inverse of :func:`keras_to_torch` for the gradients of one layer."""
     g_ih, g_hh, gb_ih, gb_hh = grads
-    inv = np.argsort(_gate_perm(cell, H))
+    inv = np.argsort(_gate_perm(cell, H, g_hh.shape[0] // H))
     dW, dU = g_ih.T[:, inv], g_hh.T[:, inv]
     db = np.stack([gb_ih[inv], gb_hh[inv]]) if cell == "gru" else gb_ih[inv]
     return [dW, dU, db]
@@ -426,6 +337,186 @@ def main(stdin=None, stdout=None, argv=()):
         stdout.write(REPLY_PREFIX + json.dumps(reply) + "\n")
         stdout.flush()
     return 0
+
+
+# --------------------------------------------------------------------------- the client
+class TorchWorker:
+    """The PyTorch engine in a process of its own (this file run as a
+    script), started at the first case and kept for the whole benchmark run.
+
+    In the process of TensorFlow and the fastcells kernels, ``torch.nn.LSTM`` forward+backward
+    at B=128 T=500 D=32 H=32 took 340 ms per call against 62-81 ms alone, and torch's OpenMP
+    threads slowed the engines measured after it; the worker measures torch as it runs on
+    its own, and the benchmark process never imports torch. Its threads flush denormals to
+    zero (``flush_denormal``), as TensorFlow's and the kernels' do: the IMDB-shape LSTM
+    backward took 360 ms with denormals and 75 ms without. The weights and inputs go to the
+    worker in a temporary ``.npz`` (the very arrays the other engines get); it times the
+    calls with :func:`time_calls` and sends the times back, with the outputs and gradients
+    for the equivalence check.
+
+    Example::
+
+        with TorchWorker() as worker:      # SHAPES and Settings: fastcells.bench
+            (outputs, grads), times = worker.run("lstm", SHAPES["imdb"], "train", Settings())
+        worker.info          # {"torch_version": ..., "torch_threads": ..., "pid": ...}
+    """
+
+    def __init__(self, timeout=300.0, env=None, flush_denormal=True):
+        self.timeout = timeout
+        self.env = env
+        self.flush_denormal = flush_denormal
+        self.info = {}
+        self._proc = None
+        self._lines = None
+        self._stderr = None
+        self._tmp = None
+
+    # ---------------------------------------------------------------- process
+    def _start(self):
+        import queue
+        import threading
+
+        self._tmp = tempfile.TemporaryDirectory(prefix="fastcells-torch-")
+        self._stderr = open(os.path.join(self._tmp.name, "stderr.txt"), "w+")
+        cmd = [sys.executable, "-u", __file__]
+        if self.flush_denormal:
+            cmd.append("--flush-denormal")
+        env = dict(os.environ if self.env is None else self.env)
+        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=self._stderr, text=True, env=env)
+        self._lines = queue.Queue()
+        proc, lines = self._proc, self._lines
+
+        def read():
+            for line in proc.stdout:
+                lines.put(line)
+            lines.put(None)                        # end of output: the worker exited
+
+        threading.Thread(target=read, daemon=True).start()
+
+    def _stderr_tail(self):
+        if self._stderr is None:
+            return ""
+        self._stderr.flush()
+        self._stderr.seek(0)
+        tail = [ln for ln in self._stderr.read().strip().splitlines() if ln.strip()][-3:]
+        return " | ".join(tail)
+
+    def _fail(self, what):
+        tail = self._stderr_tail()
+        self.close(kill=True)
+        return RuntimeError(f"torch worker {what}" + (f": {tail}" if tail else ""))
+
+    def _request(self, request):
+        import queue
+
+        try:
+            self._proc.stdin.write(json.dumps(request) + "\n")
+            self._proc.stdin.flush()
+        except OSError:
+            raise self._fail(f"exited with {self._proc.poll()}") from None
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise self._fail(f"took more than {self.timeout:g} s") from None
+            if line is None:
+                raise self._fail(f"exited with {self._proc.wait()}")
+            reply = parse_reply(line)
+            if reply is not None:
+                return reply
+
+    # ---------------------------------------------------------------- cases
+    def run(self, cell, shape, mode, settings):
+        """Run one torch case in the worker: ``((outputs, grads), times)``.
+
+        The worker builds ``torch.nn`` from :func:`make_weights` / :func:`make_inputs`
+        (``settings.seed``, ``settings.dtype``), calls it once untimed, then times it with
+        ``settings``. Raises RuntimeError with the worker's message when the case fails.
+        """
+        reply, outputs = self._case("case", cell, shape, mode, settings)
+        return self.parse(reply, outputs)
+
+    def open(self, cell, shape, mode, settings):
+        """Build a torch case in the worker and call it once: ``(outputs, grads)``. The case
+        stays open for :meth:`time` until :meth:`close_case` or the next case."""
+        reply, outputs = self._case("open", cell, shape, mode, settings)
+        return self.parse(reply, outputs)[0]
+
+    def time(self, calls):
+        """Durations of ``calls`` calls of the open case, timed in the worker."""
+        reply = self._request(dict(op="time", calls=int(calls)))
+        if not reply.get("ok"):
+            raise RuntimeError(f"in the torch worker: {reply.get('error', 'unknown error')}")
+        return [float(t) for t in reply["times"]]
+
+    def close_case(self):
+        """Drop the open case (its memory) in the worker, if the worker runs."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._request(dict(op="close"))
+
+    def _case(self, op, cell, shape, mode, settings):
+        if self._proc is None or self._proc.poll() is not None:
+            self.close()
+            self._start()
+        from .timing import timing_kwargs
+        from .workloads import make_inputs, make_weights
+        weights = make_weights(cell, shape, settings.seed, settings.dtype)
+        x = make_inputs(shape, settings.seed, settings.dtype)
+        inputs = os.path.join(self._tmp.name, "inputs.npz")
+        outputs = os.path.join(self._tmp.name, "outputs.npz")
+        save_inputs(inputs, weights, x)
+        del weights, x
+        request = dict(op=op, cell=cell, mode=mode, inputs=inputs, outputs=outputs,
+                       threads=settings.torch_threads,
+                       shape=dict(batch=shape.batch, time=shape.time,
+                                  features=shape.features, units=shape.units,
+                                  layers=shape.layers,
+                                  return_sequences=shape.return_sequences))
+        if op == "case":
+            request["timing"] = timing_kwargs(settings)
+        return self._request(request), outputs
+
+    def parse(self, reply, outputs_path):
+        """``((outputs, grads), times)`` of a worker reply; RuntimeError for a failure."""
+        if not reply.get("ok"):
+            raise RuntimeError(f"in the torch worker: {reply.get('error', 'unknown error')}")
+        self.info.update(reply.get("info") or {})
+        times = [float(t) for t in reply["times"]]
+        out = load_outputs(outputs_path, int(reply.get("n_grads", 0)))
+        return out, times
+
+    def close(self, kill=False):
+        """Stop the worker (it ends at the end of its input; ``kill``: at once) and remove
+        the temp files."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            if kill:
+                proc.kill()
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._stderr is not None:
+            self._stderr.close()
+            self._stderr = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 
 
 if __name__ == "__main__":
