@@ -65,6 +65,51 @@ def _csv(choices):
     return parse
 
 
+def _startup_backends():
+    from fastcells import _startup
+    return _startup.BACKENDS
+
+
+def _each_backend(args, argv):
+    """``bench --backend all``: the CPU comparison once per installed Keras backend, each in
+    a process of its own (Keras picks its backend once per process)."""
+    import subprocess
+
+    from fastcells import _startup
+    backends = [b for b in _startup.BACKENDS if _startup.module_found(b)]
+    rest = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--backend":
+            skip = True
+        elif not a.startswith("--backend="):
+            rest.append(a)
+    worst = 0
+    for backend in backends:
+        cmd = [sys.executable, "-m", "fastcells"] + _suffixed(rest, backend)
+        cmd += ["--backend", backend]
+        print(f"\n=== Keras backend: {backend} ===", flush=True)
+        env = dict(os.environ, KERAS_BACKEND=backend)
+        worst = max(worst, subprocess.run(cmd, env=env).returncode)
+    return worst
+
+
+def _suffixed(argv, backend):
+    """``argv`` with the --json and --plot file names ending in ``-<backend>``."""
+    out = list(argv)
+    for i, a in enumerate(out):
+        for flag in ("--json", "--plot"):
+            if a == flag and i + 1 < len(out):
+                root, ext = os.path.splitext(out[i + 1])
+                out[i + 1] = f"{root}-{backend}{ext}"
+            elif a.startswith(flag + "="):
+                root, ext = os.path.splitext(a.split("=", 1)[1])
+                out[i] = f"{flag}={root}-{backend}{ext}"
+    return out
+
+
 def _parser():
     from fastcells import bench
     from fastcells.bench import engines as eng
@@ -130,9 +175,14 @@ def _parser():
                    help="the GPU comparison: the fastcells CUDA engines against cuDNN "
                         "(torch.nn) and the built-in Keras layers on the torch backend, on "
                         "torch CUDA tensors; no TensorFlow needed (the default where "
-                        "TensorFlow is not installed). Engines: "
+                        "TensorFlow is not installed and a GPU is). Engines: "
                         + ", ".join(eng.GPU_ENGINES) + "; shapes by default: "
                         + ",".join(gpu.GPU_SHAPES))
+    b.add_argument("--backend", choices=_startup_backends() + ("all",), default=None,
+                   help="the Keras backend of the CPU comparison: fastcells and the built-in "
+                        "layers both run on it (default: Keras's backend, KERAS_BACKEND); "
+                        "'all' runs the comparison once per installed backend, each in a "
+                        "process of its own (--json/--plot files get the backend's name)")
     b.add_argument("--tf32", action="store_true",
                    help="GPU comparison: let cuDNN and torch matmuls use TF32 (default off)")
     b.add_argument("--no-fit", action="store_true", help="skip the model.fit workload")
@@ -238,7 +288,7 @@ def _settings(args):
     return settings
 
 
-def bench_command(args):
+def bench_command(args, argv=None):
     """``python -m fastcells bench``: run, print the tables, save JSON / plot."""
     import keras
 
@@ -246,8 +296,17 @@ def bench_command(args):
     from fastcells.bench import engines as eng
     from fastcells.bench import timing, torch_worker, workloads
 
+    if args.backend == "all" and not args.gpu:
+        return _each_backend(args, sys.argv[1:] if argv is None else argv)
+    if args.backend is not None and args.backend != keras.backend.backend():
+        print(f"python -m fastcells bench: error: --backend {args.backend} but Keras already "
+              f"runs on '{keras.backend.backend()}' in this process (Keras picks its backend "
+              f"when it is imported: run `python -m fastcells bench --backend "
+              f"{args.backend}`, or set KERAS_BACKEND={args.backend})", file=sys.stderr)
+        return 2
     path, note = eng.choose_bench(args.gpu, _startup.module_found("tensorflow"),
-                                        keras.backend.backend())
+                                  keras.backend.backend(), eng.cuda_gpu_found(),
+                                  args.backend)
     if path == "gpu":
         return gpu_bench_command(args, note)
     settings = _settings(args)
@@ -287,7 +346,8 @@ def bench_command(args):
 
     start = time.perf_counter()
     report = bench.Report(machine=bench.machine_info(), unavailable=unavailable)
-    report.settings = dict(vars(settings), shapes=shapes, cells=cells, modes=modes,
+    report.settings = dict(vars(settings), backend=keras.backend.backend(), shapes=shapes,
+                           cells=cells, modes=modes,
                            engines=engines, quick=args.quick, comparison="cpu")
     worker = torch_worker.TorchWorker(settings.subprocess_timeout,
                                flush_denormal=settings.torch_flush_denormal)
@@ -435,7 +495,7 @@ def main(argv=None):
     _import_quietly("--verbose" in argv)
     args = _parser().parse_args(argv)
     if args.command == "bench":
-        return bench_command(args)
+        return bench_command(args, argv)
     if args.command == "convert":
         return convert_command(args)
     if args.command == "warmup":

@@ -27,12 +27,29 @@ def module_found(name):
         return False
 
 
+#: The Keras backends ``python -m fastcells bench --backend`` takes (and ``all``).
+BACKENDS = ("tensorflow", "torch", "jax")
+
+
+def backend_flag(argv):
+    """The value of ``--backend`` in ``argv`` (``--backend X`` or ``--backend=X``), or None."""
+    args = list(argv[1:])
+    for i, a in enumerate(args):
+        if a == "--backend" and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith("--backend="):
+            return a.split("=", 1)[1]
+    return None
+
+
 def command_line_backend(argv, environ=None, found=None):
     """The Keras backend the command line should use, or None to leave Keras's choice.
 
     argv: the command line; environ: the environment (``os.environ``); found: a function
     telling whether a module is installed (``importlib.util.find_spec`` by default).
 
+    - ``--backend tensorflow|torch|jax`` in argv: that backend (the flag is the user's
+      latest word, over ``KERAS_BACKEND``);
     - ``KERAS_BACKEND`` set: None (the user's choice stands);
     - ``--gpu`` in argv: "torch" (the GPU comparison runs the built-in layers on torch);
     - TensorFlow not installed: "torch", else "jax", where installed.
@@ -43,6 +60,9 @@ def command_line_backend(argv, environ=None, found=None):
     """
     environ = os.environ if environ is None else environ
     found = module_found if found is None else found
+    flag = backend_flag(argv)
+    if flag in BACKENDS:
+        return flag
     if environ.get("KERAS_BACKEND"):
         return None
     if "--gpu" in argv[1:] and found("torch"):

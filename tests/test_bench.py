@@ -27,16 +27,19 @@ def _gpu():
 
 
 # --------------------------------------------------------------------------- which run
-@pytest.mark.parametrize("gpu_flag,tf_found,backend,path,note", [
-    (False, True, "tensorflow", "cpu", None),
-    (True, True, "tensorflow", "gpu", None),
-    (True, False, "torch", "gpu", None),
-    (False, False, "torch", "gpu", "TensorFlow is not installed"),
-    (False, True, "torch", "gpu", "KERAS_BACKEND=tensorflow"),
-    (False, True, "jax", "gpu", "'jax' backend"),
+@pytest.mark.parametrize("gpu_flag,tf_found,backend,gpu_found,flag,path,note", [
+    (False, True, "tensorflow", False, None, "cpu", None),
+    (True, True, "tensorflow", False, None, "gpu", None),
+    (True, False, "torch", True, None, "gpu", None),
+    (False, False, "torch", True, None, "gpu", "TensorFlow is not installed"),
+    (False, False, "torch", True, "torch", "cpu", None),        # --backend torch asked
+    (False, False, "torch", False, None, "cpu", None),          # no GPU: the CPU one
+    (False, True, "torch", False, None, "cpu", None),
+    (False, True, "jax", True, None, "cpu", None),
+    (False, True, "numpy", False, None, "gpu", "'numpy' backend"),
 ])
-def test_choose_bench(gpu_flag, tf_found, backend, path, note):
-    got_path, got_note = engines.choose_bench(gpu_flag, tf_found, backend)
+def test_choose_bench(gpu_flag, tf_found, backend, gpu_found, flag, path, note):
+    got_path, got_note = engines.choose_bench(gpu_flag, tf_found, backend, gpu_found, flag)
     assert got_path == path
     if note is None:
         assert got_note is None
@@ -64,6 +67,60 @@ def test_is_command_line():
     assert not _startup.is_command_line([])
 
 
+@pytest.mark.parametrize("argv,environ,want", [
+    (["-m", "bench", "--backend", "jax"], {"KERAS_BACKEND": "torch"}, "jax"),  # flag wins
+    (["-m", "bench", "--backend=torch"], {}, "torch"),
+    (["-m", "bench", "--backend", "all"], {"KERAS_BACKEND": "jax"}, None),
+])
+def test_backend_flag_chooses_the_keras_backend(argv, environ, want):
+    assert _startup.command_line_backend(argv, environ, lambda name: True) == want
+
+
+def test_backend_all_names_each_backends_files():
+    from fastcells.__main__ import _suffixed
+    assert _suffixed(["bench", "--json", "r.json", "--plot=p.png", "--quick"], "jax") == [
+        "bench", "--json", "r-jax.json", "--plot=p-jax.png", "--quick"]
+
+
+def test_backend_other_than_this_process_is_refused(capsys):
+    import keras
+    other = "jax" if keras.backend.backend() != "jax" else "torch"
+    assert cli.main(["bench", "--backend", other, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"--backend {other}" in err and "picks its backend when it is imported" in err
+
+
+_BACKEND_RUN = """
+import keras, sys
+from fastcells import bench
+from fastcells.bench import workloads
+res = bench.run_layer_benchmarks([workloads.Shape("tiny", 3, 4, 2, 5)], ["gru"], ["train"],
+                                 ["keras", "fastcells-cpu"], bench.quick_settings())
+report = bench.Report(layers=res, settings=dict(backend=keras.backend.backend()))
+bench.write_report(report, sys.stdout)
+for r in res:
+    print("ROW", r.engine, r.status, r.max_error, r.grad_error, len(r.times))
+"""
+
+
+@pytest.mark.late
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_cpu_comparison_on_another_backend(backend):
+    """The CPU comparison on the JAX and torch backends: the built-in layer of that backend
+    is the reference, fastcells runs its kernels there (a fallback would fail the kernel
+    check) and agrees within the bounds; the report names the backend."""
+    pytest.importorskip(backend)
+    import subprocess
+    env = dict(os.environ, KERAS_BACKEND=backend)
+    out = subprocess.run([sys.executable, "-c", _BACKEND_RUN], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"Keras backend: {backend}" in out.stdout
+    rows = [ln.split() for ln in out.stdout.splitlines() if ln.startswith("ROW")]
+    assert [r[1:3] for r in rows] == [["keras", "ok"], ["fastcells-cpu", "ok"]], out.stdout
+    assert float(rows[1][3]) < 1e-5 and float(rows[1][4]) < 1e-4 and int(rows[1][5]) > 0
+
+
 def test_setup_command_line_sets_backend_only_when_chosen():
     env = {}
     _startup.setup_command_line(["-m", "bench"], env)
@@ -85,9 +142,12 @@ def test_gpu_command_skips_without_gpu(tmp_path, capsys):
 
 @pytest.mark.skipif(_gpu(), reason="torch sees a CUDA GPU here")
 def test_bench_without_tensorflow_runs_the_gpu_comparison(monkeypatch, capsys):
+    """Without TensorFlow, on a machine with a GPU (as the command line sees it), bench
+    runs the GPU comparison; here it then finds no GPU to run on and says so."""
     found = _startup.module_found
     monkeypatch.setattr(_startup, "module_found", lambda name: name != "tensorflow"
                         and found(name))
+    monkeypatch.setattr(engines, "cuda_gpu_found", lambda: True)
     assert cli.main(["bench", "--quick", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "TensorFlow is not installed" in out

@@ -1,5 +1,6 @@
 """The CPU comparison: the engines as cases (the built-in and fastcells layers under the
-current Keras backend, torch.nn), and the runners of the layer grid, the IMDB-style
+current Keras backend: TensorFlow in ``tf.function``, JAX under ``jax.jit``, torch eagerly;
+and torch.nn), and the runners of the layer grid, the IMDB-style
 ``model.fit`` and the cold start."""
 import json
 import os
@@ -18,14 +19,16 @@ from .timing import timed as timed_calls
 from .workloads import (CELL_NAMES, CELLS, MODES, Case, imdb_batch, iter_workloads,
                         make_inputs, make_weights)
 
+
 def make_case(engine, cell, shape, mode, seed=0, dtype="float32", torch_threads=None):
     """Build ``engine`` (see :data:`~fastcells.bench.engines.CPU_ENGINES`) running ``cell``
     on ``shape`` in ``mode``.
 
     All engines get the weights of :func:`make_weights` and the inputs of
-    :func:`make_inputs`. The TensorFlow engines run inside ``tf.function``; training is one
-    ``GradientTape`` forward of ``sum(outputs)`` and its gradient with respect to the inputs
-    and every trainable weight.
+    :func:`make_inputs`. The Keras engines run on the current Keras backend (inside
+    ``tf.function`` on TensorFlow, under ``jax.jit`` on JAX, eagerly on torch); training is
+    one forward of ``sum(outputs)`` and its gradient with respect to the inputs and every
+    trainable weight.
     """
     if cell not in CELLS:
         raise ValueError(f"cell must be one of {CELLS}, got {cell!r}")
@@ -36,7 +39,14 @@ def make_case(engine, cell, shape, mode, seed=0, dtype="float32", torch_threads=
     if engine == "torch":
         return _torch_case(cell, shape, mode, weights, x, torch_threads)
     if engine in ("keras", "fastcells-cpu", "fastcells-cuda"):
-        return _tf_case(engine, cell, shape, mode, weights, x)
+        import keras
+        backend = keras.backend.backend()
+        make = {"tensorflow": _tf_case, "jax": _jax_case, "torch": _torch_backend_case}.get(
+            backend)
+        if make is None:
+            raise ValueError(f"the CPU comparison runs on the tensorflow, torch or jax Keras "
+                             f"backend; Keras runs on '{backend}'")
+        return make(engine, cell, shape, mode, weights, x)
     raise ValueError(f"engine must be one of {CPU_ENGINES}, got {engine!r}")
 
 
@@ -57,20 +67,33 @@ def layer_class(engine, cell):
     return make
 
 
-def _tf_case(engine, cell, shape, mode, weights, x_np):
-    import tensorflow as tf
-
+def _built_layers(engine, cell, shape, weights, dtype):
+    """The stack of ``shape.layers`` layers of ``engine``, built, with ``weights``."""
     make_layer = layer_class(engine, cell)
     layers = []
     d = shape.features
     for i, w in enumerate(weights):
         last = i == shape.layers - 1
         layer = make_layer(shape.units, return_sequences=shape.return_sequences or not last,
-                           dtype=str(x_np.dtype))
+                           dtype=str(dtype))
         layer.build((shape.batch, shape.time, d))
         layer.set_weights(w)
         layers.append(layer)
         d = shape.units
+    return layers
+
+
+def _kernels_check(engine, layers):
+    def check():
+        if engine.startswith("fastcells"):
+            check_kernels_ran(engine, layers)
+    return check
+
+
+def _tf_case(engine, cell, shape, mode, weights, x_np):
+    import tensorflow as tf
+
+    layers = _built_layers(engine, cell, shape, weights, x_np.dtype)
     variables = [v for layer in layers for v in layer.trainable_variables]
     x = tf.constant(x_np)
 
@@ -100,11 +123,79 @@ def _tf_case(engine, cell, shape, mode, weights, x_np):
         y, grads = out
         return y.numpy(), ([g.numpy() for g in grads] if mode == "train" else None)
 
-    def check():
-        if engine.startswith("fastcells"):
-            check_kernels_ran(engine, layers)
+    return Case(engine, cell, shape, mode, run, fetch, _kernels_check(engine, layers))
 
-    return Case(engine, cell, shape, mode, run, fetch, check)
+
+def _jax_case(engine, cell, shape, mode, weights, x_np):
+    """The layers under ``jax.jit`` through ``stateless_call``; training is ``jax.grad`` of
+    ``sum(outputs)`` with respect to the inputs and every trainable weight."""
+    import jax
+    import jax.numpy as jnp
+
+    layers = _built_layers(engine, cell, shape, weights, x_np.dtype)
+    trainable = [[v.value for v in layer.trainable_variables] for layer in layers]
+    fixed = [[v.value for v in layer.non_trainable_variables] for layer in layers]
+    x = jnp.asarray(x_np)
+
+    def apply(inputs, trainable, training):
+        y = inputs
+        for layer, tv, nv in zip(layers, trainable, fixed):
+            y, _ = layer.stateless_call(tv, nv, y, training=training)
+        return y
+
+    if mode == "forward":
+        step = jax.jit(lambda inputs, tv: (apply(inputs, tv, False), ()))
+    else:
+        def loss(inputs, tv):
+            y = apply(inputs, tv, True)
+            return jnp.sum(y), y
+
+        grad = jax.grad(loss, argnums=(0, 1), has_aux=True)
+
+        @jax.jit
+        def step(inputs, tv):
+            (gx, gw), y = grad(inputs, tv)
+            return y, [gx] + [g for layer_grads in gw for g in layer_grads]
+
+    def run():
+        return jax.block_until_ready(step(x, trainable))
+
+    def fetch(out):
+        y, grads = out
+        return np.asarray(y), ([np.asarray(g) for g in grads] if mode == "train" else None)
+
+    return Case(engine, cell, shape, mode, run, fetch, _kernels_check(engine, layers))
+
+
+def _torch_backend_case(engine, cell, shape, mode, weights, x_np):
+    """The layers on Keras's torch backend, eagerly; training is ``torch.autograd.grad`` of
+    ``sum(outputs)`` with respect to the inputs and every trainable weight."""
+    import torch
+
+    layers = _built_layers(engine, cell, shape, weights, x_np.dtype)
+    variables = [v.value for layer in layers for v in layer.trainable_variables]
+    x = torch.as_tensor(x_np)
+
+    def apply(inputs, training):
+        y = inputs
+        for layer in layers:
+            y = layer(y, training=training)
+        return y
+
+    def run():
+        if mode == "forward":
+            with torch.no_grad():
+                return apply(x, False), ()
+        inputs = x.detach().requires_grad_(True)
+        y = apply(inputs, True)
+        return y, torch.autograd.grad(y.sum(), [inputs] + variables)
+
+    def fetch(out):
+        y, grads = out
+        return (y.detach().cpu().numpy(),
+                [g.detach().cpu().numpy() for g in grads] if mode == "train" else None)
+
+    return Case(engine, cell, shape, mode, run, fetch, _kernels_check(engine, layers))
 
 
 def check_kernels_ran(engine, layers):

@@ -45,8 +45,8 @@ GPU_ENGINES = ("keras", "fastcells-cuda-ops", "fastcells-cuda", "torch-cudnn")
 GPU_OPTIONAL_ENGINES = ("fastcells-cuda-ops-unsplit",)
 COMPARISONS = {"cpu": CPU_ENGINES, "gpu": GPU_ENGINES + GPU_OPTIONAL_ENGINES}
 
-#: Keras backends the CPU comparison runs on.
-CPU_BACKENDS = ("tensorflow",)
+#: Keras backends the CPU comparison runs on (``python -m fastcells bench --backend``).
+CPU_BACKENDS = ("tensorflow", "torch", "jax")
 
 
 def ordered_engines(engines):
@@ -55,31 +55,38 @@ def ordered_engines(engines):
 
 
 # --------------------------------------------------------------------------- which run
-def choose_bench(gpu_flag, tensorflow_found, keras_backend):
+def choose_bench(gpu_flag, tensorflow_found, keras_backend, gpu_found=False,
+                 backend_flag=None):
     """Which comparison ``python -m fastcells bench`` runs: ``("cpu" | "gpu", note)``.
 
-    The CPU comparison needs the built-in layers on TensorFlow (the reference backend); where
-    TensorFlow is missing, or Keras runs on another backend, the GPU comparison runs instead,
-    and ``note`` says why (None when nothing needs saying).
+    The CPU comparison runs on the Keras backend of the process (TensorFlow, torch or JAX)
+    against that backend's built-in layers. The GPU comparison runs for ``--gpu``, and
+    where TensorFlow is missing on a machine with a CUDA GPU (the command line then starts
+    Keras on torch) unless a backend was asked for (``--backend``, ``backend_flag``).
+    ``note`` says why the GPU comparison was chosen (None when nothing needs saying).
 
     Example::
 
-        choose_bench(False, tensorflow_found=False, keras_backend="torch")
-        # ("gpu", "TensorFlow is not installed: ...")
+        choose_bench(False, tensorflow_found=False, keras_backend="torch", gpu_found=True)
+        # ("gpu", "TensorFlow is not installed and a CUDA GPU is: ...")
     """
     if gpu_flag:
         return "gpu", None
-    if not tensorflow_found:
-        return "gpu", ("TensorFlow is not installed: the CPU comparison (built-in layers on "
-                       "TensorFlow, fastcells-cpu, torch, model.fit, cold start) is skipped; "
-                       "running the GPU comparison")
-    if keras_backend != "tensorflow":
-        return "gpu", (f"Keras runs on the '{keras_backend}' backend: the CPU comparison "
-                       f"needs KERAS_BACKEND=tensorflow; running the GPU comparison")
-    return "cpu", None
+    if backend_flag is None and not tensorflow_found and gpu_found:
+        return "gpu", ("TensorFlow is not installed and a CUDA GPU is: running the GPU "
+                       "comparison (--backend torch or jax runs the CPU comparison)")
+    if keras_backend in CPU_BACKENDS:
+        return "cpu", None
+    return "gpu", (f"Keras runs on the '{keras_backend}' backend: the CPU comparison needs "
+                   f"KERAS_BACKEND={', '.join(CPU_BACKENDS)}; running the GPU comparison")
 
 
 # --------------------------------------------------------------------------- availability
+def cuda_gpu_found():
+    """True when torch sees a CUDA GPU (see :func:`no_gpu_reason`)."""
+    return no_gpu_reason() is None
+
+
 def no_gpu_reason():
     """None when torch sees a CUDA GPU, else why the GPU comparison cannot run."""
     if importlib.util.find_spec("torch") is None:

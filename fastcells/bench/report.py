@@ -165,6 +165,10 @@ def write_report(report, stream):
     """Write the tables of a :class:`Report` to ``stream``: one per workload with
     microseconds per time step, the speed-up over the built-in layer and the errors against
     it; then model.fit and cold start."""
+    backend = (report.settings or {}).get("backend")
+    if backend:
+        stream.write(f"Keras backend: {backend} (the built-in layers and fastcells both run "
+                     f"on it)\n")
     groups = {}
     for r in report.layers:
         groups.setdefault(r.workload, []).append(r)
