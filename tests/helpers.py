@@ -95,6 +95,20 @@ LAYER_CONFIGS = {
 }
 
 
+def bidirectional_pair(name):
+    """``(built-in, fastcells, x, mask)``: a Bidirectional pair of ``name`` layers (5 units,
+    whole sequences), an input [4, 7, 3] and a random mask, for the backend checks."""
+    import keras
+
+    import fastcells
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((4, 7, 3)).astype("float32")
+    ref = keras.layers.Bidirectional(getattr(keras.layers, name)(5, return_sequences=True))
+    fc = keras.layers.Bidirectional(getattr(fastcells, name)(5, return_sequences=True,
+                                                             engine="cpu"))
+    return ref, fc, x, random_mask(rng, 4, 7)
+
+
 def layer_arguments(cell, config, rng, shape=(5, 9, 4, 6), configs=LAYER_CONFIGS):
     """(class name, layer arguments, units, x, call arguments) for LAYER_CELLS[cell] in
     ``configs[config]``: x [B, T, D] float32, and the call's training, mask (any pattern)

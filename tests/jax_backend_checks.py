@@ -30,8 +30,8 @@ import fastcells  # noqa: E402
 from fastcells import bridge, config  # noqa: E402
 from fastcells.bench import relative_error, worst_of  # noqa: E402
 from fastcells.bridge import jax as jax_bridge  # noqa: E402
-from helpers import (LAYER_CELLS, LAYER_CONFIGS, layer_arguments,  # noqa: E402
-                     random_mask, run_backend_checks)
+from helpers import (LAYER_CELLS, LAYER_CONFIGS, bidirectional_pair,  # noqa: E402
+                     layer_arguments, random_mask, run_backend_checks)
 
 TOL_OUT = config.TOL_OUTPUT_F32         # absolute, float32 outputs and states
 TOL_GRAD = config.TOL_GRAD_F32          # relative to the gradient's norm (relative_error)
@@ -163,14 +163,9 @@ def float64_case(cell):
 
 
 def bidirectional_case(name):
-    rng = np.random.default_rng(11)
-    x = rng.standard_normal((4, 7, 3)).astype("float32")
-    ref = keras.layers.Bidirectional(getattr(keras.layers, name)(5, return_sequences=True))
-    fc = keras.layers.Bidirectional(getattr(fastcells, name)(5, return_sequences=True,
-                                                             engine="cpu"))
+    ref, fc, x, mask = bidirectional_pair(name)
     assert isinstance(fc.backward_layer, getattr(fastcells, name))
-    assert_same(ref, fc, x, mask=random_mask(rng, 4, 7),
-                inner=[fc.forward_layer, fc.backward_layer])
+    assert_same(ref, fc, x, mask=mask, inner=[fc.forward_layer, fc.backward_layer])
 
 
 def stateful_case(name):

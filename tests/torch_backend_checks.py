@@ -32,8 +32,8 @@ from fastcells import bridge, config  # noqa: E402
 from fastcells.bench import relative_error, worst_of  # noqa: E402
 from fastcells.bridge import torch as torch_bridge  # noqa: E402
 import reference  # noqa: E402
-from helpers import (LAYER_CELLS, LAYER_CONFIGS, layer_arguments,  # noqa: E402
-                     random_mask, run_backend_checks)
+from helpers import (LAYER_CELLS, LAYER_CONFIGS, bidirectional_pair,  # noqa: E402
+                     layer_arguments, random_mask, run_backend_checks)
 
 TOL_OUT = config.TOL_OUTPUT_F32         # absolute, float32 outputs and states
 TOL_GRAD = config.TOL_GRAD_F32          # relative to the gradient's norm (relative_error)
@@ -234,14 +234,9 @@ def awkward_shapes_case(name):
 
 
 def bidirectional_case(name):
-    rng = np.random.default_rng(11)
-    x = rng.standard_normal((4, 7, 3)).astype("float32")
-    ref = keras.layers.Bidirectional(getattr(keras.layers, name)(5, return_sequences=True))
-    fc = keras.layers.Bidirectional(getattr(fastcells, name)(5, return_sequences=True,
-                                                             engine="cpu"))
+    ref, fc, x, mask = bidirectional_pair(name)
     fc.build(x.shape)
-    assert_same(ref, fc, x, mask=random_mask(rng, 4, 7),
-                inner=[fc.forward_layer, fc.backward_layer])
+    assert_same(ref, fc, x, mask=mask, inner=[fc.forward_layer, fc.backward_layer])
 
 
 def second_backward_case(name):
