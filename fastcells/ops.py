@@ -32,7 +32,7 @@ from .cpu._parallel import single_threaded_blas as _blas_held
 
 __all__ = ["lstm_forward", "lstm_backward", "gru_forward", "gru_backward",
            "simple_rnn_forward", "simple_rnn_backward", "Forward", "Gradients",
-           "ENGINES", "cuda_available", "cache_nbytes"]
+           "ENGINES", "CELLS", "Cell", "cuda_available", "cache_nbytes"]
 
 ENGINES = ("auto", "cpu", "cuda")
 
@@ -274,8 +274,12 @@ def _check_cache(cache, cell):
 
 
 # --------------------------------------------------------------------------- preparation
-_GATES = {"lstm": 4, "gru": 3, "simple_rnn": 1}
-_STATES = {"lstm": ("h0", "c0"), "gru": ("h0",), "simple_rnn": ("h0",)}
+def _gates(cell):
+    return CELLS[cell].gates
+
+
+def _state_names(cell):
+    return CELLS[cell].states
 
 
 def _prepare(cell, x, kernel, recurrent_kernel, bias, states, *, mask, go_backwards,
@@ -286,7 +290,7 @@ def _prepare(cell, x, kernel, recurrent_kernel, bias, states, *, mask, go_backwa
     results yet). Shared by the forward functions and by :func:`rebuild_cache`."""
     eng = _resolve_engine(engine, x)
     E = _engine_modules(eng)
-    G = _GATES[cell]
+    G = _gates(cell)
     x = _check_x(x, eng)
     B, T, D = (int(n) for n in x.shape)
     dt = np.dtype(x.dtype)
@@ -308,7 +312,7 @@ def _prepare(cell, x, kernel, recurrent_kernel, bias, states, *, mask, go_backwa
         rmask = rmask[0] if rmask is not None and rmask.ndim == 3 else rmask
     bshape = (2, 3 * H) if (cell == "gru" and reset_after) else (G * H,)
     b = None if bias is None else _check_weight("bias", bias, bshape, dt, eng)
-    names = _STATES[cell]
+    names = _state_names(cell)
     if len(states) > len(names):
         raise ValueError(f"{cell} takes {len(names)} initial state(s) {names}, got "
                          f"{len(states)}")
@@ -475,7 +479,7 @@ def _backward(c, dy, dstates):
         return _backward_fused_gru(c, dy, dstates)
     la, o = c.eng.linalg, c.opts
     B, T, H, dt = c.B, c.T, c.H, c.dtype
-    G = _GATES[c.cell]
+    G = _gates(c.cell)
     if c.xt is None:        # the forward projected inside the step: dW needs x time-major
         c.xt = la.time_major(c.x)
         if c.dmask is not None:
@@ -868,3 +872,17 @@ def simple_rnn_backward(cache, d_outputs=None, d_h=None):
         ``Gradients(x, kernel, recurrent_kernel, bias, (dh0,))``.
     """
     return _backward_op("simple_rnn", cache, d_outputs, [("d_h", d_h)])
+
+
+# --------------------------------------------------------------------------- the cells
+Cell = namedtuple("Cell", ["name", "layer", "gates", "states", "forward", "backward"])
+Cell.__doc__ = """What fastcells knows of one cell: its name ("lstm"), its Keras layer's
+name ("LSTM"), its gates (the column blocks of the kernels), the names of its initial states,
+and its forward and backward functions in this module."""
+
+#: The cells, by name: the one table the bridges, the benchmarks and the warm-up use.
+CELLS = {c.name: c for c in (
+    Cell("lstm", "LSTM", 4, ("h0", "c0"), lstm_forward, lstm_backward),
+    Cell("gru", "GRU", 3, ("h0",), gru_forward, gru_backward),
+    Cell("simple_rnn", "SimpleRNN", 1, ("h0",), simple_rnn_forward, simple_rnn_backward),
+)}

@@ -27,8 +27,10 @@ import time
 
 import numpy as np
 
+from . import ops
+
 #: The cells a warm-up can compile.
-CELLS = ("lstm", "gru", "simple_rnn")
+CELLS = tuple(ops.CELLS)
 #: The dtypes a warm-up can compile.
 DTYPES = ("float32", "float64")
 #: The kernel paths of each cell: "fused" (the input projection inside each step, what a
@@ -37,8 +39,6 @@ DTYPES = ("float32", "float64")
 #: dropout, ``FASTCELLS_FUSED=0``).
 PATHS = ("fused", "unfused")
 
-_GATES = {"lstm": 4, "gru": 3, "simple_rnn": 1}
-_STATES = {"lstm": 2, "gru": 1, "simple_rnn": 1}
 
 
 def jobs_for(cells=CELLS, dtypes=DTYPES):
@@ -47,8 +47,7 @@ def jobs_for(cells=CELLS, dtypes=DTYPES):
         bad = [v for v in given if v not in allowed]
         if bad:
             raise ValueError(f"{name}: unknown {bad}; choose from {', '.join(allowed)}")
-    order = {"lstm": 0, "gru": 1, "simple_rnn": 2}
-    return [(c, d, p) for c in sorted(cells, key=order.get) for d in dtypes for p in PATHS]
+    return [(c, d, p) for c in CELLS if c in cells for d in dtypes for p in PATHS]
 
 
 def run_job(cell, dtype, path):
@@ -56,17 +55,16 @@ def run_job(cell, dtype, path):
     and backward; with and without a mask, dropout masks and whole sequences) and an
     inference call, on a tiny batch. Which kernels a call reaches depends on the path
     (``config.FUSED``), the cell and the dtype, never on the sizes."""
-    from . import config, ops
+    from . import config
     config.FUSED = path == "fused"
-    G, n_states = _GATES[cell], _STATES[cell]
+    G, n_states = ops.CELLS[cell].gates, len(ops.CELLS[cell].states)
     B, T, D, H = 3, 4, 5, 6
     rng = np.random.default_rng(0)
     dt = np.dtype(dtype)
     x = rng.standard_normal((B, T, D)).astype(dt)
     W = rng.standard_normal((D, G * H)).astype(dt)
     U = rng.standard_normal((H, G * H)).astype(dt)
-    forward = getattr(ops, cell + "_forward")
-    backward = getattr(ops, cell + "_backward")
+    forward, backward = ops.CELLS[cell].forward, ops.CELLS[cell].backward
     rmask = dict(recurrent_dropout_mask=np.ones((G, B, H), dt))
     variants = [{}, dict(mask=np.ones((B, T), bool)), dict(return_sequences=True),
                 dict(dropout_mask=np.ones((B, D), dt))]

@@ -9,12 +9,13 @@ import math
 import numpy as np
 
 from .. import config
-from ..ops import _GATES as GATES, _STATES as STATES  # noqa: F401  (the kernels' own table)
+from ..ops import CELLS as _CELLS
 
 # --------------------------------------------------------------------------- the grid
-#: GATES (gates per cell) and STATES (the initial states' names) are fastcells.ops's tables.
-CELLS = ("lstm", "gru", "simple_rnn")
-CELL_NAMES = {"lstm": "LSTM", "gru": "GRU", "simple_rnn": "SimpleRNN"}
+#: The cells, their layers' names and gates per cell, from ``fastcells.ops.CELLS``.
+CELLS = tuple(_CELLS)
+CELL_NAMES = {name: c.layer for name, c in _CELLS.items()}
+GATES = {name: c.gates for name, c in _CELLS.items()}
 
 MODES = ("forward", "train")
 MODE_NAMES = {"forward": "inference (forward)",

@@ -112,11 +112,9 @@ class CacheStore:
 pending = CacheStore()
 
 
-#: The forward and backward ops of each cell.
-FORWARD = {"lstm": ops.lstm_forward, "gru": ops.gru_forward,
-           "simple_rnn": ops.simple_rnn_forward}
-BACKWARD = {"lstm": ops.lstm_backward, "gru": ops.gru_backward,
-            "simple_rnn": ops.simple_rnn_backward}
+#: The forward and backward ops of each cell (from ``ops.CELLS``).
+FORWARD = {name: c.forward for name, c in ops.CELLS.items()}
+BACKWARD = {name: c.backward for name, c in ops.CELLS.items()}
 #: The token of a forward that kept no cache.
 NO_TOKEN = 0
 
