@@ -16,8 +16,8 @@ from .engines import BASELINE, CPU_ENGINES, available_engines, ordered_engines
 from .report import ColdResult, FitResult, Result
 from .timing import NoProgress, Settings, error_status, time_together, timing_kwargs
 from .timing import timed as timed_calls
-from .workloads import (CELL_NAMES, CELLS, MODES, Case, imdb_batch, iter_workloads,
-                        make_inputs, make_weights)
+from .workloads import (CELL_NAMES, CELLS, MODES, Case, case_arrays, imdb_batch,
+                        iter_workloads)
 
 
 def make_case(engine, cell, shape, mode, seed=0, dtype="float32", torch_threads=None):
@@ -30,12 +30,7 @@ def make_case(engine, cell, shape, mode, seed=0, dtype="float32", torch_threads=
     one forward of ``sum(outputs)`` and its gradient with respect to the inputs and every
     trainable weight.
     """
-    if cell not in CELLS:
-        raise ValueError(f"cell must be one of {CELLS}, got {cell!r}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    weights = make_weights(cell, shape, seed, dtype)
-    x = make_inputs(shape, seed, dtype)
+    weights, x = case_arrays(cell, shape, mode, seed, dtype)
     if engine == "torch":
         return _torch_case(cell, shape, mode, weights, x, torch_threads)
     if engine in ("keras", "fastcells-cpu", "fastcells-cuda"):
@@ -67,7 +62,7 @@ def layer_class(engine, cell):
     return make
 
 
-def _built_layers(engine, cell, shape, weights, dtype):
+def built_layers(engine, cell, shape, weights, dtype):
     """The stack of ``shape.layers`` layers of ``engine``, built, with ``weights``."""
     make_layer = layer_class(engine, cell)
     layers = []
@@ -83,6 +78,14 @@ def _built_layers(engine, cell, shape, weights, dtype):
     return layers
 
 
+def _apply(layers, inputs, training):
+    """The stack of layers called on ``inputs``."""
+    y = inputs
+    for layer in layers:
+        y = layer(y, training=training)
+    return y
+
+
 def _kernels_check(engine, layers):
     def check():
         if engine.startswith("fastcells"):
@@ -93,26 +96,20 @@ def _kernels_check(engine, layers):
 def _tf_case(engine, cell, shape, mode, weights, x_np):
     import tensorflow as tf
 
-    layers = _built_layers(engine, cell, shape, weights, x_np.dtype)
+    layers = built_layers(engine, cell, shape, weights, x_np.dtype)
     variables = [v for layer in layers for v in layer.trainable_variables]
     x = tf.constant(x_np)
-
-    def apply(inputs, training):
-        y = inputs
-        for layer in layers:
-            y = layer(y, training=training)
-        return y
 
     if mode == "forward":
         @tf.function
         def step(inputs):
-            return apply(inputs, False), ()
+            return _apply(layers, inputs, False), ()
     else:
         @tf.function
         def step(inputs):
             with tf.GradientTape() as tape:
                 tape.watch(inputs)
-                y = apply(inputs, True)
+                y = _apply(layers, inputs, True)
                 loss = tf.reduce_sum(y)
             return y, tape.gradient(loss, [inputs] + variables)
 
@@ -132,7 +129,7 @@ def _jax_case(engine, cell, shape, mode, weights, x_np):
     import jax
     import jax.numpy as jnp
 
-    layers = _built_layers(engine, cell, shape, weights, x_np.dtype)
+    layers = built_layers(engine, cell, shape, weights, x_np.dtype)
     trainable = [[v.value for v in layer.trainable_variables] for layer in layers]
     fixed = [[v.value for v in layer.non_trainable_variables] for layer in layers]
     x = jnp.asarray(x_np)
@@ -172,22 +169,16 @@ def _torch_backend_case(engine, cell, shape, mode, weights, x_np):
     ``sum(outputs)`` with respect to the inputs and every trainable weight."""
     import torch
 
-    layers = _built_layers(engine, cell, shape, weights, x_np.dtype)
+    layers = built_layers(engine, cell, shape, weights, x_np.dtype)
     variables = [v.value for layer in layers for v in layer.trainable_variables]
     x = torch.as_tensor(x_np)
-
-    def apply(inputs, training):
-        y = inputs
-        for layer in layers:
-            y = layer(y, training=training)
-        return y
 
     def run():
         if mode == "forward":
             with torch.no_grad():
-                return apply(x, False), ()
+                return _apply(layers, x, False), ()
         inputs = x.detach().requires_grad_(True)
-        y = apply(inputs, True)
+        y = _apply(layers, inputs, True)
         return y, torch.autograd.grad(y.sum(), [inputs] + variables)
 
     def fetch(out):

@@ -36,14 +36,14 @@ import sys
 import numpy as np
 
 from .equivalence import check_equivalence, compare
-from .cpu import layer_class
+from .cpu import built_layers
 from .engines import GPU_ENGINES, GPU_OPTIONAL_ENGINES, _numba_cuda_reason
 from .engines import available_engines, ordered_engines
 from .report import Result
 from .timing import NoProgress, Settings, error_status, time_together, timing_kwargs
 from .timing import timed as timed_calls
 from .torch_worker import nvtx_range, torch_case
-from .workloads import CELL_NAMES, CELLS, MODES, Case, iter_workloads, make_inputs, make_weights
+from .workloads import CELL_NAMES, MODES, Case, case_arrays, iter_workloads
 
 _ALL_GPU_ENGINES = GPU_ENGINES + GPU_OPTIONAL_ENGINES
 
@@ -115,12 +115,7 @@ def make_gpu_case(engine, cell, shape, mode, seed=0, dtype="float32"):
     :func:`~fastcells.bench.workloads.make_weights` /
     :func:`~fastcells.bench.workloads.make_inputs`. Returns a
     :class:`~fastcells.bench.workloads.Case` whose calls end with :func:`synchronize`."""
-    if cell not in CELLS:
-        raise ValueError(f"cell must be one of {CELLS}, got {cell!r}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    weights = make_weights(cell, shape, seed, dtype)
-    x = make_inputs(shape, seed, dtype)
+    weights, x = case_arrays(cell, shape, mode, seed, dtype)
     if engine == "torch-cudnn":
         run, fetch = torch_case(cell, shape, mode, weights, x, device="cuda")
         return Case(engine, cell, shape, mode, run, fetch)
@@ -197,17 +192,7 @@ def _keras_case(engine, cell, shape, mode, weights, x_np):
     """A built-in or fastcells Keras layer under the torch backend, on CUDA tensors."""
     import torch
 
-    make_layer = layer_class(engine, cell)
-    layers = []
-    d = shape.features
-    for i, w in enumerate(weights):
-        last = i == shape.layers - 1
-        layer = make_layer(shape.units, return_sequences=shape.return_sequences or not last,
-                           dtype=str(x_np.dtype))
-        layer.build((shape.batch, shape.time, d))
-        layer.set_weights(w)
-        layers.append(layer)
-        d = shape.units
+    layers = built_layers(engine, cell, shape, weights, x_np.dtype)
     variables = [v.value for layer in layers for v in layer.trainable_variables]
     x = torch.from_numpy(x_np).to("cuda")
     training = mode == "train"

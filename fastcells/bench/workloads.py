@@ -165,6 +165,15 @@ def make_inputs(shape, seed=0, dtype="float32"):
     return rng.standard_normal((shape.batch, shape.time, shape.features)).astype(dtype)
 
 
+def case_arrays(cell, shape, mode, seed=0, dtype="float32"):
+    """``(weights, x)`` of a case, after checking ``cell`` and ``mode``: what every engine
+    of a workload gets (:func:`make_weights`, :func:`make_inputs`)."""
+    if cell not in CELLS:
+        raise ValueError(f"cell must be one of {CELLS}, got {cell!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return make_weights(cell, shape, seed, dtype), make_inputs(shape, seed, dtype)
+
 
 # --------------------------------------------------------------------------- cases
 class Case:
