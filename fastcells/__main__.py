@@ -304,8 +304,12 @@ def bench_command(args, argv=None):
               f"when it is imported: run `python -m fastcells bench --backend "
               f"{args.backend}`, or set KERAS_BACKEND={args.backend})", file=sys.stderr)
         return 2
-    path, note = eng.choose_bench(args.gpu, _startup.module_found("tensorflow"),
-                                  keras.backend.backend(), eng.cuda_gpu_found(),
+    tf_found = _startup.module_found("tensorflow")
+    # asked only where it decides: the question imports torch, which the CPU comparison
+    # keeps out of this process (it runs torch.nn in a worker process)
+    gpu_found = not args.gpu and not tf_found and args.backend is None and \
+        eng.cuda_gpu_found()
+    path, note = eng.choose_bench(args.gpu, tf_found, keras.backend.backend(), gpu_found,
                                   args.backend)
     if path == "gpu":
         return gpu_bench_command(args, note)
