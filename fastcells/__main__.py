@@ -65,12 +65,7 @@ def _csv(choices):
     return parse
 
 
-def _startup_backends():
-    from fastcells import _startup
-    return _startup.BACKENDS
-
-
-def _each_backend(args, argv):
+def _each_backend(argv):
     """``bench --backend all``: the CPU comparison once per installed Keras backend, each in
     a process of its own (Keras picks its backend once per process)."""
     import subprocess
@@ -111,7 +106,7 @@ def _suffixed(argv, backend):
 
 
 def _parser():
-    from fastcells import bench
+    from fastcells import _startup, bench
     from fastcells.bench import engines as eng
     from fastcells.bench import gpu
     p = argparse.ArgumentParser(prog="python -m fastcells",
@@ -178,7 +173,7 @@ def _parser():
                         "TensorFlow is not installed and a GPU is). Engines: "
                         + ", ".join(eng.GPU_ENGINES) + "; shapes by default: "
                         + ",".join(gpu.GPU_SHAPES))
-    b.add_argument("--backend", choices=_startup_backends() + ("all",), default=None,
+    b.add_argument("--backend", choices=_startup.BACKENDS + ("all",), default=None,
                    help="the Keras backend of the CPU comparison: fastcells and the built-in "
                         "layers both run on it (default: Keras's backend, KERAS_BACKEND); "
                         "'all' runs the comparison once per installed backend, each in a "
@@ -288,7 +283,7 @@ def _settings(args):
     return settings
 
 
-def bench_command(args, argv=None):
+def bench_command(args, argv):
     """``python -m fastcells bench``: run, print the tables, save JSON / plot."""
     import keras
 
@@ -297,7 +292,7 @@ def bench_command(args, argv=None):
     from fastcells.bench import timing, torch_worker, workloads
 
     if args.backend == "all" and not args.gpu:
-        return _each_backend(args, sys.argv[1:] if argv is None else argv)
+        return _each_backend(argv)
     if args.backend is not None and args.backend != keras.backend.backend():
         print(f"python -m fastcells bench: error: --backend {args.backend} but Keras already "
               f"runs on '{keras.backend.backend()}' in this process (Keras picks its backend "

@@ -274,14 +274,6 @@ def _check_cache(cache, cell):
 
 
 # --------------------------------------------------------------------------- preparation
-def _gates(cell):
-    return CELLS[cell].gates
-
-
-def _state_names(cell):
-    return CELLS[cell].states
-
-
 def _prepare(cell, x, kernel, recurrent_kernel, bias, states, *, mask, go_backwards,
              zero_output_for_mask, dropout_mask, recurrent_dropout_mask, activation,
              recurrent_activation, reset_after, training, return_sequences, engine,
@@ -290,7 +282,7 @@ def _prepare(cell, x, kernel, recurrent_kernel, bias, states, *, mask, go_backwa
     results yet). Shared by the forward functions and by :func:`rebuild_cache`."""
     eng = _resolve_engine(engine, x)
     E = _engine_modules(eng)
-    G = _gates(cell)
+    G = CELLS[cell].gates
     x = _check_x(x, eng)
     B, T, D = (int(n) for n in x.shape)
     dt = np.dtype(x.dtype)
@@ -312,7 +304,7 @@ def _prepare(cell, x, kernel, recurrent_kernel, bias, states, *, mask, go_backwa
         rmask = rmask[0] if rmask is not None and rmask.ndim == 3 else rmask
     bshape = (2, 3 * H) if (cell == "gru" and reset_after) else (G * H,)
     b = None if bias is None else _check_weight("bias", bias, bshape, dt, eng)
-    names = _state_names(cell)
+    names = CELLS[cell].states
     if len(states) > len(names):
         raise ValueError(f"{cell} takes {len(names)} initial state(s) {names}, got "
                          f"{len(states)}")
@@ -479,7 +471,7 @@ def _backward(c, dy, dstates):
         return _backward_fused_gru(c, dy, dstates)
     la, o = c.eng.linalg, c.opts
     B, T, H, dt = c.B, c.T, c.H, c.dtype
-    G = _gates(c.cell)
+    G = CELLS[c.cell].gates
     if c.xt is None:        # the forward projected inside the step: dW needs x time-major
         c.xt = la.time_major(c.x)
         if c.dmask is not None:

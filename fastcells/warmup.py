@@ -24,6 +24,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import numpy as np
 
@@ -40,9 +41,9 @@ DTYPES = ("float32", "float64")
 PATHS = ("fused", "unfused")
 
 
-
 def jobs_for(cells=CELLS, dtypes=DTYPES):
-    """The ``(cell, dtype, path)`` jobs of a warm-up, largest first."""
+    """The ``(cell, dtype, path)`` jobs of a warm-up, in the order of ``CELLS`` (the
+    longest to compile first)."""
     for name, allowed, given in (("cells", CELLS, cells), ("dtypes", DTYPES, dtypes)):
         bad = [v for v in given if v not in allowed]
         if bad:
@@ -87,42 +88,37 @@ def warmup(cells=CELLS, dtypes=DTYPES, jobs=None, progress=True, stream=None):
     """Compile the kernels of every ``(cell, dtype, path)`` into the on-disk cache, each in
     a subprocess, ``jobs`` at a time (default: the number of CPUs). Prints a progress line
     per finished job to ``stream`` (stderr) when ``progress``. Returns ``[(job, seconds)]``;
-    raises RuntimeError naming the job and its error output when a job fails."""
+    raises RuntimeError naming the job and its error output when a job fails (the jobs not
+    started yet are dropped)."""
     stream = sys.stderr if stream is None else stream
     todo = jobs_for(cells, dtypes)
-    jobs = max(1, int(jobs or os.cpu_count() or 1))
-    env = dict(os.environ)
-    env["KERAS_BACKEND"] = "numpy"          # the kernels need no framework: start quickly
+    env = dict(os.environ, KERAS_BACKEND="numpy")  # the kernels need no framework
     code = "import sys; from fastcells import warmup; warmup.run_job(*sys.argv[1:])"
-    running, done, start = [], [], time.perf_counter()
-    pending = list(todo)
-    while pending or running:
-        while pending and len(running) < jobs:
-            job = pending.pop(0)
-            proc = subprocess.Popen([sys.executable, "-c", code, *job], env=env,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                    text=True)
-            running.append((job, proc, time.perf_counter()))
-        finished = [r for r in running if r[1].poll() is not None]
-        if not finished:
-            time.sleep(0.05)
-            continue
-        for job, proc, t0 in finished:
-            running.remove((job, proc, t0))
-            err = proc.stderr.read()
-            proc.stderr.close()
-            if proc.returncode != 0:
-                for _, other, _ in running:
-                    other.kill()
-                raise RuntimeError(f"fastcells warmup: compiling {' '.join(job)} failed "
-                                   f"(exit {proc.returncode}):\n{err[-3000:]}")
-            done.append((job, time.perf_counter() - t0))
-            if progress:
-                n = len(done)
-                bar = "#" * (20 * n // len(todo))
-                print(f"\r[{bar:<20}] {n}/{len(todo)} {' '.join(job)} "
-                      f"({done[-1][1]:.0f} s)", file=stream, end="\n" if n == len(todo)
-                      else "", flush=True)
+
+    def compile_job(job):
+        t0 = time.perf_counter()
+        out = subprocess.run([sys.executable, "-c", code, *job], env=env, text=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if out.returncode != 0:
+            raise RuntimeError(f"fastcells warmup: compiling {' '.join(job)} failed "
+                               f"(exit {out.returncode}):\n{out.stderr[-3000:]}")
+        return job, time.perf_counter() - t0
+
+    start, done = time.perf_counter(), []
+    workers = max(1, int(jobs or os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers) as pool:
+        futures = [pool.submit(compile_job, job) for job in todo]
+        try:
+            for future in as_completed(futures):
+                done.append(future.result())
+                if progress:
+                    n = len(done)
+                    print(f"\r[{'#' * (20 * n // len(todo)):<20}] {n}/{len(todo)} "
+                          f"{' '.join(done[-1][0])} ({done[-1][1]:.0f} s)", file=stream,
+                          end="\n" if n == len(todo) else "", flush=True)
+        finally:
+            for future in futures:
+                future.cancel()
     if progress:
         print(f"compiled {len(todo)} kernel sets in {time.perf_counter() - start:.0f} s; "
               f"cache: {cache_location()}", file=stream, flush=True)

@@ -44,8 +44,9 @@ class _CompileNotice(event.Listener):
             self.said = True
         from ..warmup import cache_location
         _log.warning("fastcells: compiling CPU kernels that are not in the kernel cache "
-                     "yet (10-30 s per cell and dtype, once; cached in %s). `python -m "
-                     "fastcells warmup` compiles them all ahead of time.", cache_location())
+                     "yet (tens of seconds per cell and dtype, once; cached in %s). "
+                     "`python -m fastcells warmup` compiles them all ahead of time.",
+                     cache_location())
 
     def on_end(self, ev):
         pass
