@@ -3,6 +3,7 @@
     python -m fastcells bench             # tables: us per time step, speed-up, max error
     python -m fastcells bench --quick     # a small subset, under two minutes
     python -m fastcells bench --json out.json --plot out.png
+    python -m fastcells report out.json   # the tables of a saved run (--markdown, --plot)
     python -m fastcells bench --gpu       # CUDA engines vs cuDNN and Keras on torch (no TF)
     python -m fastcells demo              # train the IMDB-style model a few batches
     python -m fastcells warmup            # compile every CPU kernel into the kernel cache
@@ -95,7 +96,7 @@ def _suffixed(argv, backend):
     """``argv`` with the --json and --plot file names ending in ``-<backend>``."""
     out = list(argv)
     for i, a in enumerate(out):
-        for flag in ("--json", "--plot"):
+        for flag in ("--json", "--plot", "--markdown"):     # one file per backend
             if a == flag and i + 1 < len(out):
                 root, ext = os.path.splitext(out[i + 1])
                 out[i + 1] = f"{root}-{backend}{ext}"
@@ -193,6 +194,10 @@ def _parser():
                         "every kernel)")
     b.add_argument("--json", metavar="PATH", help="save results and machine info as JSON")
     b.add_argument("--plot", metavar="PATH", help="save a PNG bar chart (needs matplotlib)")
+    b.add_argument("--markdown", metavar="PATH", action="append",
+                   help="rewrite the generated Markdown blocks of PATH (its 'tables' and "
+                        "'summary' marker lines; the tables are appended where it has "
+                        "none); may be given more than once")
     b.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     b.add_argument("--verbose", action="store_true", help="keep TensorFlow's start-up logs")
 
@@ -219,6 +224,18 @@ def _parser():
     c.add_argument("--to", required=True, choices=("fastcells", "keras"),
                    help="the kind of layer to convert to")
     c.add_argument("--verbose", action="store_true", help="keep TensorFlow's start-up logs")
+
+    r = sub.add_parser("report", help="print, chart or write as Markdown the tables of a "
+                       "saved bench run",
+                       description="Read the JSON of `bench --json` and print its tables; "
+                       "with --markdown write them between the marker lines of a Markdown "
+                       "file, with --plot draw its chart.")
+    r.add_argument("json", metavar="JSON", help="a file written by bench --json")
+    r.add_argument("--markdown", metavar="PATH", action="append",
+                   help="a Markdown file whose generated blocks to rewrite (more than once "
+                        "for several files)")
+    r.add_argument("--plot", metavar="PATH", help="save a PNG bar chart (needs matplotlib)")
+    r.add_argument("--verbose", action="store_true", help="keep TensorFlow's start-up logs")
 
     from fastcells import warmup
     w = sub.add_parser("warmup", help="compile every CPU kernel into the kernel cache",
@@ -382,9 +399,7 @@ def _finish(args, report):
     if args.json:
         bench.save_json(args.json, report)
         print(f"saved {args.json}")
-    if args.plot:
-        problem = bench.save_plot(args.plot, report)
-        print(f"plot: {problem}" if problem else f"saved {args.plot}")
+    _save_views(args, report)
     bad = report.mismatches()
     if bad:
         print(f"\n{len(bad)} result(s) out of the equivalence bounds:", file=sys.stderr)
@@ -392,6 +407,35 @@ def _finish(args, report):
             print(f"  {getattr(r, 'shape', 'model.fit')} {r.cell} "
                   f"{getattr(r, 'mode', 'train')} {r.engine}: {r.status}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _save_views(args, report):
+    """The chart (--plot) and the Markdown tables (--markdown) of a report."""
+    from fastcells import bench
+    from fastcells.bench import markdown
+
+    if args.plot:
+        problem = bench.save_plot(args.plot, report)
+        print(f"plot: {problem}" if problem else f"saved {args.plot}")
+    for path in args.markdown or ():
+        markdown.write_into(path, args.json, report)
+        print(f"wrote the tables into {path}")
+
+
+def report_command(args):
+    """``python -m fastcells report RUN.json``: the tables of a saved run again."""
+    from fastcells import bench
+    from fastcells.bench import markdown
+
+    try:
+        report = markdown.load_json(args.json)
+    except (OSError, ValueError, TypeError) as e:
+        print(f"report: cannot read {args.json}: {e}", file=sys.stderr)
+        return 2
+    if not (args.markdown or args.plot):
+        bench.write_report(report, sys.stdout)
+    _save_views(args, report)
     return 0
 
 
@@ -499,6 +543,8 @@ def main(argv=None):
         return convert_command(args)
     if args.command == "warmup":
         return warmup_command(args)
+    if args.command == "report":
+        return report_command(args)
     return demo_command(args)
 
 

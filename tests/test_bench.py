@@ -745,3 +745,87 @@ def test_cpu_bench_command_reports_the_floor(tmp_path, capsys, no_floor):
     assert floor["floor_s"] == pytest.approx(flops / data["peak"]["flops_per_s"]
                                              + tanh / data["peak"]["tanh_per_s"])
     assert "  floor " in out and "G tanh/s" in out
+
+
+# --------------------------------------------------------------------------- Markdown
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _small_report():
+    rows = [reporting.Result("imdb", "lstm", "train", "keras", 500, times=[0.081, 0.0795],
+                             max_error=0.0, grad_error=0.0),
+            reporting.Result("imdb", "lstm", "train", "fastcells-cpu", 500,
+                             times=[0.0301234567, 0.029], max_error=2e-7, grad_error=3e-7,
+                             speedup_range=(2.5, 2.9)),
+            reporting.Result("imdb", "gru", "train", "keras", 500, times=[0.09]),
+            reporting.Result("imdb", "gru", "train", "fastcells-cpu", 500, times=[0.03],
+                             status="mismatch: outputs 1e-3 > 1e-5")]
+    for r in rows:
+        r.baseline_median = rows[0 if r.cell == "lstm" else 2].median
+    fit = [reporting.FitResult("lstm", "keras", 128, 500, times=[0.2]),
+           reporting.FitResult("lstm", "fastcells-cpu", 128, 500, times=[0.08],
+                               baseline_median=0.2)]
+    cold = [reporting.ColdResult("lstm", "fastcells-cpu", "warm", (16, 50, 16, 32), 7.1,
+                                 0.9, 0.01)]
+    return reporting.Report(layers=rows, fit=fit, cold=cold,
+                            machine=dict(cpu="Some CPU", cores=2, date="2026-01-02T03:04"),
+                            settings=dict(dtype="float32", backend="tensorflow"),
+                            peak=dict(threads=2, dtype="float32", flops_per_s=1e11,
+                                      tanh_per_s=3e9))
+
+
+def test_json_reads_back_into_the_same_tables(tmp_path):
+    from fastcells.bench import markdown
+    report = _small_report()
+    path = tmp_path / "run.json"
+    bench.save_json(path, report)
+    back = markdown.load_json(path)
+    assert back.layers[1].times == [0.03012, 0.029]         # 4 significant digits kept
+    assert back.layers[1].speedup_range == (2.5, 2.9) and back.cold[0].shape == (16, 50, 16, 32)
+    assert markdown.markdown(back) == markdown.markdown(report)
+    text = markdown.markdown(back)
+    assert "Some CPU, 2 cores, 2026-01-02" in text
+    assert "| imdb (B=128 T=500 D=32 H=32, 1 layer, last output) | training step | " \
+           "2.71x |" in text                    # 0.08025 / 0.0296; the GRU is a mismatch
+    assert "mismatch: outputs 1e-3" in text and "2.50x" in text
+
+
+def test_markdown_blocks_are_rewritten_in_place(tmp_path):
+    from fastcells.bench import markdown
+    md = tmp_path / "perf.md"
+    md.write_text("# Title\n\nprose before\n")
+    markdown.write_into(str(md), "run.json", _small_report())
+    first = md.read_text()
+    assert first.startswith("# Title\n\nprose before\n\n<!-- begin tables")
+    assert markdown.block_in(str(md)) == markdown.markdown(_small_report())
+    md.write_text(first.replace("<!-- end tables -->", "<!-- end tables -->\nprose after\n")
+                  + "<!-- begin summary -->\nstale\n<!-- end summary -->\n")
+    markdown.write_into(str(md), "run.json", _small_report())
+    again = md.read_text()
+    assert "prose after" in again and "stale" not in again and again.count("begin tables") == 1
+    assert markdown.block_in(str(md), "summary") == markdown.summary(_small_report())
+
+
+def test_the_docs_tables_are_those_of_the_committed_run():
+    """docs/performance.md and the README carry the tables of docs/performance.json; after a
+    new run, `python -m fastcells report docs/performance.json --markdown docs/performance.md
+    --markdown README.md` writes them again."""
+    from fastcells.bench import markdown
+    report = markdown.load_json(os.path.join(REPO, "docs", "performance.json"))
+    assert report.layers and all(r.times for r in report.layers)
+    for md, name in (("docs/performance.md", "tables"), ("README.md", "summary")):
+        got = markdown.block_in(os.path.join(REPO, md), name)
+        assert got == markdown.BLOCKS[name](report), f"{md} differs from the JSON's {name}"
+    assert report.machine["cpu"] in markdown.block_in(os.path.join(REPO, "README.md"),
+                                                      "summary")
+
+
+def test_report_command(tmp_path, capsys):
+    bench.save_json(tmp_path / "run.json", _small_report())
+    assert cli.main(["report", str(tmp_path / "run.json")]) == 0
+    assert "imdb · LSTM · training" in capsys.readouterr().out
+    md = tmp_path / "out.md"
+    assert cli.main(["report", str(tmp_path / "run.json"), "--markdown", str(md)]) == 0
+    assert "<!-- end tables -->" in md.read_text()
+    assert cli.main(["report", str(tmp_path / "missing.json")]) == 2
+    assert "cannot read" in capsys.readouterr().err

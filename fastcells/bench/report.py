@@ -267,8 +267,19 @@ def save_json(path, report):
                 fit=[r.to_dict() for r in report.fit],
                 cold=[r.to_dict() for r in report.cold],
                 peak=report.peak, floors=_floors(report))
-    with open(path, "w") as f:
-        json.dump(data, f, indent=1, default=str)
+    for rows in (data["layers"], data["fit"]):
+        for d in rows:      # 4 digits are well below the spread of the calls
+            d["times"] = [float(f"{t:.4g}") for t in d["times"]]
+    with open(path, "w") as f:       # one line per key and per result, for short diffs
+        f.write("{\n")
+        for i, (key, value) in enumerate(data.items()):
+            end = "\n" if i == len(data) - 1 else ",\n"
+            if isinstance(value, list) and value:
+                items = ",\n  ".join(json.dumps(v, default=str) for v in value)
+                f.write(f"{json.dumps(key)}: [\n  {items}\n]{end}")
+            else:
+                f.write(f"{json.dumps(key)}: {json.dumps(value, default=str)}{end}")
+        f.write("}\n")
 
 
 def save_plot(path, report):
