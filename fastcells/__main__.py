@@ -141,19 +141,15 @@ def _parser():
                         f"{', '.join(eng.GPU_OPTIONAL_ENGINES)}) (default: every one "
                         f"available here; {bench.BASELINE} always runs; what each runs: "
                         f"docs/benchmarks.md)")
-    b.add_argument("--repeats", type=int, default=None,
-                   help=f"timed calls per case at least, median reported (default "
-                        f"{d.repeats}, --quick {bench.quick_settings().repeats})")
-    b.add_argument("--warmup", type=int, default=None,
-                   help=f"untimed calls after the first one (default {d.warmup})")
-    b.add_argument("--max-seconds", type=float, default=None,
-                   help=f"time budget per case, fewer repeats when slow (default "
-                        f"{d.max_seconds})")
-    b.add_argument("--min-seconds", type=float, default=None,
-                   help=f"a fast case is repeated until this much time was spent (default "
-                        f"{d.min_seconds})")
-    b.add_argument("--max-repeats", type=int, default=None,
-                   help=f"most timed calls per case (default {d.max_repeats})")
+    for flag, kind, what in (
+            ("repeats", int, "timed calls per case at least, median reported"),
+            ("warmup", int, "untimed calls after the first one"),
+            ("max_seconds", float, "time budget per case, fewer repeats when slow"),
+            ("min_seconds", float, "a fast case is repeated until this much time was spent"),
+            ("max_repeats", int, "most timed calls per case")):
+        quick = (f", --quick {bench.quick_settings().repeats}" if flag == "repeats" else "")
+        b.add_argument("--" + flag.replace("_", "-"), type=kind, default=None,
+                       help=f"{what} (default {getattr(d, flag)}{quick})")
     b.add_argument("--seed", type=int, default=d.seed)
     b.add_argument("--dtype", choices=("float32", "float64"), default=d.dtype)
     b.add_argument("--threads", type=int, default=None,

@@ -21,7 +21,7 @@ import warnings
 import keras
 from keras import ops as kops
 
-from . import _export, _math, bridge
+from . import _export, _math, bridge, ops
 
 ENGINES = ("auto", "cpu", "cuda", "keras")
 
@@ -49,10 +49,10 @@ def _stack_masks(m, gates, implementation, batch_like):
 class _FastRNN:
     """Shared machinery; mixed in before the built-in layer class."""
 
-    _cell_name = None
-    _gates = 1
+    _cell_name = None       # the key of ops.CELLS
 
-    def _init_engine(self, engine, checkpoint_steps):
+    def __init__(self, units, *args, engine="auto", checkpoint_steps=None, **kwargs):
+        super().__init__(units, *args, **kwargs)
         self.engine = _check_engine(engine)
         if checkpoint_steps is not None and (isinstance(checkpoint_steps, bool) or
                                              not isinstance(checkpoint_steps, int) or
@@ -64,6 +64,10 @@ class _FastRNN:
         #: which implementation the last call traced: "cpu", "cuda" or "keras" (for tests
         #: and logs)
         self.last_engine = None
+
+    @property
+    def _gates(self):
+        return ops.CELLS[self._cell_name].gates
 
     # Keras's Layer.__init__ assigns supports_jit; the answer depends on the backend instead
     @property
@@ -264,11 +268,6 @@ class LSTM(_FastRNN, keras.layers.LSTM):
     """
 
     _cell_name = "lstm"
-    _gates = 4
-
-    def __init__(self, units, *args, engine="auto", checkpoint_steps=None, **kwargs):
-        super().__init__(units, *args, **kwargs)
-        self._init_engine(engine, checkpoint_steps)
 
 
 @keras.saving.register_keras_serializable(package="fastcells")
@@ -283,11 +282,6 @@ class GRU(_FastRNN, keras.layers.GRU):
     """
 
     _cell_name = "gru"
-    _gates = 3
-
-    def __init__(self, units, *args, engine="auto", checkpoint_steps=None, **kwargs):
-        super().__init__(units, *args, **kwargs)
-        self._init_engine(engine, checkpoint_steps)
 
 
 @keras.saving.register_keras_serializable(package="fastcells")
@@ -302,8 +296,3 @@ class SimpleRNN(_FastRNN, keras.layers.SimpleRNN):
     """
 
     _cell_name = "simple_rnn"
-    _gates = 1
-
-    def __init__(self, units, *args, engine="auto", checkpoint_steps=None, **kwargs):
-        super().__init__(units, *args, **kwargs)
-        self._init_engine(engine, checkpoint_steps)

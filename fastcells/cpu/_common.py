@@ -3,7 +3,8 @@ import numpy as np
 from numba import njit
 
 from .. import config
-from ._gemm import packed_dot, strip_view
+from .._workspace import workspace
+from ._gemm import pack, packed_dot, strip_columns, strip_view
 
 
 @njit(inline="always", **config.NJIT_OPTIONS)
@@ -46,6 +47,26 @@ def optional(array, ndim, dtype):
     return array, True
 
 
+def step_inputs(xw, x, T, Wb, dmask, dtype):
+    """What the steps of a forward read: the projection ``xw`` [T, B, G*H], or (``xw`` None)
+    ``x`` [B, Tx, D] with ``Wb`` = [W; b_in] and the shared dropout mask [B, D], projected
+    inside the step. Returns ``T, xw, x, Wb packed, dmask, use_dmask, from_x`` with empty
+    stand-ins for what the path does not read."""
+    empty = np.empty((0, 0, 0), dtype)
+    dm, use_dmask = optional(dmask, 2, dtype)
+    if x is not None:
+        return T, empty, x, pack(Wb), dm, use_dmask, True
+    return xw.shape[0], xw, empty, empty, dm, use_dmask, False
+
+
+def forward_outputs(T, B, H, return_sequences, keep_cache, dtype, *columns):
+    """The outputs of a forward: y [T or 1, B, H], the final h [B, H], and one cache array
+    [T, B, n] for each n of ``columns`` (empty stand-ins without ``keep_cache``)."""
+    y = workspace.empty((T if return_sequences else 1, B, H), dtype)
+    cache = [workspace.empty((T, B, n) if keep_cache else (0, 0, 0), dtype) for n in columns]
+    return y, np.empty((B, H), dtype), cache
+
+
 def initial_output(out0, B, H, dtype):
     """The output before the first step, [B, H]: ``out0`` or zeros."""
     return np.zeros((B, H), dtype) if out0 is None else out0
@@ -76,7 +97,7 @@ def copy_rows(dst, src):
 def stage_buffer(x, rows, T, stage_bytes, bias_column):
     """A thread's staging buffer for :func:`staged_inputs`: ``[C, rows, D]`` with C steps
     (at least 1, at most T) taking about ``stage_bytes``; with ``bias_column``,
-    ``[C, rows, D + 1]`` for :func:`project_rows`."""
+    ``[C, rows, D + 1]`` for :func:`step_projection`."""
     D = x.shape[2]
     C = max(1, min(T, stage_bytes // max(1, rows * D * x.itemsize)))
     return np.empty((C, rows, D + 1 if bias_column else D), x.dtype)
@@ -120,13 +141,18 @@ def staged_inputs(x, t_off, T, s, b0, go_backwards, reverse, xs, dmask, use_dmas
 
 
 @njit(inline="always", **config.NJIT_OPTIONS)
-def project_rows(x, t_off, T, s, b0, go_backwards, xs, dmask, use_dmask, Wb, out):
-    """out = [x_t * dmask | 1] @ [W; b] for the rows of a thread at processing step s: the
-    input projection of one step, computed where it is used (``Wb`` = ``_gemm.pack([W;
-    b])``; ``xs`` from ``stage_buffer(..., bias_column=True)``: the rows are staged with
-    their mask and bias input, so the product reads them where they were copied)."""
-    packed_dot(staged_inputs(x, t_off, T, s, b0, go_backwards, False, xs, dmask, use_dmask),
-               Wb, out)
+def step_projection(from_x, xw, t, x, t_off, T, s, b0, go_backwards, xs, dmask, use_dmask,
+                    Wb, out):
+    """The input projection of a thread's rows at processing step s (input time t), and the
+    index of its first row: rows b0.. of xw[t], or, ``from_x``, out = [x_t * dmask | 1] @
+    [W; b] computed where it is used (``Wb`` = ``_gemm.pack([W; b])``; ``xs`` from
+    ``stage_buffer(..., bias_column=True)``: the rows are staged with their mask and bias
+    input, so the product reads them where they were copied) and 0."""
+    if from_x:
+        packed_dot(staged_inputs(x, t_off, T, s, b0, go_backwards, False, xs, dmask,
+                                 use_dmask), Wb, out)
+        return out, 0
+    return xw[t], b0
 
 
 @njit(inline="always", **config.NJIT_OPTIONS)
@@ -233,6 +259,21 @@ def dx_window(dxw):
     at slot w for the w-th step they process in a window: the buffer's slots backwards,
     so that :func:`flush_window` finds the steps in time order."""
     return dxw[:, ::-1]
+
+
+@njit(inline="always", **config.NJIT_OPTIONS)
+def window_buffers(n, R, window, D, H, GH, cache):
+    """The buffers of a fused backward's window products for n rows in blocks of R (the
+    dtype is ``cache``'s): dzw [blocks, window * R, GH in whole strips] (read in place, see
+    ``_gemm.strip_view``; rows: :func:`window_row`), sw [blocks, window * R, D + H + 1],
+    dd [R, D + H], dxw [n, window, D] and its view :func:`dx_window`, part [D + H + 1, GH]."""
+    nb = (n + R - 1) // R
+    F = D + H + 1
+    dt = cache.dtype
+    dxw = np.empty((n, window, D), dt)
+    return (np.zeros((nb, window * R, strip_columns(GH, cache)), dt),
+            np.zeros((nb, window * R, F), dt), np.empty((R, D + H), dt), dxw, dx_window(dxw),
+            np.empty((F, GH), dt))
 
 
 @njit(inline="always", **config.NJIT_OPTIONS)

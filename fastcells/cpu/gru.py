@@ -12,8 +12,9 @@ from .._math import SIGMOID, TANH, activate, activate_grad, fast_tanh
 from .._workspace import workspace
 from ..config import NJIT_OPTIONS
 from ._common import (add_output_grad, add_rows, add_window_product, copy_row, copy_rows,
-                      dx_window, flush_window, initial_output, masked_row, optional, pending_carry,
-                      project_rows, stage_buffer, staged_inputs, take_pending, window_row)
+                      dx_window, flush_window, forward_outputs, initial_output, masked_row,
+                      optional, pending_carry, stage_buffer, staged_inputs, step_inputs,
+                      step_projection, take_pending, window_row)
 from ._gemm import pack, pack_stack, packed_dot, strip_columns
 from ._jit import kernel
 from ._fpstate import flush_denormals, restore
@@ -82,11 +83,8 @@ def _forward_kernel(b0, b1, T, xw, x, t_off, stage, Wb, dmask, use_dmask, from_x
             copy_rows(hprev[t, b0:b1], h)
         else:
             g, off = g_scratch, 0
-        if from_x:
-            project_rows(x, t_off, T, s, b0, go_backwards, xst, dmask, use_dmask, Wb, xs)
-            xt, xo = xs, 0
-        else:
-            xt, xo = xw[t], b0
+        xt, xo = step_projection(from_x, xw, t, x, t_off, T, s, b0, go_backwards, xst, dmask,
+                                 use_dmask, Wb, xs)
         # z and r for every row (masked rows too: branch-free, results unused)
         for i in range(n):
             gi = g[off + i]
@@ -427,29 +425,19 @@ def forward(xw, U, brec, rmask, mask, h0, act, ract, reset_after, go_backwards, 
     ``out0`` as in ``lstm.forward``. With ``x`` [B, Tx, D] instead of ``xw`` (None), steps
     [t_off, t_off + T) of x are projected inside the step by ``Wb`` = [W; b_in] (and the
     shared input dropout mask ``dmask`` [B, D]), so xw never goes through memory."""
-    from_x = x is not None
     dt = U.dtype
     B, H = h0.shape
-    if from_x:
-        xw = np.empty((0, 0, 0), dt)
-    else:
-        T = xw.shape[0]
-        x, Wb = np.empty((0, 0, 0), dt), np.empty((0, 0, 0), dt)
-    y = workspace.empty((T if return_sequences else 1, B, H), dt)
-    h = np.empty((B, H), dt)
-    shape = (T, B, H) if keep_cache else (0, 0, 0)
-    gates = workspace.empty((T, B, G * H) if keep_cache else (0, 0, 0), dt)
-    hprev, aux = workspace.empty(shape, dt), workspace.empty(shape, dt)
+    T, xw, x, Wb, dm, use_dmask, from_x = step_inputs(xw, x, T, Wb, dmask, dt)
+    y, h, (gates, hprev, aux) = forward_outputs(T, B, H, return_sequences, keep_cache, dt,
+                                                G * H, H, H)
     use_rmask = rmask is not None
     Ug = pack_stack(split_gates(U, G))
     rm = rmask if use_rmask else np.empty((G, 0, 0), dt)
     m, use_mask = optional(mask, 2, np.bool_)
     fused = coef is not None and fast
     cf = coef if fused else np.zeros((3, 2 * H), dt)
-    dm, use_dmask = optional(dmask, 2, dt)
     run_block_parallel(_forward_kernel, B, config.BLOCK_ROWS, T, xw, x, t_off,
-                       config.STAGE_BYTES, pack(Wb) if from_x else Wb, dm, use_dmask, from_x,
-                       pack(U), Ug, brec, rm, use_rmask, m, use_mask, h0,
+                       config.STAGE_BYTES, Wb, dm, use_dmask, from_x, pack(U), Ug, brec, rm, use_rmask, m, use_mask, h0,
                        act, ract, fast, cf, fused, reset_after, go_backwards, zero_output,
                        keep_cache, initial_output(out0, B, H, dt), y, h, gates, hprev, aux)
     return y, h, ((gates, hprev, aux) if keep_cache else None)

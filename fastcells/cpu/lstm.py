@@ -22,10 +22,10 @@ from .. import config
 from ..config import NJIT_OPTIONS
 from .._workspace import workspace
 from .._math import SIGMOID, TANH, activate, activate_grad, fast_tanh
-from ._common import (add_output_grad, copy_row, copy_rows, dx_window, flush_window,
-                      initial_output, input_and_state_grads, masked_row, optional,
-                      pending_carry, stage_buffer, staged_inputs, take_pending, window_row)
-from ._gemm import pack, pack_stack, packed_dot, strip_columns
+from ._common import (add_output_grad, copy_row, copy_rows, flush_window, forward_outputs,
+                      initial_output, input_and_state_grads, masked_row, optional, pending_carry,
+                      stage_buffer, staged_inputs, take_pending, window_buffers, window_row)
+from ._gemm import pack, pack_stack, packed_dot
 from ._jit import kernel
 from ._fpstate import flush_denormals, restore
 from ._parallel import run_batch_parallel, run_block_parallel
@@ -265,12 +265,9 @@ def forward(xw, U, rmask, mask, h0, c0, act, ract, go_backwards, zero_output,
     T, B, _ = xw.shape
     H = h0.shape[1]
     dt = xw.dtype
-    y = workspace.empty((T if return_sequences else 1, B, H), dt)
-    h = np.empty((B, H), dt)
+    y, h, (gates, hprev, cprev, actc) = forward_outputs(
+        T, B, H, return_sequences, keep_cache, dt, G * H, H, H, H)
     c = np.empty((B, H), dt)
-    shape = (T, B, H) if keep_cache else (0, 0, 0)
-    gates = workspace.empty((T, B, G * H) if keep_cache else (0, 0, 0), dt)
-    hprev, cprev, actc = (workspace.empty(shape, dt) for _ in range(3))
     use_rmask = rmask is not None
     Up = np.empty((0, 0, 0), dt) if use_rmask else pack(U)
     Ug = pack_stack(split_gates(U, G)) if use_rmask else np.empty((G, 0, 0, 0), dt)
@@ -390,21 +387,13 @@ def _backward_fused_kernel(b0, b1, R, window, gates, xh, cprev, actc, VT, dmask,
     H = dh_in.shape[1]
     D = dx.shape[2]
     GH = G * H
-    F = D + H + 1
     dt = gates.dtype
     k0 = b0 // R
-    nb = (n + R - 1) // R
     dh = dh_in[b0:b1].copy()
     dc = dc_in[b0:b1].copy()
     carry = carry_io[b0:b1].copy()
-    # rows: see _common.window_row; columns: whole strips (read in place, _gemm.strip_view;
-    # the in-step product reads the first GH, its K being that of the packed VT)
-    dzw = np.zeros((nb, window * R, strip_columns(GH, gates)), dt)
-    sw = np.zeros((nb, window * R, F), dt)
-    dd = np.empty((R, D + H), dt)
-    dxw = np.empty((n, window, D), dt)
-    dxv = dx_window(dxw)
-    part = np.empty((F, GH), dt)
+    # the in-step product reads the first GH columns of dzw, its K being that of the packed VT
+    dzw, sw, dd, dxw, dxv, part = window_buffers(n, R, window, D, H, GH, gates)
     da = np.empty(H, dt)
     live = np.empty(n, np.bool_)
     standard = act == TANH and ract == SIGMOID
@@ -473,13 +462,9 @@ def forward_fused(x, t_off, T, V, dmask, mask, h0, c0, act, ract, go_backwards, 
     B, _, D = x.shape
     H = h0.shape[1]
     dt = V.dtype
-    y = workspace.empty((T if return_sequences else 1, B, H), dt)
-    h = np.empty((B, H), dt)
+    y, h, (gates, xh, cprev, actc) = forward_outputs(
+        T, B, H, return_sequences, keep_cache, dt, G * H, D + H + 1, H, H)
     c = np.empty((B, H), dt)
-    shape = (T, B, H) if keep_cache else (0, 0, 0)
-    gates = workspace.empty((T, B, G * H) if keep_cache else (0, 0, 0), dt)
-    xh = workspace.empty((T, B, D + H + 1) if keep_cache else (0, 0, 0), dt)
-    cprev, actc = workspace.empty(shape, dt), workspace.empty(shape, dt)
     dm, use_dmask = optional(dmask, 2, dt)
     m, use_mask = optional(mask, 2, np.bool_)
     fused = coef is not None and fast

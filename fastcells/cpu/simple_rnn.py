@@ -7,11 +7,11 @@ import numpy as np
 from .._workspace import workspace
 from .._math import TANH, activate, activate_grad, fast_tanh
 from .. import config
-from ._common import (add_output_grad, copy_row, copy_rows, dx_window, flush_window,
-                      initial_output, input_and_state_grads, masked_row, optional,
-                      pending_carry, project_rows, stage_buffer, staged_inputs, take_pending,
-                      window_row)
-from ._gemm import pack, packed_dot, strip_columns
+from ._common import (add_output_grad, copy_row, copy_rows, flush_window, forward_outputs,
+                      initial_output, input_and_state_grads, masked_row, optional, pending_carry,
+                      stage_buffer, staged_inputs, step_inputs, step_projection, take_pending,
+                      window_buffers, window_row)
+from ._gemm import pack, packed_dot
 from ._jit import kernel
 from ._fpstate import flush_denormals, restore
 from ._parallel import run_block_parallel
@@ -58,11 +58,8 @@ def _forward_kernel(b0, b1, T, xw, x, t_off, stage, Wb, dmask, use_dmask, from_x
             copy_rows(hprev[t, b0:b1], h)
         else:
             g, off = g_scratch, 0
-        if from_x:
-            project_rows(x, t_off, T, s, b0, go_backwards, xst, dmask, use_dmask, Wb, xs)
-            xt, xo = xs, 0
-        else:
-            xt, xo = xw[t], b0
+        xt, xo = step_projection(from_x, xw, t, x, t_off, T, s, b0, go_backwards, xst, dmask,
+                                 use_dmask, Wb, xs)
         # pre-activation and activation of the n x H block in one sweep (every array here
         # is contiguous over it; a masked row's results are not used)
         gf = g[off:off + n].reshape(n * H)
@@ -154,19 +151,10 @@ def _backward_fused_kernel(b0, b1, R, window, hs, hprev, x, t_off, stage, dmask,
     T = hs.shape[0]
     H = dh_in.shape[1]
     D = dx.shape[2]
-    F = D + H + 1
-    dt = hs.dtype
     k0 = b0 // R
-    nb = (n + R - 1) // R
     dh = dh_in[b0:b1].copy()
     carry = carry_io[b0:b1].copy()
-    # rows: see _common.window_row; columns: whole strips (read in place, _gemm.strip_view)
-    dzw = np.zeros((nb, window * R, strip_columns(H, hs)), dt)
-    sw = np.zeros((nb, window * R, F), dt)
-    dd = np.empty((R, D + H), dt)
-    dxw = np.empty((n, window, D), dt)
-    dxv = dx_window(dxw)
-    part = np.empty((F, H), dt)
+    dzw, sw, dd, dxw, dxv, part = window_buffers(n, R, window, D, H, H, hs)
     live = np.empty(n, np.bool_)
     xst = stage_buffer(x, n, T, stage, False)
     w = 0
@@ -226,24 +214,14 @@ def forward(xw, U, rmask, mask, h0, act, go_backwards, zero_output, return_seque
     """Run the SimpleRNN recurrence (time-major). Returns ``y, h, cache`` with
     ``cache = (hs, hprev)``; ``out0`` as in ``lstm.forward``; ``x``, ``t_off``, ``T``, ``Wb``,
     ``dmask``: the projection inside the step, as in ``gru.forward``."""
-    from_x = x is not None
     dt = U.dtype
     B, H = h0.shape
-    if from_x:
-        xw = np.empty((0, 0, 0), dt)
-    else:
-        T = xw.shape[0]
-        x, Wb = np.empty((0, 0, 0), dt), np.empty((0, 0, 0), dt)
-    y = workspace.empty((T if return_sequences else 1, B, H), dt)
-    h = np.empty((B, H), dt)
-    shape = (T, B, H) if keep_cache else (0, 0, 0)
-    hs, hprev = workspace.empty(shape, dt), workspace.empty(shape, dt)
+    T, xw, x, Wb, dm, use_dmask, from_x = step_inputs(xw, x, T, Wb, dmask, dt)
+    y, h, (hs, hprev) = forward_outputs(T, B, H, return_sequences, keep_cache, dt, H, H)
     rm, use_rmask = optional(rmask, 2, dt)
     m, use_mask = optional(mask, 2, np.bool_)
-    dm, use_dmask = optional(dmask, 2, dt)
     run_block_parallel(_forward_kernel, B, config.BLOCK_ROWS, T, xw, x, t_off,
-                       config.STAGE_BYTES, pack(Wb) if from_x else Wb, dm, use_dmask, from_x,
-                       pack(U), rm, use_rmask, m, use_mask, h0, act, fast,
+                       config.STAGE_BYTES, Wb, dm, use_dmask, from_x, pack(U), rm, use_rmask, m, use_mask, h0, act, fast,
                        go_backwards, zero_output, keep_cache, initial_output(out0, B, H, dt), y, h,
                        hs, hprev)
     return y, h, ((hs, hprev) if keep_cache else None)
