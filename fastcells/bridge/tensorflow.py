@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from .. import ops
-from ..cpu._linalg import RESULT_ALIGN, copy_result
+from ..cpu import RESULT_ALIGN, copy_result
 from . import HostCall
 
 
@@ -153,7 +153,7 @@ def _from_tf(t):
     placed on the CPU after all)."""
     if t.shape.rank == 0:
         return t.numpy()
-    from ..cuda import _linalg as la
+    from .. import cuda as la
     kind, index = t.__dlpack_device__()
     if int(kind) == 2 and not la.SIMULATOR:      # kDLCUDA
         from numba import cuda
@@ -168,7 +168,7 @@ def _from_tf(t):
 def _to_tf(a, dtype):
     """A result of the GPU engine as a tensor of ``dtype`` on the device it lives on, sharing
     its memory (NumPy results and the CUDA simulator's arrays are host memory)."""
-    from ..cuda import _linalg as la
+    from .. import cuda as la
     from . import _dlpack
     host = isinstance(a, (np.ndarray, np.generic)) or la.SIMULATOR
     if host:
@@ -181,7 +181,7 @@ def _to_tf(a, dtype):
     if host:
         if not a.flags["C_CONTIGUOUS"] or a.ctypes.data % RESULT_ALIGN:
             a = copy_result(a)
-    elif not la._c_contiguous(a) or a.__cuda_array_interface__["data"][0] % RESULT_ALIGN:
+    elif not la.c_contiguous(a) or a.__cuda_array_interface__["data"][0] % RESULT_ALIGN:
         a = la.copy(a)                          # a new device allocation: 256-byte aligned
     t = tf.experimental.dlpack.from_dlpack(_dlpack.capsule(a))
     return t if t.dtype == dtype else tf.cast(t, dtype)
