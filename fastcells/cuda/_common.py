@@ -239,6 +239,13 @@ def _split_plan(B, H, dtype, u_per_unit, state_elems):
                 Hb, (rb - 1) * rows + NR)
 
 
+def kernel_constants(dtype, split):
+    """``DT, NPT, zero, barrier`` of a recurrence kernel factory: the numba and NumPy scalar
+    types of ``dtype``, its zero and the step barrier (``step_barrier``)."""
+    NPT = np.dtype(dtype).type
+    return numba_type(dtype), NPT, NPT(0), step_barrier(split)
+
+
 def step_barrier(split):
     """The barrier between the phases of a step: ``syncthreads`` when a block owns all the
     units of its rows, the grid-wide barrier (cooperative launch) when they are split over
@@ -286,6 +293,20 @@ def launch(kernel, p, *args):
                                  f"them all); raise config.CUDA_SPLIT_MAX_UNITS_PER_BLOCK or "
                                  f"lower config.CUDA_MAX_ROWS_PER_BLOCK")
     kernel[p.blocks, threads, 0, p.shared_bytes](*args)
+
+
+def run_recurrence(factory, key, B, H, dtype, u_per_unit, state_elems, exchange_elems, inputs,
+                   results):
+    """Plan and launch a recurrence over B (> 0) rows and H units: the kernel
+    ``factory(dtype, R, u_shared, *key, split)`` of the plan (``plan(B, H, dtype,
+    u_per_unit, state_elems)``), launched with the arguments ``inputs``, then those of the
+    plan (rows, NR, UB, Hb, the exchange buffer of ``exchange_elems`` elements per row and
+    its rows XR), then ``results``."""
+    p = plan(B, H, dtype, u_per_unit, state_elems)
+    kernel = factory(np.dtype(dtype).str, p.R, p.u_shared, *key, p.split)
+    xg = exchange_buffer(p, exchange_elems, dtype)
+    launch(kernel, p, *inputs, p.rows, p.padded_rows, p.unit_blocks, p.block_units, xg,
+           p.exchange_rows, *results)
 
 
 def exchange_buffer(p, elems_per_row, dtype):
@@ -424,13 +445,22 @@ def begin_block(sm, M, u_shared, groups, width, xg, split, lo, n_shared, row_ele
 
 
 @inline_device
+def block_element(e, nu, b0, j0, Hb):
+    """Element e of the block's rows and units, row-major over its nu units: ``i, b, j, p``,
+    its row in the block and in the batch, its unit, and its index in the block's [NR, Hb]
+    state buffers."""
+    i = e // nu
+    jl = e % nu
+    return i, b0 + i, j0 + jl, i * Hb + jl
+
+
+@inline_device
 def load_rows(sm, off, src, b0, n, j0, nu, Hb, tid, nt):
     """sm[off + i * Hb + jl] = src[b0 + i, j0 + jl] for the block's n rows and nu units
     (block-cooperative)."""
     for e in range(tid, n * nu, nt):
-        i = e // nu
-        jl = e % nu
-        sm[off + i * Hb + jl] = src[b0 + i, j0 + jl]
+        _, b, j, p = block_element(e, nu, b0, j0, Hb)
+        sm[off + p] = src[b, j]
 
 
 @inline_device
@@ -438,9 +468,8 @@ def store_rows(dst, sm, off, b0, n, j0, nu, Hb, tid, nt):
     """dst[b0 + i, j0 + jl] = sm[off + i * Hb + jl] for the block's n rows and nu units
     (block-cooperative)."""
     for e in range(tid, n * nu, nt):
-        i = e // nu
-        jl = e % nu
-        dst[b0 + i, j0 + jl] = sm[off + i * Hb + jl]
+        _, b, j, p = block_element(e, nu, b0, j0, Hb)
+        dst[b, j] = sm[off + p]
 
 
 @inline_device
@@ -463,13 +492,10 @@ def load_initial_state(sm, own, outs, xs, hb, plane, HS, h0, out0, rmask, use_rm
     ``outs`` (both [NR, Hb]; a zero-size out0 stands for zeros, see ``initial_output``) and
     the first recurrent input (``put_recurrent_input``) in the buffer at ``hb`` of ``xs``."""
     for e in range(tid, n * nu, nt):
-        i = e // nu
-        jl = e % nu
-        j = j0 + jl
-        b = b0 + i
+        i, b, j, p = block_element(e, nu, b0, j0, Hb)
         h = h0[b, j]
-        sm[own + i * Hb + jl] = h
-        sm[outs + i * Hb + jl] = out0[b, j] if out0.shape[0] else zero
+        sm[own + p] = h
+        sm[outs + p] = out0[b, j] if out0.shape[0] else zero
         put_recurrent_input(xs, hb, plane, HS, i, j, h, rmask, use_rmask, b, NG)
 
 
@@ -484,3 +510,140 @@ def output_grad(sm, car, e, dy, full, s, T, b, j):
     elif s == T - 1:
         cr += dy[0, b, j]
     return cr
+
+
+@inline_device
+def recurrence_dims(x, s0, y, split, XR, NR):
+    """``T, B, H, HS, XN, full`` of a recurrence kernel: the steps of the time-aligned ``x``
+    [T, B, ...], batch and units of the state-shaped ``s0`` [B, H], the row stride of an
+    [rows, H] row-vector buffer (``row_stride`` in shared memory, H in the exchange buffer),
+    the rows XN of those buffers (exchange rows XR with a split, NR without), and whether
+    ``y`` (y, or dy in a backward) holds every step or the last one alone."""
+    T = x.shape[0]
+    H = s0.shape[1]
+    if split:
+        return T, s0.shape[0], H, H, XR, y.shape[0] == T
+    return T, s0.shape[0], H, H | 1, NR, y.shape[0] == T
+
+
+@inline_device
+def state_offsets(u_elems, u_shared, NR, Hb):
+    """The offsets in shared memory of a block's first five [NR, Hb] state buffers, which
+    follow its ``u_elems`` elements of U (or U^T) when ``u_shared``."""
+    base = u_elems if u_shared else 0
+    S = NR * Hb
+    return base, base + S, base + 2 * S, base + 3 * S, base + 4 * S
+
+
+@inline_device
+def load_backward_state(sm, dhs, dh_in, car, carry_io, b0, n, j0, nu, Hb, tid, nt):
+    """The starting state of a backward: the gradient dh_in reaching the final state at
+    ``dhs`` and the pending output gradient carry_io at ``car`` (block-cooperative)."""
+    load_rows(sm, dhs, dh_in, b0, n, j0, nu, Hb, tid, nt)
+    load_rows(sm, car, carry_io, b0, n, j0, nu, Hb, tid, nt)
+
+
+@inline_device
+def item(it, nu, j0, R):
+    """Item ``it`` of a block (see the module docstring): ``jl, j, r0``, its unit in the
+    block and in the layer, and the first of its R rows."""
+    jl = it % nu
+    return jl, j0 + jl, (it // nu) * R
+
+
+@inline_device
+def item_row(r0, r, b0, Hb, jl):
+    """Row r of an item from row r0 (see ``item``): ``i, b, e``, the row in the block and in
+    the batch, and the index of (row, unit) in the block's [NR, Hb] state buffers."""
+    i = r0 + r
+    return i, b0 + i, i * Hb + jl
+
+
+@inline_device
+def step_buffers(s, T, go_backwards, base, buf):
+    """Processing step s: ``t, cur, nxt``, the input time it reads, and the buffers (``buf``
+    elements from ``base``, double-buffered by step parity) it reads and writes."""
+    t = T - 1 - s if go_backwards else s
+    return t, base + (s % 2) * buf, base + ((s + 1) % 2) * buf
+
+
+@inline_device
+def gate_sums(acc, G, k0, K, xs, base, HS, plane, per_gate, sm, u_shared, U, Hb, H, jl, j, R,
+              r0, u, zero):
+    """The recurrent terms of a forward step for the R rows of an item and K gates from gate
+    k0: acc[r * G + k] = sum over l, in order, of x_k[r0 + r, l] * U[l, (k0 + k) * H + j].
+
+    x_k is the [rows, HS] buffer at ``base`` of ``xs``: plane k of it (``plane`` elements
+    apart, h * r_k) when ``per_gate``, the one plane h for every gate otherwise. U is read
+    from the block's columns in shared memory (``stage_units``, G groups) when ``u_shared``,
+    from global memory otherwise; ``u`` is a local array of K that holds the weights of one
+    l, each loaded once for the R rows."""
+    for r in range(R):
+        for k in range(K):
+            acc[r * G + k] = zero
+    GHb = G * Hb
+    for l in range(H):
+        for k in range(K):
+            if u_shared:
+                u[k] = sm[IDX(l * GHb + (k0 + k) * Hb + jl)]
+            else:
+                u[k] = U[IDX(l), IDX((k0 + k) * H + j)]
+        if per_gate:
+            for r in range(R):
+                p = base + (r0 + r) * HS + l
+                for k in range(K):
+                    acc[r * G + k] += xs[IDX(p + k * plane)] * u[k]
+        else:
+            for r in range(R):
+                hv = xs[IDX(base + (r0 + r) * HS + l)]
+                for k in range(K):
+                    acc[r * G + k] += hv * u[k]
+
+
+@inline_device
+def transposed_sums(acc, G, A, w, c0, xs, base, ZS, sm, u_shared, UT, Hb, jl, j, R, r0, zero):
+    """The recurrent terms of a backward step for the R rows of an item, A sums of width w:
+    acc[r * G + a] = sum over l < w, in order, of
+    dz[r0 + r, a * w + l] * UT[c0 + a * w + l, j], dz the [rows, ZS] buffer at ``base`` of
+    ``xs``. U^T is read from the block's columns in shared memory (``stage_units``, one
+    group) when ``u_shared``, from global memory otherwise."""
+    for r in range(R):
+        for a in range(A):
+            acc[r * G + a] = zero
+    for a in range(A):
+        for l in range(w):
+            col = c0 + a * w + l
+            u = sm[IDX(col * Hb + jl)] if u_shared else UT[IDX(col), IDX(j)]
+            for r in range(R):
+                acc[r * G + a] += xs[IDX(base + (r0 + r) * ZS + a * w + l)] * u
+
+
+@inline_device
+def put_step_output(sm, own, outs, e, live, h, zero_output, zero, xs, nxt, plane, HS, i, j,
+                    rmask, use_rmask, b, NG, full, y, s):
+    """The end of a forward step for (row i, unit j), e = its index in the block's state: a
+    live step stores the new state h as state and output; a masked one keeps both (h is the
+    state it keeps) or zeroes the output with ``zero_output``. Then the next recurrent input
+    (``put_recurrent_input``, into the buffer at ``nxt``) and, for a full sequence, the
+    output of processing step s into y."""
+    if live:
+        sm[own + e] = h
+        sm[outs + e] = h
+    elif zero_output:
+        sm[outs + e] = zero
+    put_recurrent_input(xs, nxt, plane, HS, i, j, h, rmask, use_rmask, b, NG)
+    if full:
+        y[s, b, j] = sm[outs + e]
+
+
+@inline_device
+def masked_step_grad(dz, t, b, j, H, NG, xs, x0, NX, sm, car, e, cr, zero_output, zero):
+    """A masked step of a backward at (row b, unit j): no gradient reaches its NG gate
+    pre-activations (dz[t, b, k * H + j]) nor the NX row vectors at x0 of ``xs``
+    (xs[x0 + k * H + j]); the pending output gradient ``cr`` passes to the previous output,
+    or stops with ``zero_output``."""
+    for k in range(NG):
+        dz[t, b, k * H + j] = zero
+    for k in range(NX):
+        xs[x0 + k * H + j] = zero
+    sm[car + e] = zero if zero_output else cr

@@ -21,6 +21,8 @@ already lives on the GPU without a copy (``__cuda_array_interface__``, DLPack) a
 host arrays. ``give_back`` is a no-op: device memory goes back to numba's allocator (plug in
 an external memory manager such as RMM to pool it).
 """
+import functools
+
 import numpy as np
 from numba import cuda
 
@@ -345,6 +347,31 @@ def _store3(a, rt, rb, c, v):
     a[rt, rb, c] = v
 
 
+@functools.lru_cache(maxsize=None)
+def _tile_stager(get):
+    """A device function that stages a [BK, BX] tile of a GEMM operand in shared memory
+    (block-cooperative), with ``get`` (``_get2``, ``_get3``) reading the operand:
+    S[kk * P + xx] = X[k0 + kk, x0 + xx], zero outside the [K, NX] matrix X. X is the
+    operand as stored, [K, NX] (read ``get(x, k, x)``) when ``k_major``, [NX, K]
+    (``get(x, x, k)``) otherwise; consecutive threads walk its contiguous axis."""
+    @inline_device
+    def stage(S, P, x, k_major, x0, NX, BX, k0, K, BK, tid, NT, zero):
+        for e in range(tid, BK * BX, NT):
+            if k_major:
+                kk = e // BX
+                xx = e % BX
+            else:
+                kk = e % BK
+                xx = e // BK
+            c = x0 + xx
+            k = k0 + kk
+            v = zero
+            if c < NX and k < K:
+                v = get(x, k, c) if k_major else get(x, c, k)
+            S[IDX(kk * P + xx)] = v
+    return stage
+
+
 @kernel_variant
 def _gemm_kernel(dtype, nda, ndb, ndc, BM, BN, BK, TM, TN):
     DT = numba_type(dtype)
@@ -357,8 +384,8 @@ def _gemm_kernel(dtype, nda, ndb, ndc, BM, BN, BK, TM, TN):
     ASZ = BK * AP
     BSZ = BK * BP
     TMN = TM * TN
-    get_a = _get3 if nda == 3 else _get2
-    get_b = _get3 if ndb == 3 else _get2
+    stage_a = _tile_stager(_get3 if nda == 3 else _get2)
+    stage_b = _tile_stager(_get3 if ndb == 3 else _get2)
     split_c = _split3 if ndc == 3 else _split2
     load_c = _load3 if ndc == 3 else _load2
     store_c = _store3 if ndc == 3 else _store2
@@ -380,33 +407,8 @@ def _gemm_kernel(dtype, nda, ndb, ndc, BM, BN, BK, TM, TN):
         for q in range(TMN):
             acc[q] = zero
         for k0 in range(0, K, BK):
-            # stage the tiles; consecutive threads walk the operand's contiguous axis
-            for e in range(tid, BK * BM, NT):
-                if ta:
-                    kk = e // BM
-                    mm = e % BM
-                else:
-                    kk = e % BK
-                    mm = e // BK
-                m = m0 + mm
-                k = k0 + kk
-                v = zero
-                if m < M and k < K:
-                    v = get_a(a, k, m) if ta else get_a(a, m, k)
-                As[IDX(kk * AP + mm)] = v
-            for e in range(tid, BK * BN, NT):
-                if tb:
-                    kk = e % BK
-                    nn = e // BK
-                else:
-                    kk = e // BN
-                    nn = e % BN
-                n = n0 + nn
-                k = k0 + kk
-                v = zero
-                if n < N and k < K:
-                    v = get_b(b, n, k) if tb else get_b(b, k, n)
-                Bs[IDX(kk * BP + nn)] = v
+            stage_a(As, AP, a, ta, m0, M, BM, k0, K, BK, tid, NT, zero)
+            stage_b(Bs, BP, b, not tb, n0, N, BN, k0, K, BK, tid, NT, zero)
             cuda.syncthreads()
             for kk in range(BK):
                 for i in range(TM):

@@ -17,10 +17,11 @@ from numba import cuda
 
 from .. import _math
 from . import _linalg
-from ._common import (IDX, begin_block, cache_arrays, exchange_buffer,
-                      initial_output, kernel_variant, launch, load_initial_state, load_rows,
-                      masks, numba_type, output_grad, outputs, pending_carry, plan,
-                      put_recurrent_input, row_stride, step_barrier, store_rows)
+from ._common import (begin_block, cache_arrays, gate_sums, initial_output, item, item_row,
+                      kernel_constants, kernel_variant, load_backward_state,
+                      load_initial_state, masked_step_grad, masks, output_grad, outputs,
+                      pending_carry, put_step_output, recurrence_dims, row_stride,
+                      run_recurrence, state_offsets, step_buffers, store_rows, transposed_sums)
 
 G = 3
 
@@ -43,13 +44,11 @@ def _forward_exchange(H, use_rmask, reset_after):
 
 @kernel_variant
 def _forward_kernel(dtype, R, u_shared, act, ract, fast, reset_after, split):
-    DT = numba_type(dtype)
-    NPT = np.dtype(dtype).type
-    zero = NPT(0)
+    DT, NPT, zero, barrier = kernel_constants(dtype, split)
     f_act = _math.scalar_activation(act, fast)
     f_ract = _math.scalar_activation(ract, fast)
     NACC = R * G
-    barrier = step_barrier(split)
+    NA = G if reset_after else 2        # gates with recurrent terms in phase A
 
     @cuda.jit
     def forward(xw, U, brec, rmask, use_rmask, mask, use_mask, h0, out0, go_backwards,
@@ -66,23 +65,17 @@ def _forward_kernel(dtype, R, u_shared, act, ract, fast, reset_after, split):
         # xg:    split: the global exchange buffer, 2 x [NH, XR, H] | q [XR, H]
         # cache: gates [T, B, 3H] (z, r, hh); hprev [T, B, H];
         #        aux [T, B, H] = a_h (reset_after) or q (reset_after=False), 0 where masked
-        T = xw.shape[0]
-        B = h0.shape[0]
-        H = h0.shape[1]
-        GHb = G * Hb
-        HS = H if split else H | 1
-        full = y.shape[0] == T
+        T, B, H, HS, XN, full = recurrence_dims(xw, h0, y, split, XR, NR)
         # shared: [U columns] | h, out, z [NR, Hb] | 2 x [NH, NR, HS] recurrent input,
         # q [NR, HS] (without a split; with one they are in xg)
         sm = cuda.shared.array(0, DT)
-        own = H * GHb if u_shared else 0
-        outs = own + NR * Hb
-        zsv = outs + NR * Hb
-        hb = zsv + (0 if reset_after else NR * Hb)
-        plane = XR * HS if split else NR * HS
+        own, outs, zsv, zsv_end, _ = state_offsets(H * G * Hb, u_shared, NR, Hb)
+        hb = zsv if reset_after else zsv_end
+        plane = XN * HS
         buf = (G if use_rmask else 1) * plane
         hplane = 2 * plane if use_rmask else 0         # the plane holding h * r_h
         acc = cuda.local.array(NACC, DT)
+        u = cuda.local.array(G, DT)
         tid, nt, b0, n, j0, nu, items, xs, hb = begin_block(
             sm, U, u_shared, G, H, xg, split, hb, 2 * buf + (0 if reset_after else plane), HS,
             zero, rows, NR, R, B, UB, Hb, H)
@@ -92,46 +85,15 @@ def _forward_kernel(dtype, R, u_shared, act, ract, fast, reset_after, split):
                            b0, n, j0, nu, Hb, tid, nt, zero)
         barrier()
         for s in range(T):
-            t = T - 1 - s if go_backwards else s
-            cur = hb + (s % 2) * buf
-            nxt = hb + ((s + 1) % 2) * buf
+            t, cur, nxt = step_buffers(s, T, go_backwards, hb, buf)
             # phase A: the recurrent terms of z, r (and h with reset_after) of each item
             for it in range(tid, items, nt):
-                jl = it % nu
-                j = j0 + jl
-                r0 = (it // nu) * R
-                for q in range(NACC):
-                    acc[q] = zero
-                for l in range(H):
-                    if u_shared:
-                        p = l * GHb + jl
-                        u0 = sm[IDX(p)]
-                        u1 = sm[IDX(p + Hb)]
-                        u2 = sm[IDX(p + 2 * Hb)] if reset_after else zero
-                    else:
-                        lu = IDX(l)
-                        u0 = U[lu, IDX(j)]
-                        u1 = U[lu, IDX(H + j)]
-                        u2 = U[lu, IDX(2 * H + j)] if reset_after else zero
-                    if use_rmask:
-                        for r in range(R):
-                            p = cur + (r0 + r) * HS + l
-                            acc[r * G] += xs[IDX(p)] * u0
-                            acc[r * G + 1] += xs[IDX(p + plane)] * u1
-                            if reset_after:
-                                acc[r * G + 2] += xs[IDX(p + 2 * plane)] * u2
-                    else:
-                        for r in range(R):
-                            hv = xs[IDX(cur + (r0 + r) * HS + l)]
-                            acc[r * G] += hv * u0
-                            acc[r * G + 1] += hv * u1
-                            if reset_after:
-                                acc[r * G + 2] += hv * u2
+                jl, j, r0 = item(it, nu, j0, R)
+                gate_sums(acc, G, 0, NA, xs, cur, HS, plane, use_rmask, sm, u_shared, U, Hb, H,
+                          jl, j, R, r0, u, zero)
                 for r in range(R):
-                    i = r0 + r
+                    i, b, e = item_row(r0, r, b0, Hb, jl)
                     if i < n:
-                        b = b0 + i
-                        e = i * Hb + jl
                         gz = NPT(f_ract(xw[t, b, j] + acc[r * G] + brec[j]))
                         gr = NPT(f_ract(xw[t, b, H + j] + acc[r * G + 1] + brec[H + j]))
                         hp = sm[own + e]
@@ -148,17 +110,12 @@ def _forward_kernel(dtype, R, u_shared, act, ract, fast, reset_after, split):
                             if live:
                                 g_h = NPT(f_act(pre))
                                 h = g_h + gz * (hp - g_h)
-                                sm[own + e] = h
-                                sm[outs + e] = h
-                            elif zero_output:
-                                sm[outs + e] = zero
                             if keep_cache:
                                 gates[t, b, 2 * H + j] = g_h
                                 aux[t, b, j] = a_h if live else zero
-                            put_recurrent_input(xs, nxt, plane, HS, i, j, h, rmask, use_rmask,
-                                                b, G)
-                            if full:
-                                y[s, b, j] = sm[outs + e]
+                            put_step_output(sm, own, outs, e, live, h, zero_output, zero, xs,
+                                            nxt, plane, HS, i, j, rmask, use_rmask, b, G, full,
+                                            y, s)
                         else:
                             q = gr * xs[cur + hplane + i * HS + j]    # r * (h * r_h)
                             xs[qs + i * HS + j] = q
@@ -170,40 +127,25 @@ def _forward_kernel(dtype, R, u_shared, act, ract, fast, reset_after, split):
                 barrier()
                 # phase B: hh = act(xw_h + q @ U_h) and the state update
                 for it in range(tid, items, nt):
-                    jl = it % nu
-                    j = j0 + jl
-                    r0 = (it // nu) * R
+                    jl, j, r0 = item(it, nu, j0, R)
+                    gate_sums(acc, G, 2, 1, xs, qs, HS, plane, False, sm, u_shared, U, Hb, H,
+                              jl, j, R, r0, u, zero)
                     for r in range(R):
-                        acc[r * G] = zero
-                    for l in range(H):
-                        u = (sm[IDX(l * GHb + 2 * Hb + jl)] if u_shared
-                             else U[IDX(l), IDX(2 * H + j)])
-                        for r in range(R):
-                            acc[r * G] += xs[IDX(qs + (r0 + r) * HS + l)] * u
-                    for r in range(R):
-                        i = r0 + r
+                        i, b, e = item_row(r0, r, b0, Hb, jl)
                         if i < n:
-                            b = b0 + i
-                            e = i * Hb + jl
                             pre = xw[t, b, 2 * H + j] + acc[r * G]
                             hp = sm[own + e]
                             h = hp
-                            if use_mask and not mask[t, b]:
-                                if zero_output:
-                                    sm[outs + e] = zero
-                                if keep_cache:
-                                    gates[t, b, 2 * H + j] = pre
-                            else:
-                                hh = NPT(f_act(pre))
-                                h = hh + sm[zsv + e] * (hp - hh)
-                                sm[own + e] = h
-                                sm[outs + e] = h
-                                if keep_cache:
-                                    gates[t, b, 2 * H + j] = hh
-                            put_recurrent_input(xs, nxt, plane, HS, i, j, h, rmask, use_rmask,
-                                                b, G)
-                            if full:
-                                y[s, b, j] = sm[outs + e]
+                            g_h = pre               # cached: hh, or the pre-activation
+                            live = not (use_mask and not mask[t, b])
+                            if live:
+                                g_h = NPT(f_act(pre))
+                                h = g_h + sm[zsv + e] * (hp - g_h)
+                            if keep_cache:
+                                gates[t, b, 2 * H + j] = g_h
+                            put_step_output(sm, own, outs, e, live, h, zero_output, zero, xs,
+                                            nxt, plane, HS, i, j, rmask, use_rmask, b, G, full,
+                                            y, s)
             barrier()
         store_rows(h_out, sm, own, b0, n, j0, nu, Hb, tid, nt)
         if not full:
@@ -237,13 +179,11 @@ def _backward_exchange(H, reset_after):
 # Masked steps pass dh through and have dz = 0; output gradients as in lstm.py (carry).
 @kernel_variant
 def _backward_kernel(dtype, R, u_shared, act, ract, reset_after, split):
-    DT = numba_type(dtype)
-    NPT = np.dtype(dtype).type
-    zero = NPT(0)
+    DT, NPT, zero, barrier = kernel_constants(dtype, split)
     d_act = _math.scalar_derivative(act)
     d_ract = _math.scalar_derivative(ract)
     NACC = R * G
-    barrier = step_barrier(split)
+    NK = G if reset_after else 2        # gates whose gradients reach h_{t-1} through U^T
 
     @cuda.jit
     def backward(gates, hprev, aux, UT, rmask, use_rmask, mask, use_mask, dy, dh_in,
@@ -254,24 +194,16 @@ def _backward_kernel(dtype, R, u_shared, act, ract, reset_after, split):
         # carry_io: [B, H] in/out pending output gradient (chunks)
         # dz: [T, B, 3H] out;  dah_rec: [T, B, H] out (reset_after);  dh0: [B, H] out
         # UB, Hb, xg, XR: as in the forward (xg exchanges the row vectors below)
-        T = gates.shape[0]
-        B = dh_in.shape[0]
-        H = dh_in.shape[1]
+        T, B, H, HS, XN, full = recurrence_dims(gates, dh_in, dy, split, XR, NR)
         GH = G * H
-        HS = H if split else H | 1
-        full = dy.shape[0] == T
         # shared: [U^T columns] | dh, carry, dh*z (, dz_z) [NR, Hb] | the row vectors passed
         # between units (without a split; with one they are in xg, XR rows):
         #   reset_after: 2 x (daz, dar, da_h) [NR, ZS];  otherwise dah [NR, HS] | (daz, dar)
         #   [NR, ZS]
         sm = cuda.shared.array(0, DT)
-        dhs = GH * Hb if u_shared else 0
-        car = dhs + NR * Hb
-        dhz = car + NR * Hb
-        dzz = dhz + NR * Hb
-        xb = dzz + (0 if reset_after else NR * Hb)
+        dhs, car, dhz, dzz, dzz_end = state_offsets(GH * Hb, u_shared, NR, Hb)
+        xb = dzz if reset_after else dzz_end
         ZS = (GH if reset_after else 2 * H) | (0 if split else 1)
-        XN = XR if split else NR
         zbuf = XN * ZS
         # dah (without reset_after) first
         tid, nt, b0, n, j0, nu, items, xs, dab = begin_block(
@@ -280,34 +212,26 @@ def _backward_kernel(dtype, R, u_shared, act, ract, reset_after, split):
         acc = cuda.local.array(NACC, DT)
         # then (daz, dar[, da_h]), two of them with reset_after
         zb0 = (0 if reset_after else XN * HS) + (b0 * ZS if split else xb)
-        load_rows(sm, dhs, dh_in, b0, n, j0, nu, Hb, tid, nt)
-        load_rows(sm, car, carry_io, b0, n, j0, nu, Hb, tid, nt)
+        load_backward_state(sm, dhs, dh_in, car, carry_io, b0, n, j0, nu, Hb, tid, nt)
         cuda.syncthreads()
         for s in range(T - 1, -1, -1):
-            t = T - 1 - s if go_backwards else s
-            # the buffer of the recurrent-side gradients this step
-            zb = zb0 + (s % 2) * zbuf if reset_after else zb0
+            # the buffer of the recurrent-side gradients this step (one without reset_after)
+            t, zb, _ = step_buffers(s, T, go_backwards, zb0, zbuf if reset_after else 0)
             # phase 1: dz, dah (and with reset_after da_h) of the thread's items
             for it in range(tid, items, nt):
-                jl = it % nu
-                j = j0 + jl
-                r0 = (it // nu) * R
+                jl, j, r0 = item(it, nu, j0, R)
                 for r in range(R):
-                    i = r0 + r
+                    i, b, e = item_row(r0, r, b0, Hb, jl)
                     if i < n:
-                        b = b0 + i
-                        e = i * Hb + jl
                         cr = output_grad(sm, car, e, dy, full, s, T, b, j)
                         if use_mask and not mask[t, b]:
-                            for k in range(G):
-                                dz[t, b, k * H + j] = zero
                             if reset_after:
                                 dah_rec[t, b, j] = zero
-                                for k in range(G):
-                                    xs[zb + i * ZS + k * H + j] = zero
+                                masked_step_grad(dz, t, b, j, H, G, xs, zb + i * ZS, G, sm, car,
+                                                 e, cr, zero_output, zero)
                             else:
-                                xs[dab + i * HS + j] = zero
-                            sm[car + e] = zero if zero_output else cr
+                                masked_step_grad(dz, t, b, j, H, G, xs, dab + i * HS, 1, sm,
+                                                 car, e, cr, zero_output, zero)
                         else:
                             dhj = sm[dhs + e] + cr
                             sm[car + e] = zero
@@ -335,21 +259,12 @@ def _backward_kernel(dtype, R, u_shared, act, ract, reset_after, split):
             if not reset_after:
                 # phase 2: dq = dah @ U_h^T, then dr, daz, dar and the direct dh_{t-1} terms
                 for it in range(tid, items, nt):
-                    jl = it % nu
-                    j = j0 + jl
-                    r0 = (it // nu) * R
+                    jl, j, r0 = item(it, nu, j0, R)
+                    transposed_sums(acc, G, 1, H, 2 * H, xs, dab, HS, sm, u_shared, UT, Hb, jl,
+                                    j, R, r0, zero)
                     for r in range(R):
-                        acc[r * G] = zero
-                    for l in range(H):
-                        col = 2 * H + l
-                        u = sm[IDX(col * Hb + jl)] if u_shared else UT[IDX(col), IDX(j)]
-                        for r in range(R):
-                            acc[r * G] += xs[IDX(dab + (r0 + r) * HS + l)] * u
-                    for r in range(R):
-                        i = r0 + r
+                        i, b, e = item_row(r0, r, b0, Hb, jl)
                         if i < n:
-                            b = b0 + i
-                            e = i * Hb + jl
                             if use_mask and not mask[t, b]:
                                 xs[zb + i * ZS + j] = zero
                                 xs[zb + i * ZS + H + j] = zero
@@ -371,30 +286,17 @@ def _backward_kernel(dtype, R, u_shared, act, ract, reset_after, split):
                                 xs[zb + i * ZS + H + j] = dar
                 barrier()
             # last phase: dh_{t-1} = dh * z (+ dq terms) + sum_k (da_k @ U_k^T) * r_k
-            NK = G if reset_after else 2
             for it in range(tid, items, nt):
-                jl = it % nu
-                j = j0 + jl
-                r0 = (it // nu) * R
-                for q in range(NACC):
-                    acc[q] = zero
+                jl, j, r0 = item(it, nu, j0, R)
                 if use_rmask or not reset_after:
-                    for k in range(NK):
-                        for l in range(H):
-                            col = k * H + l
-                            u = sm[IDX(col * Hb + jl)] if u_shared else UT[IDX(col), IDX(j)]
-                            for r in range(R):
-                                acc[r * G + k] += xs[IDX(zb + (r0 + r) * ZS + col)] * u
+                    transposed_sums(acc, G, NK, H, 0, xs, zb, ZS, sm, u_shared, UT, Hb, jl, j,
+                                    R, r0, zero)
                 else:
-                    for col in range(GH):
-                        u = sm[IDX(col * Hb + jl)] if u_shared else UT[IDX(col), IDX(j)]
-                        for r in range(R):
-                            acc[r * G] += xs[IDX(zb + (r0 + r) * ZS + col)] * u
+                    transposed_sums(acc, G, 1, GH, 0, xs, zb, ZS, sm, u_shared, UT, Hb, jl, j,
+                                    R, r0, zero)
                 for r in range(R):
-                    i = r0 + r
+                    i, b, e = item_row(r0, r, b0, Hb, jl)
                     if i < n:
-                        b = b0 + i
-                        e = i * Hb + jl
                         if not (use_mask and not mask[t, b]):
                             if use_rmask or not reset_after:
                                 v = sm[dhz + e]
@@ -428,14 +330,12 @@ def forward(xw, U, brec, rmask, mask, h0, act, ract, reset_after, go_backwards, 
     o0 = initial_output(out0, B, H, dt)
     ra = bool(reset_after)
     if B:
-        p = plan(B, H, dt, G * H, lambda NR, Hb, split: _forward_state(NR, Hb, H, use_rmask,
-                                                                        ra, split))
-        kern = _forward_kernel(dt.str, p.R, p.u_shared, int(act), int(ract), bool(fast), ra,
-                               p.split)
-        xg = exchange_buffer(p, _forward_exchange(H, use_rmask, ra), dt)
-        launch(kern, p, xw, U, brec, rm, use_rmask, m, use_mask, h0, o0, bool(go_backwards),
-               bool(zero_output), bool(keep_cache), p.rows, p.padded_rows, p.unit_blocks,
-               p.block_units, xg, p.exchange_rows, y, h, gates, hprev, aux)
+        run_recurrence(_forward_kernel, (int(act), int(ract), bool(fast), ra), B, H, dt, G * H,
+                       lambda NR, Hb, split: _forward_state(NR, Hb, H, use_rmask, ra, split),
+                       _forward_exchange(H, use_rmask, ra),
+                       (xw, U, brec, rm, use_rmask, m, use_mask, h0, o0, bool(go_backwards),
+                        bool(zero_output), bool(keep_cache)),
+                       (y, h, gates, hprev, aux))
     return y, h, ((gates, hprev, aux) if keep_cache else None)
 
 
@@ -455,11 +355,10 @@ def backward(cache, U, rmask, mask, dy, dh, act, ract, reset_after, go_backwards
     rm, use_rmask, m, use_mask = masks(rmask, 3, mask, dt)
     cr = pending_carry(carry, B, H, dt)
     if B:
-        UT = _linalg.transpose(U)
-        p = plan(B, H, dt, G * H, lambda NR, Hb, split: _backward_state(NR, Hb, H, ra, split))
-        kern = _backward_kernel(dt.str, p.R, p.u_shared, int(act), int(ract), ra, p.split)
-        xg = exchange_buffer(p, _backward_exchange(H, ra), dt)
-        launch(kern, p, gates, hprev, aux, UT, rm, use_rmask, m, use_mask, dy, dh,
-               bool(go_backwards), bool(zero_output), p.rows, p.padded_rows, p.unit_blocks,
-               p.block_units, xg, p.exchange_rows, cr, dz, dah_rec, dh0)
+        run_recurrence(_backward_kernel, (int(act), int(ract), ra), B, H, dt, G * H,
+                       lambda NR, Hb, split: _backward_state(NR, Hb, H, ra, split),
+                       _backward_exchange(H, ra),
+                       (gates, hprev, aux, _linalg.transpose(U), rm, use_rmask, m, use_mask,
+                        dy, dh, bool(go_backwards), bool(zero_output)),
+                       (cr, dz, dah_rec, dh0))
     return dz, (dah_rec if ra else None), dh0

@@ -28,10 +28,11 @@ from numba import cuda
 
 from .. import _math
 from . import _linalg
-from ._common import (IDX, begin_block, cache_arrays, exchange_buffer,
-                      initial_output, kernel_variant, launch, load_initial_state, load_rows,
-                      masks, numba_type, output_grad, outputs, pending_carry, plan,
-                      put_recurrent_input, row_stride, step_barrier, store_rows)
+from ._common import (begin_block, cache_arrays, gate_sums, initial_output, item, item_row,
+                      kernel_constants, kernel_variant, load_backward_state,
+                      load_initial_state, load_rows, masked_step_grad, masks, output_grad,
+                      outputs, pending_carry, put_step_output, recurrence_dims, row_stride,
+                      run_recurrence, state_offsets, step_buffers, store_rows, transposed_sums)
 
 G = 4
 
@@ -52,13 +53,10 @@ def _forward_exchange(use_rmask):
 
 @kernel_variant
 def _forward_kernel(dtype, R, u_shared, act, ract, fast, split):
-    DT = numba_type(dtype)
-    NPT = np.dtype(dtype).type
-    zero = NPT(0)
+    DT, NPT, zero, barrier = kernel_constants(dtype, split)
     f_act = _math.scalar_activation(act, fast)
     f_ract = _math.scalar_activation(ract, fast)
     NACC = R * G
-    barrier = step_barrier(split)
 
     @cuda.jit
     def forward(xw, U, rmask, use_rmask, mask, use_mask, h0, c0, out0, go_backwards,
@@ -78,22 +76,15 @@ def _forward_kernel(dtype, R, u_shared, act, ract, fast, split):
         # h_out, c_out: [B, H] final states
         # cache (keep_cache): gates [T, B, 4H] post-activation; hprev, cprev [T, B, H] the
         #   states entering step t; actc [T, B, H] = act(c_t)
-        T = xw.shape[0]
-        B = h0.shape[0]
-        H = h0.shape[1]
-        GHb = G * Hb
-        full = y.shape[0] == T
+        T, B, H, HS, XN, full = recurrence_dims(xw, h0, y, split, XR, NR)
         # shared memory: [U columns] | own h, c, out [NR, Hb] | 2 x [NH, NR, HS] recurrent
         # input (without a split; with one it is xg, [NH, XR, H] per step parity)
         sm = cuda.shared.array(0, DT)
-        own = H * GHb if u_shared else 0
-        cs = own + NR * Hb
-        outs = cs + NR * Hb
-        rin = outs + NR * Hb
-        HS = H if split else H | 1
-        plane = XR * H if split else NR * HS
+        own, cs, outs, rin, _ = state_offsets(H * G * Hb, u_shared, NR, Hb)
+        plane = XN * HS
         buf = (G if use_rmask else 1) * plane
         acc = cuda.local.array(NACC, DT)
+        u = cuda.local.array(G, DT)
         tid, nt, b0, n, j0, nu, items, xs, rin = begin_block(
             sm, U, u_shared, G, H, xg, split, rin, 2 * buf, H, zero, rows, NR, R, B, UB, Hb, H)
         cuda.syncthreads()
@@ -102,48 +93,15 @@ def _forward_kernel(dtype, R, u_shared, act, ract, fast, split):
         load_rows(sm, cs, c0, b0, n, j0, nu, Hb, tid, nt)
         barrier()
         for s in range(T):
-            t = T - 1 - s if go_backwards else s
-            cur = rin + (s % 2) * buf
-            nxt = rin + ((s + 1) % 2) * buf
+            t, cur, nxt = step_buffers(s, T, go_backwards, rin, buf)
             for it in range(tid, items, nt):
-                jl = it % nu
-                j = j0 + jl
-                r0 = (it // nu) * R
+                jl, j, r0 = item(it, nu, j0, R)
                 # z[r, k] = sum_l hin_k[r0 + r, l] * U[l, k*H + j]
-                for q in range(NACC):
-                    acc[q] = zero
-                for l in range(H):
-                    if u_shared:
-                        p = l * GHb + jl
-                        u0 = sm[IDX(p)]
-                        u1 = sm[IDX(p + Hb)]
-                        u2 = sm[IDX(p + 2 * Hb)]
-                        u3 = sm[IDX(p + 3 * Hb)]
-                    else:
-                        lu = IDX(l)
-                        u0 = U[lu, IDX(j)]
-                        u1 = U[lu, IDX(H + j)]
-                        u2 = U[lu, IDX(2 * H + j)]
-                        u3 = U[lu, IDX(3 * H + j)]
-                    if use_rmask:
-                        for r in range(R):
-                            p = cur + (r0 + r) * HS + l
-                            acc[r * G] += xs[IDX(p)] * u0
-                            acc[r * G + 1] += xs[IDX(p + plane)] * u1
-                            acc[r * G + 2] += xs[IDX(p + 2 * plane)] * u2
-                            acc[r * G + 3] += xs[IDX(p + 3 * plane)] * u3
-                    else:
-                        for r in range(R):
-                            hv = xs[IDX(cur + (r0 + r) * HS + l)]
-                            acc[r * G] += hv * u0
-                            acc[r * G + 1] += hv * u1
-                            acc[r * G + 2] += hv * u2
-                            acc[r * G + 3] += hv * u3
+                gate_sums(acc, G, 0, G, xs, cur, HS, plane, use_rmask, sm, u_shared, U, Hb, H,
+                          jl, j, R, r0, u, zero)
                 for r in range(R):
-                    i = r0 + r
+                    i, b, e = item_row(r0, r, b0, Hb, jl)
                     if i < n:
-                        b = b0 + i
-                        e = i * Hb + jl
                         gi = NPT(f_ract(xw[t, b, j] + acc[r * G]))
                         gf = NPT(f_ract(xw[t, b, H + j] + acc[r * G + 1]))
                         gc = NPT(f_act(xw[t, b, 2 * H + j] + acc[r * G + 2]))
@@ -158,22 +116,17 @@ def _forward_kernel(dtype, R, u_shared, act, ract, fast, split):
                             hprev[t, b, j] = hp
                             cprev[t, b, j] = cp
                         h = hp
-                        if use_mask and not mask[t, b]:
-                            # masked step: the state is kept, the output repeats (or is zero)
-                            if zero_output:
-                                sm[outs + e] = zero
-                        else:
+                        # a masked step keeps the state; the output repeats (or is zero)
+                        live = not (use_mask and not mask[t, b])
+                        if live:
                             c = gf * cp + gi * gc
                             a = NPT(f_act(c))
                             h = go * a
                             sm[cs + e] = c
-                            sm[own + e] = h
-                            sm[outs + e] = h
                             if keep_cache:
                                 actc[t, b, j] = a
-                        put_recurrent_input(xs, nxt, plane, HS, i, j, h, rmask, use_rmask, b, G)
-                        if full:
-                            y[s, b, j] = sm[outs + e]
+                        put_step_output(sm, own, outs, e, live, h, zero_output, zero, xs, nxt,
+                                        plane, HS, i, j, rmask, use_rmask, b, G, full, y, s)
             barrier()
         store_rows(h_out, sm, own, b0, n, j0, nu, Hb, tid, nt)
         store_rows(c_out, sm, cs, b0, n, j0, nu, Hb, tid, nt)
@@ -197,13 +150,10 @@ def _backward_state(NR, Hb, H, split):
 # syncthreads) dh_{t-1} for the same items from every dz of the row.
 @kernel_variant
 def _backward_kernel(dtype, R, u_shared, act, ract, split):
-    DT = numba_type(dtype)
-    NPT = np.dtype(dtype).type
-    zero = NPT(0)
+    DT, NPT, zero, barrier = kernel_constants(dtype, split)
     d_act = _math.scalar_derivative(act)
     d_ract = _math.scalar_derivative(ract)
     NACC = R * G
-    barrier = step_barrier(split)
 
     @cuda.jit
     def backward(gates, cprev, actc, UT, rmask, use_rmask, mask, use_mask, dy, dh_in, dc_in,
@@ -218,47 +168,33 @@ def _backward_kernel(dtype, R, u_shared, act, ract, split):
         # UB, Hb: unit blocks per batch slice and units per block (1 and H unless split)
         # xg:    split: the global exchange buffer of dz, 2 x [XR, 4H]
         # dh0, dc0: [B, H] out: gradients of the initial states
-        T = gates.shape[0]
-        B = dh_in.shape[0]
-        H = dh_in.shape[1]
+        T, B, H, _, XN, full = recurrence_dims(gates, dh_in, dy, split, XR, NR)
         GH = G * H
         ZS = GH if split else GH | 1
-        full = dy.shape[0] == T
         # shared memory: [U^T columns] | dh, dc, carry [NR, Hb] | 2 x dz [NR, ZS] (without a
         # split; with one, dz rows are exchanged through xg, [XR, ZS] per step parity)
         sm = cuda.shared.array(0, DT)
-        dhs = GH * Hb if u_shared else 0
-        dcs = dhs + NR * Hb
-        car = dcs + NR * Hb
-        zb = car + NR * Hb
-        zbuf = XR * ZS if split else NR * ZS
+        dhs, dcs, car, zb, _ = state_offsets(GH * Hb, u_shared, NR, Hb)
+        zbuf = XN * ZS
         acc = cuda.local.array(NACC, DT)
         tid, nt, b0, n, j0, nu, items, xs, zb = begin_block(
             sm, UT, u_shared, 1, 0, xg, split, zb, 2 * zbuf, ZS, zero, rows, NR, R, B, UB, Hb, H)
-        load_rows(sm, dhs, dh_in, b0, n, j0, nu, Hb, tid, nt)
+        load_backward_state(sm, dhs, dh_in, car, carry_io, b0, n, j0, nu, Hb, tid, nt)
         load_rows(sm, dcs, dc_in, b0, n, j0, nu, Hb, tid, nt)
-        load_rows(sm, car, carry_io, b0, n, j0, nu, Hb, tid, nt)
         cuda.syncthreads()
         for s in range(T - 1, -1, -1):
-            t = T - 1 - s if go_backwards else s
-            cur = zb + (s % 2) * zbuf
+            t, cur, _ = step_buffers(s, T, go_backwards, zb, zbuf)
             # phase 1: dz of the thread's items
             for it in range(tid, items, nt):
-                jl = it % nu
-                j = j0 + jl
-                r0 = (it // nu) * R
+                jl, j, r0 = item(it, nu, j0, R)
                 for r in range(R):
-                    i = r0 + r
+                    i, b, e = item_row(r0, r, b0, Hb, jl)
                     if i < n:
-                        b = b0 + i
-                        e = i * Hb + jl
                         zr = cur + i * ZS
                         cr = output_grad(sm, car, e, dy, full, s, T, b, j)
                         if use_mask and not mask[t, b]:
-                            for k in range(G):
-                                dz[t, b, k * H + j] = zero
-                                xs[zr + k * H + j] = zero
-                            sm[car + e] = zero if zero_output else cr
+                            masked_step_grad(dz, t, b, j, H, G, xs, zr, G, sm, car, e, cr,
+                                             zero_output, zero)
                         else:
                             dhj = sm[dhs + e] + cr
                             sm[car + e] = zero
@@ -285,27 +221,16 @@ def _backward_kernel(dtype, R, u_shared, act, ract, split):
             barrier()
             # phase 2: dh_{t-1}[., j] = sum_k (dz_k @ U_k^T)[., j] * r_k[., j]
             for it in range(tid, items, nt):
-                jl = it % nu
-                j = j0 + jl
-                r0 = (it // nu) * R
-                for q in range(NACC):
-                    acc[q] = zero
+                jl, j, r0 = item(it, nu, j0, R)
                 if use_rmask:
-                    for k in range(G):
-                        for l in range(H):
-                            col = k * H + l
-                            u = sm[IDX(col * Hb + jl)] if u_shared else UT[IDX(col), IDX(j)]
-                            for r in range(R):
-                                acc[r * G + k] += xs[IDX(cur + (r0 + r) * ZS + col)] * u
+                    transposed_sums(acc, G, G, H, 0, xs, cur, ZS, sm, u_shared, UT, Hb, jl, j,
+                                    R, r0, zero)
                 else:
-                    for col in range(GH):
-                        u = sm[IDX(col * Hb + jl)] if u_shared else UT[IDX(col), IDX(j)]
-                        for r in range(R):
-                            acc[r * G] += xs[IDX(cur + (r0 + r) * ZS + col)] * u
+                    transposed_sums(acc, G, 1, GH, 0, xs, cur, ZS, sm, u_shared, UT, Hb, jl, j,
+                                    R, r0, zero)
                 for r in range(R):
-                    i = r0 + r
+                    i, b, e = item_row(r0, r, b0, Hb, jl)
                     if i < n:
-                        b = b0 + i
                         if not (use_mask and not mask[t, b]):
                             if use_rmask:
                                 v = zero
@@ -346,14 +271,12 @@ def forward(xw, U, rmask, mask, h0, c0, act, ract, go_backwards, zero_output,
     rm, use_rmask, m, use_mask = masks(rmask, 3, mask, dt)
     o0 = initial_output(out0, B, H, dt)
     if B:
-        p = plan(B, H, dt, G * H,
-                 lambda NR, Hb, split: _forward_state(NR, Hb, H, use_rmask, split))
-        kern = _forward_kernel(dt.str, p.R, p.u_shared, int(act), int(ract), bool(fast),
-                               p.split)
-        xg = exchange_buffer(p, _forward_exchange(use_rmask) * H, dt)
-        launch(kern, p, xw, U, rm, use_rmask, m, use_mask, h0, c0, o0, bool(go_backwards),
-               bool(zero_output), bool(keep_cache), p.rows, p.padded_rows, p.unit_blocks,
-               p.block_units, xg, p.exchange_rows, y, h, c, gates, hprev, cprev, actc)
+        run_recurrence(_forward_kernel, (int(act), int(ract), bool(fast)), B, H, dt, G * H,
+                       lambda NR, Hb, split: _forward_state(NR, Hb, H, use_rmask, split),
+                       _forward_exchange(use_rmask) * H,
+                       (xw, U, rm, use_rmask, m, use_mask, h0, c0, o0, bool(go_backwards),
+                        bool(zero_output), bool(keep_cache)),
+                       (y, h, c, gates, hprev, cprev, actc))
     return y, h, c, ((gates, hprev, cprev, actc) if keep_cache else None)
 
 
@@ -374,11 +297,9 @@ def backward(cache, U, rmask, mask, dy, dh, dc, act, ract, go_backwards, zero_ou
     rm, use_rmask, m, use_mask = masks(rmask, 3, mask, dt)
     cr = pending_carry(carry, B, H, dt)
     if B:
-        UT = _linalg.transpose(U)
-        p = plan(B, H, dt, G * H, lambda NR, Hb, split: _backward_state(NR, Hb, H, split))
-        kern = _backward_kernel(dt.str, p.R, p.u_shared, int(act), int(ract), p.split)
-        xg = exchange_buffer(p, 2 * G * H, dt)
-        launch(kern, p, gates, cprev, actc, UT, rm, use_rmask, m, use_mask, dy, dh, dc,
-               bool(go_backwards), bool(zero_output), p.rows, p.padded_rows, p.unit_blocks,
-               p.block_units, xg, p.exchange_rows, cr, dz, dh0, dc0)
+        run_recurrence(_backward_kernel, (int(act), int(ract)), B, H, dt, G * H,
+                       lambda NR, Hb, split: _backward_state(NR, Hb, H, split), 2 * G * H,
+                       (gates, cprev, actc, _linalg.transpose(U), rm, use_rmask, m, use_mask,
+                        dy, dh, dc, bool(go_backwards), bool(zero_output)),
+                       (cr, dz, dh0, dc0))
     return dz, dh0, dc0

@@ -11,10 +11,11 @@ from numba import cuda
 
 from .. import _math
 from . import _linalg
-from ._common import (IDX, begin_block, cache_arrays, exchange_buffer,
-                      initial_output, kernel_variant, launch, load_rows, masks, numba_type,
-                      output_grad, outputs, pending_carry, plan, row_stride, step_barrier,
-                      store_rows)
+from ._common import (begin_block, cache_arrays, gate_sums, initial_output, item, item_row,
+                      kernel_constants, kernel_variant, load_backward_state,
+                      load_initial_state, masked_step_grad, masks, output_grad, outputs,
+                      pending_carry, put_step_output, recurrence_dims, row_stride,
+                      run_recurrence, state_offsets, step_buffers, store_rows, transposed_sums)
 
 
 def _state(NR, Hb, H, split):
@@ -24,86 +25,60 @@ def _state(NR, Hb, H, split):
     return 2 * NR * Hb + (0 if split else 2 * NR * row_stride(H))
 
 
+def _one_plane(rmask):
+    """The [B, H] recurrent dropout mask as the one plane [1, B, H] of the per-gate masks
+    that the shared forward helpers read (a view, no copy)."""
+    return rmask.reshape((1,) + tuple(rmask.shape))
+
+
 @kernel_variant
 def _forward_kernel(dtype, R, u_shared, act, fast, split):
-    DT = numba_type(dtype)
-    NPT = np.dtype(dtype).type
-    zero = NPT(0)
+    DT, NPT, zero, barrier = kernel_constants(dtype, split)
     f_act = _math.scalar_activation(act, fast)
-    barrier = step_barrier(split)
 
     @cuda.jit
     def forward(xw, U, rmask, use_rmask, mask, use_mask, h0, out0, go_backwards, zero_output,
                 keep_cache, rows, NR, UB, Hb, xg, XR, y, h_out, hs, hprev):
         # xw:    [T, B, H]   x @ W + b (input dropout already applied)
         # U:     [H, H]      recurrent kernel
-        # rmask: [B, H]      recurrent dropout mask;  mask: [T, B]
+        # rmask: [1, B, H]   recurrent dropout mask;  mask: [T, B]
         # h0, out0: [B, H] (out0 zero-size for zeros);  y: [T, B, H] or [1, B, H];
         # h_out: [B, H]
         # rows: batch rows per block;  NR: rows of the shared state buffers
         # UB, Hb: unit blocks per batch slice and units per block (1 and H unless split)
         # xg:    split: the global exchange buffer of h * r, 2 x [XR, H]
         # cache: hs [T, B, H] = act(pre) of the step; hprev [T, B, H] the state entering t
-        T = xw.shape[0]
-        B = h0.shape[0]
-        H = h0.shape[1]
-        HS = H if split else H | 1
-        full = y.shape[0] == T
+        T, B, H, HS, XN, full = recurrence_dims(xw, h0, y, split, XR, NR)
         # shared: [U columns] | h, out [NR, Hb] | 2 x h * r [NR, HS] (without a split)
         sm = cuda.shared.array(0, DT)
-        own = H * Hb if u_shared else 0
-        outs = own + NR * Hb
-        hb = outs + NR * Hb
-        buf = XR * HS if split else NR * HS
+        own, outs, hb, _, _ = state_offsets(H * Hb, u_shared, NR, Hb)
+        buf = XN * HS
         acc = cuda.local.array(R, DT)
+        u = cuda.local.array(1, DT)
         tid, nt, b0, n, j0, nu, items, xs, hb = begin_block(
             sm, U, u_shared, 1, 0, xg, split, hb, 2 * buf, HS, zero, rows, NR, R, B, UB, Hb, H)
         cuda.syncthreads()
-        for e in range(tid, n * nu, nt):
-            i = e // nu
-            jl = e % nu
-            j = j0 + jl
-            b = b0 + i
-            h = h0[b, j]
-            sm[own + i * Hb + jl] = h
-            sm[outs + i * Hb + jl] = out0[b, j] if out0.shape[0] else zero
-            xs[hb + i * HS + j] = h * rmask[b, j] if use_rmask else h
+        load_initial_state(sm, own, outs, xs, hb, buf, HS, h0, out0, rmask, use_rmask, 1, b0,
+                           n, j0, nu, Hb, tid, nt, zero)
         barrier()
         for s in range(T):
-            t = T - 1 - s if go_backwards else s
-            cur = hb + (s % 2) * buf
-            nxt = hb + ((s + 1) % 2) * buf
+            t, cur, nxt = step_buffers(s, T, go_backwards, hb, buf)
             for it in range(tid, items, nt):
-                jl = it % nu
-                j = j0 + jl
-                r0 = (it // nu) * R
+                jl, j, r0 = item(it, nu, j0, R)
+                gate_sums(acc, 1, 0, 1, xs, cur, HS, buf, False, sm, u_shared, U, Hb, H, jl, j,
+                          R, r0, u, zero)
                 for r in range(R):
-                    acc[r] = zero
-                for l in range(H):
-                    u = sm[IDX(l * Hb + jl)] if u_shared else U[IDX(l), IDX(j)]
-                    for r in range(R):
-                        acc[r] += xs[IDX(cur + (r0 + r) * HS + l)] * u
-                for r in range(R):
-                    i = r0 + r
+                    i, b, e = item_row(r0, r, b0, Hb, jl)
                     if i < n:
-                        b = b0 + i
-                        e = i * Hb + jl
                         g = NPT(f_act(xw[t, b, j] + acc[r]))
                         hp = sm[own + e]
                         if keep_cache:
                             hs[t, b, j] = g
                             hprev[t, b, j] = hp
-                        h = hp
-                        if use_mask and not mask[t, b]:
-                            if zero_output:
-                                sm[outs + e] = zero
-                        else:
-                            h = g
-                            sm[own + e] = h
-                            sm[outs + e] = h
-                        xs[nxt + i * HS + j] = h * rmask[b, j] if use_rmask else h
-                        if full:
-                            y[s, b, j] = sm[outs + e]
+                        live = not (use_mask and not mask[t, b])
+                        put_step_output(sm, own, outs, e, live, g if live else hp, zero_output,
+                                        zero, xs, nxt, buf, HS, i, j, rmask, use_rmask, b, 1,
+                                        full, y, s)
             barrier()
         store_rows(h_out, sm, own, b0, n, j0, nu, Hb, tid, nt)
         if not full:
@@ -112,16 +87,12 @@ def _forward_kernel(dtype, R, u_shared, act, fast, split):
     return forward
 
 
-
 # Backward per processed step: the SimpleRNN derivation in docs/design.md (dz, then
 # dh_{t-1} = (dz @ U^T) * r). Masked steps pass dh through with dz = 0 (``carry``).
 @kernel_variant
 def _backward_kernel(dtype, R, u_shared, act, split):
-    DT = numba_type(dtype)
-    NPT = np.dtype(dtype).type
-    zero = NPT(0)
+    DT, NPT, zero, barrier = kernel_constants(dtype, split)
     d_act = _math.scalar_derivative(act)
-    barrier = step_barrier(split)
 
     @cuda.jit
     def backward(hs, UT, rmask, use_rmask, mask, use_mask, dy, dh_in, go_backwards,
@@ -130,40 +101,27 @@ def _backward_kernel(dtype, R, u_shared, act, split):
         # dy:   [T, B, H] or [1, B, H];   dh_in: [B, H];  carry_io: [B, H] in/out (chunks)
         # dz:   [T, B, H] out: gradient of the pre-activation;  dh0: [B, H] out
         # UB, Hb, xg, XR: as in the forward (xg exchanges dz)
-        T = hs.shape[0]
-        B = dh_in.shape[0]
-        H = dh_in.shape[1]
-        HS = H if split else H | 1
-        full = dy.shape[0] == T
+        T, B, H, HS, XN, full = recurrence_dims(hs, dh_in, dy, split, XR, NR)
         # shared: [U^T columns] | dh, carry [NR, Hb] | 2 x dz [NR, HS] (without a split)
         sm = cuda.shared.array(0, DT)
-        dhs = H * Hb if u_shared else 0
-        car = dhs + NR * Hb
-        zb = car + NR * Hb
-        zbuf = XR * HS if split else NR * HS
+        dhs, car, zb, _, _ = state_offsets(H * Hb, u_shared, NR, Hb)
+        zbuf = XN * HS
         acc = cuda.local.array(R, DT)
         tid, nt, b0, n, j0, nu, items, xs, zb = begin_block(
             sm, UT, u_shared, 1, 0, xg, split, zb, 2 * zbuf, HS, zero, rows, NR, R, B, UB, Hb, H)
-        load_rows(sm, dhs, dh_in, b0, n, j0, nu, Hb, tid, nt)
-        load_rows(sm, car, carry_io, b0, n, j0, nu, Hb, tid, nt)
+        load_backward_state(sm, dhs, dh_in, car, carry_io, b0, n, j0, nu, Hb, tid, nt)
         cuda.syncthreads()
         for s in range(T - 1, -1, -1):
-            t = T - 1 - s if go_backwards else s
-            cur = zb + (s % 2) * zbuf
+            t, cur, _ = step_buffers(s, T, go_backwards, zb, zbuf)
             for it in range(tid, items, nt):
-                jl = it % nu
-                j = j0 + jl
-                r0 = (it // nu) * R
+                jl, j, r0 = item(it, nu, j0, R)
                 for r in range(R):
-                    i = r0 + r
+                    i, b, e = item_row(r0, r, b0, Hb, jl)
                     if i < n:
-                        b = b0 + i
-                        e = i * Hb + jl
                         cr = output_grad(sm, car, e, dy, full, s, T, b, j)
                         if use_mask and not mask[t, b]:
-                            dz[t, b, j] = zero
-                            xs[cur + i * HS + j] = zero
-                            sm[car + e] = zero if zero_output else cr
+                            masked_step_grad(dz, t, b, j, H, 1, xs, cur + i * HS, 1, sm, car, e,
+                                             cr, zero_output, zero)
                         else:
                             d = NPT(d_act(sm[dhs + e] + cr, hs[t, b, j]))
                             sm[car + e] = zero
@@ -171,19 +129,12 @@ def _backward_kernel(dtype, R, u_shared, act, split):
                             xs[cur + i * HS + j] = d
             barrier()
             for it in range(tid, items, nt):
-                jl = it % nu
-                j = j0 + jl
-                r0 = (it // nu) * R
+                jl, j, r0 = item(it, nu, j0, R)
+                transposed_sums(acc, 1, 1, H, 0, xs, cur, HS, sm, u_shared, UT, Hb, jl, j, R, r0,
+                                zero)
                 for r in range(R):
-                    acc[r] = zero
-                for l in range(H):
-                    u = sm[IDX(l * Hb + jl)] if u_shared else UT[IDX(l), IDX(j)]
-                    for r in range(R):
-                        acc[r] += xs[IDX(cur + (r0 + r) * HS + l)] * u
-                for r in range(R):
-                    i = r0 + r
+                    i, b, e = item_row(r0, r, b0, Hb, jl)
                     if i < n:
-                        b = b0 + i
                         if not (use_mask and not mask[t, b]):
                             sm[dhs + i * Hb + jl] = acc[r] * rmask[b, j] if use_rmask else acc[r]
         cuda.syncthreads()
@@ -205,11 +156,11 @@ def forward(xw, U, rmask, mask, h0, act, go_backwards, zero_output, return_seque
     rm, use_rmask, m, use_mask = masks(rmask, 2, mask, dt)
     o0 = initial_output(out0, B, H, dt)
     if B:
-        p = plan(B, H, dt, H, lambda NR, Hb, split: _state(NR, Hb, H, split))
-        kern = _forward_kernel(dt.str, p.R, p.u_shared, int(act), bool(fast), p.split)
-        launch(kern, p, xw, U, rm, use_rmask, m, use_mask, h0, o0, bool(go_backwards),
-               bool(zero_output), bool(keep_cache), p.rows, p.padded_rows, p.unit_blocks,
-               p.block_units, exchange_buffer(p, 2 * H, dt), p.exchange_rows, y, h, hs, hprev)
+        run_recurrence(_forward_kernel, (int(act), bool(fast)), B, H, dt, H,
+                       lambda NR, Hb, split: _state(NR, Hb, H, split), 2 * H,
+                       (xw, U, _one_plane(rm), use_rmask, m, use_mask, h0, o0,
+                        bool(go_backwards), bool(zero_output), bool(keep_cache)),
+                       (y, h, hs, hprev))
     return y, h, ((hs, hprev) if keep_cache else None)
 
 
@@ -225,10 +176,9 @@ def backward(cache, U, rmask, mask, dy, dh, act, go_backwards, zero_output, carr
     rm, use_rmask, m, use_mask = masks(rmask, 2, mask, dt)
     cr = pending_carry(carry, B, H, dt)
     if B:
-        UT = _linalg.transpose(U)
-        p = plan(B, H, dt, H, lambda NR, Hb, split: _state(NR, Hb, H, split))
-        kern = _backward_kernel(dt.str, p.R, p.u_shared, int(act), p.split)
-        launch(kern, p, hs, UT, rm, use_rmask, m, use_mask, dy, dh, bool(go_backwards),
-               bool(zero_output), p.rows, p.padded_rows, p.unit_blocks, p.block_units,
-               exchange_buffer(p, 2 * H, dt), p.exchange_rows, cr, dz, dh0)
+        run_recurrence(_backward_kernel, (int(act),), B, H, dt, H,
+                       lambda NR, Hb, split: _state(NR, Hb, H, split), 2 * H,
+                       (hs, _linalg.transpose(U), rm, use_rmask, m, use_mask, dy, dh,
+                        bool(go_backwards), bool(zero_output)),
+                       (cr, dz, dh0))
     return dz, dh0
