@@ -31,13 +31,45 @@ def take_pending(dst, dh, carry):
 
 
 @njit(inline="always", **config.NJIT_OPTIONS)
-def add_output_grad(carry, dy, s, T, b0, b1):
-    """carry += the gradient of the output of processing step s (dy [T, B, H] holds every
-    step; dy [1, B, H] only the last one)."""
+def output_grad_step(carry, dy, s, T, b0, b1, go_backwards):
+    """The start of processing step s of a backward: carry += the gradient of the step's
+    output (dy [T, B, H] holds every step; dy [1, B, H] only the last one). Returns the
+    step's input time t."""
     if dy.shape[0] == T:
         add_rows(carry, dy[s, b0:b1])
     elif s == T - 1:
         add_rows(carry, dy[0, b0:b1])
+    return T - 1 - s if go_backwards else s
+
+
+@njit(inline="always", **config.NJIT_OPTIONS)
+def backward_block(b0, b1, dh_in, carry_io):
+    """A backward block's row count and its own copies of rows b0..b1 of the state gradient
+    and of the pending output gradient."""
+    return b1 - b0, dh_in[b0:b1].copy(), carry_io[b0:b1].copy()
+
+
+@njit(inline="always", **config.NJIT_OPTIONS)
+def store_backward_block(b0, b1, dh0, dh, carry_io, carry):
+    """The end of a backward block: its rows of the initial state's gradient and of the
+    output gradient still pending (for the chunk before)."""
+    copy_rows(dh0[b0:b1], dh)
+    copy_rows(carry_io[b0:b1], carry)
+
+
+@njit(inline="always", **config.NJIT_OPTIONS)
+def store_output(y, s, b0, b1, res, full):
+    """The rows of a forward step's output into y, where y holds every step's (``full``)."""
+    if full:
+        copy_rows(y[s, b0:b1], res)
+
+
+@njit(inline="always", **config.NJIT_OPTIONS)
+def store_final(y, res, full, b0, b1, h_out, h):
+    """After a forward's last step: its output, where y holds only that one, and h."""
+    if not full:
+        copy_rows(y[0, b0:b1], res)
+    copy_rows(h_out[b0:b1], h)
 
 
 def optional(array, ndim, dtype):
@@ -251,6 +283,18 @@ def flush_window(sw, dzw, acc, part, k0, R, w, n, dxw, dx, b0, s, T, t_off,
         else:
             copy_row(dx[b0 + i, t_off + s:t_off + s + w].reshape(w * D),
                      src.reshape(w * D))
+
+
+@njit(inline="always", **config.NJIT_OPTIONS)
+def next_window_slot(w, window, sw, dzw, acc, part, k0, R, n, dxw, dx, b0, s, T, t_off,
+                     go_backwards):
+    """After step s filled window slot w: the next slot, flushing the window first
+    (:func:`flush_window`) when it is full or s is the last step processed."""
+    w += 1
+    if w == window or s == 0:
+        flush_window(sw, dzw, acc, part, k0, R, w, n, dxw, dx, b0, s, T, t_off, go_backwards)
+        return 0
+    return w
 
 
 @njit(inline="always", **config.NJIT_OPTIONS)

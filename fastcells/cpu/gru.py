@@ -11,10 +11,11 @@ from .. import config
 from .._math import SIGMOID, TANH, activate, activate_grad, fast_tanh
 from .._workspace import workspace
 from ..config import NJIT_OPTIONS
-from ._common import (add_output_grad, add_rows, add_window_product, copy_row, copy_rows,
-                      dx_window, flush_window, forward_outputs, initial_output, masked_row,
-                      optional, pending_carry, stage_buffer, staged_inputs, step_inputs,
-                      step_projection, take_pending, window_row)
+from ._common import (add_rows, add_window_product, backward_block, copy_row, copy_rows, dx_window,
+                      flush_window, forward_outputs, initial_output, masked_row, optional,
+                      output_grad_step, pending_carry, stage_buffer, staged_inputs, step_inputs,
+                      step_projection, store_backward_block, store_final, store_output,
+                      take_pending, window_row)
 from ._gemm import pack, pack_stack, packed_dot, strip_columns
 from ._jit import kernel
 from ._fpstate import flush_denormals, restore
@@ -134,11 +135,8 @@ def _forward_kernel(b0, b1, T, xw, x, t_off, stage, Wb, dmask, use_dmask, from_x
                     oi[j] = hi[j]
             if keep_cache:
                 copy_row(aux[t, b0 + i], q[i])
-        if full:
-            copy_rows(y[s, b0:b1], res)
-    if not full:
-        copy_rows(y[0, b0:b1], res)
-    copy_rows(h_out[b0:b1], h)
+        store_output(y, s, b0, b1, res, full)
+    store_final(y, res, full, b0, b1, h_out, h)
     restore(fpmode)
 
 
@@ -171,13 +169,11 @@ def _backward_kernel(b0, b1, gates, hprev, aux, UT, UgT, rmask, use_rmask, mask,
     # dy: [T, B, H] or [1, B, H];  dh_in: [B, H]
     # dz: [T, B, 3H] out;  dah_rec: [T, B, H] out (reset_after);  dh0: [B, H] out
     fpmode = flush_denormals()
-    n = b1 - b0
+    n, dh, carry = backward_block(b0, b1, dh_in, carry_io)
     T = gates.shape[0]
     H = dh_in.shape[1]
     dt = gates.dtype
-    dh = dh_in[b0:b1].copy()
     dhz = np.empty((n, H), dt)           # dh * z, the direct path to h_{t-1}
-    carry = carry_io[b0:b1].copy()
     drec = np.zeros((n, G * H), dt)      # daz, dar, da_h (recurrent side)
     dq = np.empty((n, H), dt)
     dhn = np.empty((n, H), dt)
@@ -185,8 +181,7 @@ def _backward_kernel(b0, b1, gates, hprev, aux, UT, UgT, rmask, use_rmask, mask,
     dk = np.empty((n, H), dt)
     live = np.empty(n, np.bool_)
     for s in range(T - 1, -1, -1):
-        t = T - 1 - s if go_backwards else s
-        add_output_grad(carry, dy, s, T, b0, b1)
+        t = output_grad_step(carry, dy, s, T, b0, b1, go_backwards)
         dzt = dz[t]
         for i in range(n):
             b = b0 + i
@@ -247,8 +242,7 @@ def _backward_kernel(b0, b1, gates, hprev, aux, UT, UgT, rmask, use_rmask, mask,
         for i in range(n):
             if live[i]:
                 dh[i] = dhn[i]
-    copy_rows(dh0[b0:b1], dh)
-    copy_rows(carry_io[b0:b1], carry)
+    store_backward_block(b0, b1, dh0, dh, carry_io, carry)
     restore(fpmode)
 
 
@@ -303,7 +297,7 @@ def _backward_fused_kernel(b0, b1, R, window, gates, hprev, aux, x, t_off, stage
     # dx: [B, Tx, D] out;  acc_in: [nblocks, D + 1, 3H], acc_rec: [nblocks, H + 1, 3H]
     #     in/out, each block's share of [dW; db_in] and [dU; db_rec]
     fpmode = flush_denormals()
-    n = b1 - b0
+    n, dh, carry = backward_block(b0, b1, dh_in, carry_io)
     T = gates.shape[0]
     H = dh_in.shape[1]
     D = dx.shape[2]
@@ -311,8 +305,6 @@ def _backward_fused_kernel(b0, b1, R, window, gates, hprev, aux, x, t_off, stage
     dt = gates.dtype
     k0 = b0 // R
     nb = (n + R - 1) // R
-    dh = dh_in[b0:b1].copy()
-    carry = carry_io[b0:b1].copy()
     dhz = np.empty((n, H), dt)
     # gate gradients of a window, input side (daz, dar, dah) and recurrent side (daz, dar,
     # da_h); columns: whole strips (read in place, _gemm.strip_view)
@@ -331,8 +323,7 @@ def _backward_fused_kernel(b0, b1, R, window, gates, hprev, aux, x, t_off, stage
     w = 0
     standard = act == TANH and ract == SIGMOID
     for s in range(T - 1, -1, -1):
-        t = T - 1 - s if go_backwards else s
-        add_output_grad(carry, dy, s, T, b0, b1)
+        t = output_grad_step(carry, dy, s, T, b0, b1, go_backwards)
         # the pending output gradient can be nonzero only at the last step (dy of the last
         # output, or carried in from the chunk after), at every step with dy of every
         # step, or when masked rows pass it on: otherwise it is zero and not read
@@ -392,8 +383,7 @@ def _backward_fused_kernel(b0, b1, R, window, gates, hprev, aux, x, t_off, stage
             flush_window(sxw, dzw, acc_in, part_in, k0, R, w, n, dxw, dx, b0, s, T, t_off,
                          go_backwards)
             w = 0
-    copy_rows(dh0[b0:b1], dh)
-    copy_rows(carry_io[b0:b1], carry)
+    store_backward_block(b0, b1, dh0, dh, carry_io, carry)
     restore(fpmode)
 
 

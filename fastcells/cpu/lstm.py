@@ -22,9 +22,11 @@ from .. import config
 from ..config import NJIT_OPTIONS
 from .._workspace import workspace
 from .._math import SIGMOID, TANH, activate, activate_grad, fast_tanh
-from ._common import (add_output_grad, copy_row, copy_rows, flush_window, forward_outputs,
-                      initial_output, input_and_state_grads, masked_row, optional, pending_carry,
-                      stage_buffer, staged_inputs, take_pending, window_buffers, window_row)
+from ._common import (backward_block, copy_row, copy_rows, forward_outputs, initial_output,
+                      input_and_state_grads, masked_row, next_window_slot, optional,
+                      output_grad_step, pending_carry, stage_buffer, staged_inputs,
+                      store_backward_block, store_final, store_output, take_pending,
+                      window_buffers, window_row)
 from ._gemm import pack, pack_stack, packed_dot
 from ._jit import kernel
 from ._fpstate import flush_denormals, restore
@@ -90,6 +92,24 @@ def _cell_update(g, ac, off, c, h, out, mask, use_mask, t, b0, n, H, act, fast, 
             oi = out[i]
             for j in range(H):  # a loop: a slice assignment (oi[:] = hi) takes 2.5 times
                 oi[j] = hi[j]   # as long as the whole cell update
+
+
+@njit(inline="always", **NJIT_OPTIONS)
+def _step_end(z, g, ac, off, c, h, out, res, y, mask, use_mask, s, t, b0, b1, H, fused, coef,
+              act, ract, fast, zero_output, full):
+    """The rest of a forward step once z holds the gate pre-activations of rows b0..b1: the
+    gates, the cell update and the step's output rows."""
+    n = b1 - b0
+    _gates(z, g, off, n, H, fused, coef, act, ract, fast)
+    _cell_update(g, ac, off, c, h, out, mask, use_mask, t, b0, n, H, act, fast, zero_output)
+    store_output(y, s, b0, b1, res, full)
+
+
+@njit(inline="always", **NJIT_OPTIONS)
+def _store_states(y, res, full, b0, b1, h_out, h, c_out, c):
+    """After the last step: the last output (where y holds only that one), h and c."""
+    store_final(y, res, full, b0, b1, h_out, h)
+    copy_rows(c_out[b0:b1], c)
 
 
 @njit(inline="always", **NJIT_OPTIONS)
@@ -178,15 +198,9 @@ def _forward_kernel(b0, b1, xw, U, Ug, rmask, use_rmask, mask, use_mask, h0, c0,
             for j in range(GH):
                 z[i, j] += xt[b0 + i, j]
         # gates of every row (masked rows too: branch-free, their results are not used)
-        _gates(z, g, off, n, H, fused, coef, act, ract, fast)
-        _cell_update(g, ac, off, c, h, out, mask, use_mask, t, b0, n, H, act, fast,
-                     zero_output)
-        if full:
-            copy_rows(y[s, b0:b1], res)
-    if not full:
-        copy_rows(y[0, b0:b1], res)
-    copy_rows(h_out[b0:b1], h)
-    copy_rows(c_out[b0:b1], c)
+        _step_end(z, g, ac, off, c, h, out, res, y, mask, use_mask, s, t, b0, b1, H, fused,
+                  coef, act, ract, fast, zero_output, full)
+    _store_states(y, res, full, b0, b1, h_out, h, c_out, c)
     restore(fpmode)
 
 
@@ -206,13 +220,11 @@ def _backward_kernel(b0, b1, gates, cprev, actc, UT, UgT, rmask, use_rmask, mask
     # dz:    [T, B, 4H] out: gradient of the gate pre-activations
     # dh0, dc0: [B, H] out: gradients of the initial states
     fpmode = flush_denormals()
-    n = b1 - b0
+    n, dh, carry = backward_block(b0, b1, dh_in, carry_io)
     T = gates.shape[0]
     H = dh_in.shape[1]
     dt = gates.dtype
-    dh = dh_in[b0:b1].copy()
     dc = dc_in[b0:b1].copy()
-    carry = carry_io[b0:b1].copy()
     dhn = np.empty((n, H), dt)
     dk = np.empty((n, H), dt)
     zk = np.empty((n, H), dt)
@@ -220,8 +232,7 @@ def _backward_kernel(b0, b1, gates, cprev, actc, UT, UgT, rmask, use_rmask, mask
     da = np.empty(H, dt)
     live = np.empty(n, np.bool_)
     for s in range(T - 1, -1, -1):
-        t = T - 1 - s if go_backwards else s
-        add_output_grad(carry, dy, s, T, b0, b1)
+        t = output_grad_step(carry, dy, s, T, b0, b1, go_backwards)
         dzt = dz[t]
         gt = gates[t]
         for i in range(n):
@@ -247,9 +258,8 @@ def _backward_kernel(b0, b1, gates, cprev, actc, UT, UgT, rmask, use_rmask, mask
         for i in range(n):
             if live[i]:
                 dh[i] = dhn[i]
-    copy_rows(dh0[b0:b1], dh)
     copy_rows(dc0[b0:b1], dc)
-    copy_rows(carry_io[b0:b1], carry)
+    store_backward_block(b0, b1, dh0, dh, carry_io, carry)
     restore(fpmode)
 
 
@@ -357,15 +367,9 @@ def _forward_fused_kernel(b0, b1, x, t_off, T, stage, V, dmask, use_dmask, mask,
             copy_row(row[D:], h[i])     # a view from 0: see _math.activate
             row[D + H] = 1.0
         packed_dot(st, V, z)
-        _gates(z, g, off, n, H, fused, coef, act, ract, fast)
-        _cell_update(g, ac, off, c, h, out, mask, use_mask, t, b0, n, H, act, fast,
-                     zero_output)
-        if full:
-            copy_rows(y[s, b0:b1], res)
-    if not full:
-        copy_rows(y[0, b0:b1], res)
-    copy_rows(h_out[b0:b1], h)
-    copy_rows(c_out[b0:b1], c)
+        _step_end(z, g, ac, off, c, h, out, res, y, mask, use_mask, s, t, b0, b1, H, fused,
+                  coef, act, ract, fast, zero_output, full)
+    _store_states(y, res, full, b0, b1, h_out, h, c_out, c)
     restore(fpmode)
 
 
@@ -382,16 +386,14 @@ def _backward_fused_kernel(b0, b1, R, window, gates, xh, cprev, actc, VT, dmask,
     # acc:   [nblocks, F, 4H] in/out: each block's share of [dW; dU; db]
     # other arguments as in _backward_kernel
     fpmode = flush_denormals()
-    n = b1 - b0
+    n, dh, carry = backward_block(b0, b1, dh_in, carry_io)
     T = gates.shape[0]
     H = dh_in.shape[1]
     D = dx.shape[2]
     GH = G * H
     dt = gates.dtype
     k0 = b0 // R
-    dh = dh_in[b0:b1].copy()
     dc = dc_in[b0:b1].copy()
-    carry = carry_io[b0:b1].copy()
     # the in-step product reads the first GH columns of dzw, its K being that of the packed VT
     dzw, sw, dd, dxw, dxv, part = window_buffers(n, R, window, D, H, GH, gates)
     da = np.empty(H, dt)
@@ -401,8 +403,7 @@ def _backward_fused_kernel(b0, b1, R, window, gates, xh, cprev, actc, VT, dmask,
     dct = np.empty(H, dt)
     w = 0
     for s in range(T - 1, -1, -1):
-        t = T - 1 - s if go_backwards else s
-        add_output_grad(carry, dy, s, T, b0, b1)
+        t = output_grad_step(carry, dy, s, T, b0, b1, go_backwards)
         gt = gates[t]
         for i in range(n):
             b = b0 + i
@@ -442,14 +443,10 @@ def _backward_fused_kernel(b0, b1, R, window, gates, xh, cprev, actc, VT, dmask,
             _gate_grads(d, g, ac, cp, dh, dc, carry, i, H, act, ract, dht, da)
         input_and_state_grads(dzw, w, R, VT, dd, dxv, dh, live, n, dmask, use_dmask,
                               dmask, False, b0)
-        w += 1
-        if w == window or s == 0:
-            flush_window(sw, dzw, acc, part, k0, R, w, n, dxw, dx, b0, s, T, t_off,
-                         go_backwards)
-            w = 0
-    copy_rows(dh0[b0:b1], dh)
+        w = next_window_slot(w, window, sw, dzw, acc, part, k0, R, n, dxw, dx, b0, s, T,
+                             t_off, go_backwards)
     copy_rows(dc0[b0:b1], dc)
-    copy_rows(carry_io[b0:b1], carry)
+    store_backward_block(b0, b1, dh0, dh, carry_io, carry)
     restore(fpmode)
 
 

@@ -7,10 +7,11 @@ import numpy as np
 from .._workspace import workspace
 from .._math import TANH, activate, activate_grad, fast_tanh
 from .. import config
-from ._common import (add_output_grad, copy_row, copy_rows, flush_window, forward_outputs,
-                      initial_output, input_and_state_grads, masked_row, optional, pending_carry,
-                      stage_buffer, staged_inputs, step_inputs, step_projection, take_pending,
-                      window_buffers, window_row)
+from ._common import (backward_block, copy_row, copy_rows, forward_outputs, initial_output,
+                      input_and_state_grads, masked_row, next_window_slot, optional,
+                      output_grad_step, pending_carry, stage_buffer, staged_inputs, step_inputs,
+                      step_projection, store_backward_block, store_final, store_output,
+                      take_pending, window_buffers, window_row)
 from ._gemm import pack, packed_dot
 from ._jit import kernel
 from ._fpstate import flush_denormals, restore
@@ -87,11 +88,8 @@ def _forward_kernel(b0, b1, T, xw, x, t_off, stage, Wb, dmask, use_dmask, from_x
             hf = h.reshape(n * H)
             for k in range(n * H):
                 hf[k] = gf[k]
-        if full:
-            copy_rows(y[s, b0:b1], res)
-    if not full:
-        copy_rows(y[0, b0:b1], res)
-    copy_rows(h_out[b0:b1], h)
+        store_output(y, s, b0, b1, res, full)
+    store_final(y, res, full, b0, b1, h_out, h)
     restore(fpmode)
 
 
@@ -104,17 +102,14 @@ def _backward_kernel(b0, b1, hs, UT, rmask, use_rmask, mask, use_mask, dy, dh_in
     # dy:   [T, B, H] or [1, B, H];   dh_in: [B, H]
     # dz:   [T, B, H] out: gradient of the pre-activation;  dh0: [B, H] out
     fpmode = flush_denormals()
-    n = b1 - b0
+    n, dh, carry = backward_block(b0, b1, dh_in, carry_io)
     T = hs.shape[0]
     H = dh_in.shape[1]
     dt = hs.dtype
-    dh = dh_in[b0:b1].copy()
-    carry = carry_io[b0:b1].copy()
     dhn = np.empty((n, H), dt)
     live = np.empty(n, np.bool_)
     for s in range(T - 1, -1, -1):
-        t = T - 1 - s if go_backwards else s
-        add_output_grad(carry, dy, s, T, b0, b1)
+        t = output_grad_step(carry, dy, s, T, b0, b1, go_backwards)
         dzt = dz[t]
         for i in range(n):
             b = b0 + i
@@ -128,8 +123,7 @@ def _backward_kernel(b0, b1, hs, UT, rmask, use_rmask, mask, use_mask, dy, dh_in
             if live[i]:
                 for j in range(H):
                     dh[i, j] = dhn[i, j] * rmask[b0 + i, j] if use_rmask else dhn[i, j]
-    copy_rows(dh0[b0:b1], dh)
-    copy_rows(carry_io[b0:b1], carry)
+    store_backward_block(b0, b1, dh0, dh, carry_io, carry)
     restore(fpmode)
 
 
@@ -147,20 +141,17 @@ def _backward_fused_kernel(b0, b1, R, window, hs, hprev, x, t_off, stage, dmask,
     # dx:   [B, Tx, D] out;  acc: [nblocks, D + H + 1, H] in/out, each block's share of
     #       [dW; dU; db];  other arguments as in _backward_kernel
     fpmode = flush_denormals()
-    n = b1 - b0
+    n, dh, carry = backward_block(b0, b1, dh_in, carry_io)
     T = hs.shape[0]
     H = dh_in.shape[1]
     D = dx.shape[2]
     k0 = b0 // R
-    dh = dh_in[b0:b1].copy()
-    carry = carry_io[b0:b1].copy()
     dzw, sw, dd, dxw, dxv, part = window_buffers(n, R, window, D, H, H, hs)
     live = np.empty(n, np.bool_)
     xst = stage_buffer(x, n, T, stage, False)
     w = 0
     for s in range(T - 1, -1, -1):
-        t = T - 1 - s if go_backwards else s
-        add_output_grad(carry, dy, s, T, b0, b1)
+        t = output_grad_step(carry, dy, s, T, b0, b1, go_backwards)
         xt = staged_inputs(x, t_off, T, s, b0, go_backwards, True, xst, dmask, use_dmask)
         for i in range(n):
             b = b0 + i
@@ -179,13 +170,9 @@ def _backward_fused_kernel(b0, b1, R, window, hs, hprev, x, t_off, stage, dmask,
             activate_grad(act, hs[t, b], d, 0, H)
         input_and_state_grads(dzw, w, R, VT, dd, dxv, dh, live, n, dmask, use_dmask, rmask,
                               use_rmask, b0)
-        w += 1
-        if w == window or s == 0:
-            flush_window(sw, dzw, acc, part, k0, R, w, n, dxw, dx, b0, s, T, t_off,
-                         go_backwards)
-            w = 0
-    copy_rows(dh0[b0:b1], dh)
-    copy_rows(carry_io[b0:b1], carry)
+        w = next_window_slot(w, window, sw, dzw, acc, part, k0, R, n, dxw, dx, b0, s, T,
+                             t_off, go_backwards)
+    store_backward_block(b0, b1, dh0, dh, carry_io, carry)
     restore(fpmode)
 
 

@@ -534,10 +534,8 @@ def column_sums(a, out=None):
 
 # --------------------------------------------------------------------------- the GEMMs of a call
 def project(xt, W, b_in, dmask, G):
-    """xw = (x * dropout) @ W + b_in, time-major [T, B, G*H], C-contiguous.
-
-    ``xt`` is the time-major input [T, B, D], a shared [B, D] dropout mask already applied;
-    per-gate masks [G, B, D] are applied here."""
+    """``fastcells.cpu._linalg.project`` on device arrays: one GEMM with the bias, or one
+    per gate with per-gate dropout masks."""
     T, B, D = xt.shape
     GH = W.shape[1]
     H = GH // G

@@ -282,10 +282,8 @@ def forward(xw, U, rmask, mask, h0, c0, act, ract, go_backwards, zero_output,
 
 def backward(cache, U, rmask, mask, dy, dh, dc, act, ract, go_backwards, zero_output,
              carry=None):
-    """Backward recurrence (time-major device arrays). Returns ``dz [T, B, 4H], dh0, dc0``.
-
-    ``carry`` [B, H], when given, is read and updated in place: the output gradient that
-    flows through masked steps to the output before the first step (chunked backward)."""
+    """``fastcells.cpu.lstm.backward`` on device arrays: ``dz [T, B, 4H], dh0, dc0``, with
+    ``carry`` read and updated in place when given."""
     gates, hprev, cprev, actc = cache
     U, dy, dh, dc = (_linalg.to_device(a) for a in (U, dy, dh, dc))
     T, B, _ = gates.shape
