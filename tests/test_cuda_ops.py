@@ -10,7 +10,7 @@ import numba
 import numpy as np
 import pytest
 
-from fastcells import config, ops
+from fastcells import _validate, config, ops
 from helpers import CUDA_SMALL_TUNABLES, NSTATES, make_problem, random_mask
 
 pytestmark = pytest.mark.skipif(not ops.cuda_available(),
@@ -190,7 +190,7 @@ def test_streaming_calls_swap_layouts_without_copies(name, rng, monkeypatch):
 
 def test_device_arrays_are_taken_without_a_copy(rng):
     x = cuda.to_device(rng.standard_normal((2, 3, 4)))
-    got = ops._as_float_array("x", x, "cuda")
+    got = _validate.as_float_array("x", x, "cuda")
     assert _pointer(got) == _pointer(x)
 
 
