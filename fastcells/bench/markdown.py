@@ -12,7 +12,7 @@ import json
 import math
 
 from .engines import BASELINE, ordered_engines
-from .report import ColdResult, FitResult, Report, Result
+from .report import ColdResult, FitResult, Report, Result, _fmt, _fmt_range
 from .workloads import CELL_NAMES, CELLS, SHAPES, workload_floor
 
 MODES = {"forward": "inference", "train": "training step"}
@@ -41,8 +41,9 @@ def load_json(path):
 
 
 # --------------------------------------------------------------------------- tables
-def _x(value):
-    return "-" if value is None or math.isnan(value) else f"{value:.2f}x"
+def _x(speedup):
+    text = _fmt(speedup, ".2f")
+    return text if text == "-" else text + "x"
 
 
 def _ms(seconds):
@@ -118,9 +119,8 @@ def _fit(report):
         best = next((got[e] for e in engines if e != BASELINE and e in got), None)
         rows.append([CELL_NAMES[cell]] + [f"{got[e].ms_per_batch:.1f}" if e in got else "-"
                                           for e in engines]
-                    + [_x(best.speedup) if best else "-",
-                       "-" if best is None or best.speedup_range is None else
-                       f"{best.speedup_range[0]:.2f}-{best.speedup_range[1]:.2f}x"])
+                    + [_x(best and best.speedup),
+                       _fmt_range(best and best.speedup_range) or "-"])
     return ([f"`train_on_batch` of Embedding(10000, 32) -> RNN(32) -> Dense(1), "
              f"B={r0.batch} T={r0.time}:", ""] + _table(header, rows))
 
@@ -130,14 +130,10 @@ def _cold(report):
         return []
     B, T, D, H = report.cold[0].shape
     header = ["cell", "engine", "kernel cache", "import s", "first call s", "second call s"]
-    rows = [[CELL_NAMES[r.cell], r.engine, r.cache, _num(r.import_s, ".2f"),
-             _num(r.first_s, ".3f"), _num(r.second_s, ".3f")] for r in report.cold]
+    rows = [[CELL_NAMES[r.cell], r.engine, r.cache, _fmt(r.import_s, ".2f"),
+             _fmt(r.first_s, ".3f"), _fmt(r.second_s, ".3f")] for r in report.cold]
     return ([f"First forward+backward in a new process, B={B} T={T} D={D} H={H}:", ""]
             + _table(header, rows))
-
-
-def _num(value, spec):
-    return "-" if value is None else format(value, spec)
 
 
 def _errors(timed):
@@ -185,18 +181,19 @@ def markdown(report):
 
 
 def summary(report):
-    """The short table of the README: the speed-ups of the training steps (inference for
-    streaming) and of ``train_on_batch``, with the machine."""
+    """The short table of the README, with the machine: the speed-ups of imdb's inference
+    and of each workload's training step (inference where a workload has no training
+    step), then of ``train_on_batch``."""
     timed = [r for r in report.layers if r.times and r.status == "ok"]
     m = report.machine
     engines = [e for e in ordered_engines({r.engine for r in timed}) if e != BASELINE]
     cells = [c for c in CELLS if any(r.cell == c for r in timed)]
     header = [f"workload ({' / '.join(engines)} over Keras)"] + [CELL_NAMES[c] for c in cells]
     rows = []
+    trained = {r.shape for r in timed if r.mode == "train"}
     for shape, mode in dict.fromkeys((r.shape, r.mode) for r in timed):
-        if mode == "forward" and any(r.shape == shape and r.mode == "train" for r in timed):
-            if shape != "imdb":
-                continue
+        if mode == "forward" and shape in trained and shape != "imdb":
+            continue
         spec = SHAPES.get(shape)
         name = f"{shape} {spec.describe().split(',')[0]}" if spec else shape
         got = {(r.cell, r.engine): r.speedup for r in timed if (r.shape, r.mode) ==

@@ -43,13 +43,6 @@ def output_grad_step(carry, dy, s, T, b0, b1, go_backwards):
 
 
 @njit(inline="always", **config.NJIT_OPTIONS)
-def backward_block(b0, b1, dh_in, carry_io):
-    """A backward block's row count and its own copies of rows b0..b1 of the state gradient
-    and of the pending output gradient."""
-    return b1 - b0, dh_in[b0:b1].copy(), carry_io[b0:b1].copy()
-
-
-@njit(inline="always", **config.NJIT_OPTIONS)
 def store_backward_block(b0, b1, dh0, dh, carry_io, carry):
     """The end of a backward block: its rows of the initial state's gradient and of the
     output gradient still pending (for the chunk before)."""

@@ -11,11 +11,10 @@ from .. import config
 from .._math import SIGMOID, TANH, activate, activate_grad, fast_tanh
 from .._workspace import workspace
 from ..config import NJIT_OPTIONS
-from ._common import (add_rows, add_window_product, backward_block, copy_row, copy_rows, dx_window,
-                      flush_window, forward_outputs, initial_output, masked_row, optional,
-                      output_grad_step, pending_carry, stage_buffer, staged_inputs, step_inputs,
-                      step_projection, store_backward_block, store_final, store_output,
-                      take_pending, window_row)
+from ._common import (add_rows, add_window_product, copy_row, copy_rows, dx_window, flush_window,
+                      forward_outputs, initial_output, masked_row, optional, output_grad_step,
+                      pending_carry, stage_buffer, staged_inputs, step_inputs, step_projection,
+                      store_backward_block, store_final, store_output, take_pending, window_row)
 from ._gemm import pack, pack_stack, packed_dot, strip_columns
 from ._jit import kernel
 from ._fpstate import flush_denormals, restore
@@ -169,7 +168,9 @@ def _backward_kernel(b0, b1, gates, hprev, aux, UT, UgT, rmask, use_rmask, mask,
     # dy: [T, B, H] or [1, B, H];  dh_in: [B, H]
     # dz: [T, B, 3H] out;  dah_rec: [T, B, H] out (reset_after);  dh0: [B, H] out
     fpmode = flush_denormals()
-    n, dh, carry = backward_block(b0, b1, dh_in, carry_io)
+    n = b1 - b0
+    dh = dh_in[b0:b1].copy()
+    carry = carry_io[b0:b1].copy()
     T = gates.shape[0]
     H = dh_in.shape[1]
     dt = gates.dtype
@@ -297,7 +298,9 @@ def _backward_fused_kernel(b0, b1, R, window, gates, hprev, aux, x, t_off, stage
     # dx: [B, Tx, D] out;  acc_in: [nblocks, D + 1, 3H], acc_rec: [nblocks, H + 1, 3H]
     #     in/out, each block's share of [dW; db_in] and [dU; db_rec]
     fpmode = flush_denormals()
-    n, dh, carry = backward_block(b0, b1, dh_in, carry_io)
+    n = b1 - b0
+    dh = dh_in[b0:b1].copy()
+    carry = carry_io[b0:b1].copy()
     T = gates.shape[0]
     H = dh_in.shape[1]
     D = dx.shape[2]

@@ -22,11 +22,10 @@ from .. import config
 from ..config import NJIT_OPTIONS
 from .._workspace import workspace
 from .._math import SIGMOID, TANH, activate, activate_grad, fast_tanh
-from ._common import (backward_block, copy_row, copy_rows, forward_outputs, initial_output,
-                      input_and_state_grads, masked_row, next_window_slot, optional,
-                      output_grad_step, pending_carry, stage_buffer, staged_inputs,
-                      store_backward_block, store_final, store_output, take_pending,
-                      window_buffers, window_row)
+from ._common import (copy_row, copy_rows, forward_outputs, initial_output, input_and_state_grads,
+                      masked_row, next_window_slot, optional, output_grad_step, pending_carry,
+                      stage_buffer, staged_inputs, store_backward_block, store_final, store_output,
+                      take_pending, window_buffers, window_row)
 from ._gemm import pack, pack_stack, packed_dot
 from ._jit import kernel
 from ._fpstate import flush_denormals, restore
@@ -103,13 +102,6 @@ def _step_end(z, g, ac, off, c, h, out, res, y, mask, use_mask, s, t, b0, b1, H,
     _gates(z, g, off, n, H, fused, coef, act, ract, fast)
     _cell_update(g, ac, off, c, h, out, mask, use_mask, t, b0, n, H, act, fast, zero_output)
     store_output(y, s, b0, b1, res, full)
-
-
-@njit(inline="always", **NJIT_OPTIONS)
-def _store_states(y, res, full, b0, b1, h_out, h, c_out, c):
-    """After the last step: the last output (where y holds only that one), h and c."""
-    store_final(y, res, full, b0, b1, h_out, h)
-    copy_rows(c_out[b0:b1], c)
 
 
 @njit(inline="always", **NJIT_OPTIONS)
@@ -200,7 +192,8 @@ def _forward_kernel(b0, b1, xw, U, Ug, rmask, use_rmask, mask, use_mask, h0, c0,
         # gates of every row (masked rows too: branch-free, their results are not used)
         _step_end(z, g, ac, off, c, h, out, res, y, mask, use_mask, s, t, b0, b1, H, fused,
                   coef, act, ract, fast, zero_output, full)
-    _store_states(y, res, full, b0, b1, h_out, h, c_out, c)
+    store_final(y, res, full, b0, b1, h_out, h)
+    copy_rows(c_out[b0:b1], c)
     restore(fpmode)
 
 
@@ -220,7 +213,9 @@ def _backward_kernel(b0, b1, gates, cprev, actc, UT, UgT, rmask, use_rmask, mask
     # dz:    [T, B, 4H] out: gradient of the gate pre-activations
     # dh0, dc0: [B, H] out: gradients of the initial states
     fpmode = flush_denormals()
-    n, dh, carry = backward_block(b0, b1, dh_in, carry_io)
+    n = b1 - b0
+    dh = dh_in[b0:b1].copy()
+    carry = carry_io[b0:b1].copy()
     T = gates.shape[0]
     H = dh_in.shape[1]
     dt = gates.dtype
@@ -369,7 +364,8 @@ def _forward_fused_kernel(b0, b1, x, t_off, T, stage, V, dmask, use_dmask, mask,
         packed_dot(st, V, z)
         _step_end(z, g, ac, off, c, h, out, res, y, mask, use_mask, s, t, b0, b1, H, fused,
                   coef, act, ract, fast, zero_output, full)
-    _store_states(y, res, full, b0, b1, h_out, h, c_out, c)
+    store_final(y, res, full, b0, b1, h_out, h)
+    copy_rows(c_out[b0:b1], c)
     restore(fpmode)
 
 
@@ -386,7 +382,9 @@ def _backward_fused_kernel(b0, b1, R, window, gates, xh, cprev, actc, VT, dmask,
     # acc:   [nblocks, F, 4H] in/out: each block's share of [dW; dU; db]
     # other arguments as in _backward_kernel
     fpmode = flush_denormals()
-    n, dh, carry = backward_block(b0, b1, dh_in, carry_io)
+    n = b1 - b0
+    dh = dh_in[b0:b1].copy()
+    carry = carry_io[b0:b1].copy()
     T = gates.shape[0]
     H = dh_in.shape[1]
     D = dx.shape[2]

@@ -7,11 +7,11 @@ import numpy as np
 from .._workspace import workspace
 from .._math import TANH, activate, activate_grad, fast_tanh
 from .. import config
-from ._common import (backward_block, copy_row, copy_rows, forward_outputs, initial_output,
-                      input_and_state_grads, masked_row, next_window_slot, optional,
-                      output_grad_step, pending_carry, stage_buffer, staged_inputs, step_inputs,
-                      step_projection, store_backward_block, store_final, store_output,
-                      take_pending, window_buffers, window_row)
+from ._common import (copy_row, copy_rows, forward_outputs, initial_output, input_and_state_grads,
+                      masked_row, next_window_slot, optional, output_grad_step, pending_carry,
+                      stage_buffer, staged_inputs, step_inputs, step_projection,
+                      store_backward_block, store_final, store_output, take_pending,
+                      window_buffers, window_row)
 from ._gemm import pack, packed_dot
 from ._jit import kernel
 from ._fpstate import flush_denormals, restore
@@ -102,7 +102,9 @@ def _backward_kernel(b0, b1, hs, UT, rmask, use_rmask, mask, use_mask, dy, dh_in
     # dy:   [T, B, H] or [1, B, H];   dh_in: [B, H]
     # dz:   [T, B, H] out: gradient of the pre-activation;  dh0: [B, H] out
     fpmode = flush_denormals()
-    n, dh, carry = backward_block(b0, b1, dh_in, carry_io)
+    n = b1 - b0
+    dh = dh_in[b0:b1].copy()
+    carry = carry_io[b0:b1].copy()
     T = hs.shape[0]
     H = dh_in.shape[1]
     dt = hs.dtype
@@ -141,7 +143,9 @@ def _backward_fused_kernel(b0, b1, R, window, hs, hprev, x, t_off, stage, dmask,
     # dx:   [B, Tx, D] out;  acc: [nblocks, D + H + 1, H] in/out, each block's share of
     #       [dW; dU; db];  other arguments as in _backward_kernel
     fpmode = flush_denormals()
-    n, dh, carry = backward_block(b0, b1, dh_in, carry_io)
+    n = b1 - b0
+    dh = dh_in[b0:b1].copy()
+    carry = carry_io[b0:b1].copy()
     T = hs.shape[0]
     H = dh_in.shape[1]
     D = dx.shape[2]
