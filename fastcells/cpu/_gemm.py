@@ -204,7 +204,12 @@ _tile_2 = _make_tile(2)
 _tile_1 = _make_tile(1)
 
 
-@njit(inline="always", **config.NJIT_OPTIONS)
+# Compiled once per argument types and called, not inlined: inlined, each of its call
+# sites was optimised anew, which made the LSTM's backward kernel take twice as long to
+# compile (the call costs nothing next to a tile). Not cached on its own: its code is
+# cached inside every kernel that calls it, and a damaged cache file of its own would
+# break the compilation of those kernels.
+@njit(**dict(config.NJIT_OPTIONS, cache=False))
 def packed_dot(a, P, out):
     """out[:M] = a @ V for ``P = pack(V)``: a [M, K] (any strides), out [>=M, N]
     with N <= the packed width. Every element is one multiply-add chain over k in order."""
