@@ -18,8 +18,12 @@ if _startup.is_command_line(_sys.argv):
     _startup.setup_command_line(_sys.argv)
 
 from . import ops  # noqa: E402
-from .convert import convert_file, from_keras, to_keras  # noqa: E402
-from .layers import GRU, LSTM, SimpleRNN  # noqa: E402
+
+# The processes that only compile kernels into the cache (``fastcells._coldstart``,
+# ``fastcells.warmup``) skip Keras: importing it takes longer than starting the compiler.
+if not _startup.kernels_only():
+    from .convert import convert_file, from_keras, to_keras  # noqa: E402
+    from .layers import GRU, LSTM, SimpleRNN  # noqa: E402
 
 __all__ = ["LSTM", "GRU", "SimpleRNN", "ops", "from_keras", "to_keras", "convert_file",
            "__version__"]

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from . import _math, config
+from . import _coldstart, _math, config
 from ._validate import (as_float_array, check_activation, check_checkpoint, check_dout,
                         check_dropout, check_mask, check_state, check_weight, check_x,
                         contiguous, to_host)
@@ -209,7 +209,7 @@ def run_forward(p, training):
         p.kcache = ()
         return y, tuple(la.zeros((0, H), dt) for _ in p.states), p if training else None
     keep = bool(training)
-    with _held(p.eng.name):         # NaN/Inf propagate as in Keras, without warnings
+    with _held(p.eng.name), _coldstart.training_forward(p, keep):  # see _Held
         if p.checkpoint is None or not keep:
             y, states, kc = _recur(p, 0, T, p.states, None, keep, p.return_sequences)
             p.kcache = kc
@@ -442,6 +442,7 @@ def run_backward(cell, cache, d_outputs, d_states):
     dy, ds = check_dout(cache, d_outputs, d_states)
     if cache.B == 0:
         return _empty_grads(cache, len(ds))
+    _coldstart.wait(cache)
     with _held(cache.eng.name):
         return _backward(cache, dy, ds)
 

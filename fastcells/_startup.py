@@ -19,6 +19,16 @@ def is_command_line(argv):
     return first == "-m" or os.path.basename(first) in ("fastcells", "fastcells.exe")
 
 
+#: Set in the environment of the processes that only compile kernels: ``import fastcells``
+#: then imports the kernels and ``ops`` only, not the layers (nor Keras).
+KERNELS_ONLY = "FASTCELLS_KERNELS_ONLY"
+
+
+def kernels_only(environ=None):
+    """True in a process started to compile kernels only (see :data:`KERNELS_ONLY`)."""
+    return (os.environ if environ is None else environ).get(KERNELS_ONLY) == "1"
+
+
 def module_found(name):
     """True when ``name`` is installed (found, not imported)."""
     try:

@@ -84,6 +84,11 @@ NJIT_OPTIONS = dict(nogil=True, cache=GEMM_VECTOR_BYTES is None, error_model="nu
 #: ``FASTCELLS_COMPILE_NOTICE=0`` turns it off.
 COMPILE_NOTICE = os.environ.get("FASTCELLS_COMPILE_NOTICE", "1") != "0"
 
+#: When a CPU training call compiles its forward kernel, compile its backward kernels at the
+#: same time in a second process (see fastcells/_coldstart.py).
+#: ``FASTCELLS_BACKGROUND_COMPILE=0`` turns it off.
+BACKGROUND_COMPILE = os.environ.get("FASTCELLS_BACKGROUND_COMPILE", "1") != "0"
+
 #: Use the rational tanh/sigmoid approximation (max abs error 3.6e-7, i.e. float32
 #: rounding) for float32 arrays.
 FAST_FLOAT32_ACTIVATIONS = os.environ.get("FASTCELLS_EXACT_ACTIVATIONS", "0") != "1"

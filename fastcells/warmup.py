@@ -92,7 +92,8 @@ def warmup(cells=CELLS, dtypes=DTYPES, jobs=None, progress=True, stream=None):
     started yet are dropped)."""
     stream = sys.stderr if stream is None else stream
     todo = jobs_for(cells, dtypes)
-    env = dict(os.environ, KERAS_BACKEND="numpy")  # the kernels need no framework
+    # the kernels need no framework; each job compiles its own backward kernels
+    env = dict(os.environ, FASTCELLS_KERNELS_ONLY="1", FASTCELLS_BACKGROUND_COMPILE="0")
     code = "import sys; from fastcells import warmup; warmup.run_job(*sys.argv[1:])"
 
     def compile_job(job):

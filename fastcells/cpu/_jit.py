@@ -8,7 +8,9 @@ comes back from the retry).
 
 The first time a process compiles a kernel (nothing for it in the cache yet), it says so
 once, on the "fastcells" logger: a first call then takes tens of seconds, and
-``python -m fastcells warmup`` compiles everything ahead of time.
+``python -m fastcells warmup`` compiles everything ahead of time. A forward kernel that
+starts compiling inside a training call also starts the compilation of the backward kernels
+in a second process (``fastcells._coldstart``).
 """
 import functools
 import logging
@@ -34,9 +36,14 @@ class _CompileNotice(event.Listener):
         self._lock = threading.Lock()
 
     def on_start(self, ev):
-        dispatcher = ev.data.get("dispatcher")
-        module = getattr(getattr(dispatcher, "py_func", None), "__module__", "") or ""
-        if self.said or not config.COMPILE_NOTICE or not module.startswith("fastcells."):
+        func = getattr(ev.data.get("dispatcher"), "py_func", None)
+        module = getattr(func, "__module__", "") or ""
+        if not module.startswith("fastcells."):
+            return
+        if module.startswith("fastcells.cpu.") and func.__name__.startswith("_forward"):
+            from .. import _coldstart
+            _coldstart.forward_compiling()
+        if self.said or not config.COMPILE_NOTICE:
             return
         with self._lock:
             if self.said:
