@@ -33,7 +33,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .. import config
-from ._jit import kernel
+from ._jit import called, kernel
 
 
 def _host_vector_bytes():
@@ -204,12 +204,9 @@ _tile_2 = _make_tile(2)
 _tile_1 = _make_tile(1)
 
 
-# Compiled once per argument types and called, not inlined: inlined, each of its call
-# sites was optimised anew, which made the LSTM's backward kernel take twice as long to
-# compile (the call costs nothing next to a tile). Not cached on its own: its code is
-# cached inside every kernel that calls it, and a damaged cache file of its own would
-# break the compilation of those kernels.
-@njit(**dict(config.NJIT_OPTIONS, cache=False))
+# Called, not inlined (see _jit.called): inlined at each of its call sites, it made the
+# LSTM's backward kernel take twice as long to compile.
+@called
 def packed_dot(a, P, out):
     """out[:M] = a @ V for ``P = pack(V)``: a [M, K] (any strides), out [>=M, N]
     with N <= the packed width. Every element is one multiply-add chain over k in order."""

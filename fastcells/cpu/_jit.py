@@ -89,6 +89,16 @@ class CacheSafe:
             return self.dispatcher(*args)
 
 
+def called(fn):
+    """``numba.njit`` for a helper that kernels call rather than inline: it is compiled once
+    per argument types (an inlined helper is compiled again at every call site, which is
+    what makes a large kernel slow to compile), for work large enough that a call costs
+    nothing next to it. Not cached on its own: its code is cached inside every kernel that
+    calls it, and a damaged cache file of its own would break the compilation of those
+    kernels."""
+    return njit(**dict(config.NJIT_OPTIONS, cache=False))(fn)
+
+
 def kernel(fn):
     """``numba.njit`` with ``config.NJIT_OPTIONS`` and a cache that cannot break a call."""
     return CacheSafe(njit(**config.NJIT_OPTIONS)(fn))

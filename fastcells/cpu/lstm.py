@@ -27,7 +27,7 @@ from ._common import (copy_row, copy_rows, forward_outputs, initial_output, inpu
                       stage_buffer, staged_inputs, store_backward_block, store_final, store_output,
                       take_pending, window_buffers, window_row)
 from ._gemm import pack, pack_stack, packed_dot
-from ._jit import kernel
+from ._jit import called, kernel
 from ._fpstate import flush_denormals, restore
 from ._parallel import run_batch_parallel, run_block_parallel
 
@@ -44,13 +44,21 @@ def _gates(z, g, off, n, H, fused, coef, act, ract, fast):
             for j in range(GH):
                 g[off + i, j] = fast_tanh(ca[j] * z[i, j]) * cs[j] + co[j]
     else:
-        for i in range(n):
-            gi = g[off + i]
-            for j in range(GH):
-                gi[j] = z[i, j]
-            activate(ract, fast, gi, 0, 2 * H)          # i, f
-            activate(act, fast, gi, 2 * H, 3 * H)       # c~
-            activate(ract, fast, gi, 3 * H, 4 * H)      # o
+        _other_gates(z, g, off, n, H, act, ract, fast)
+
+
+@called
+def _other_gates(z, g, off, n, H, act, ract, fast):
+    """The gates of _gates for activations other than the fused tanh and sigmoid: called,
+    not inlined (once per step, and it keeps the common kernels quick to compile)."""
+    GH = G * H
+    for i in range(n):
+        gi = g[off + i]
+        for j in range(GH):
+            gi[j] = z[i, j]
+        activate(ract, fast, gi, 0, 2 * H)          # i, f
+        activate(act, fast, gi, 2 * H, 3 * H)       # c~
+        activate(ract, fast, gi, 3 * H, 4 * H)      # o
 
 
 @njit(inline="always", **NJIT_OPTIONS)
@@ -75,9 +83,7 @@ def _cell_update(g, ac, off, c, h, out, mask, use_mask, t, b0, n, H, act, fast, 
         for k in range(n * H):
             af[k] = fast_tanh(cf[k])
     else:
-        for k in range(n * H):
-            af[k] = cf[k]
-        activate(act, fast, af, 0, n * H)
+        _other_activation(act, fast, cf, af)
     for i in range(n):
         if use_mask and not mask[t, b0 + i]:
             if zero_output:
@@ -91,6 +97,14 @@ def _cell_update(g, ac, off, c, h, out, mask, use_mask, t, b0, n, H, act, fast, 
             oi = out[i]
             for j in range(H):  # a loop: a slice assignment (oi[:] = hi) takes 2.5 times
                 oi[j] = hi[j]   # as long as the whole cell update
+
+
+@called
+def _other_activation(act, fast, c, a):
+    """a = act(c) for an activation other than the fast tanh (see _other_gates)."""
+    for k in range(c.shape[0]):
+        a[k] = c[k]
+    activate(act, fast, a, 0, c.shape[0])
 
 
 @njit(inline="always", **NJIT_OPTIONS)
