@@ -145,6 +145,12 @@ def _gate_grads(d, g, ac, cp, dh, dc, carry, i, H, act, ract, dht, da):
     activate_grad(ract, g, d, 3 * H, 4 * H)
 
 
+#: _gate_grads called rather than inlined, for the fused backward's activations other than
+#: tanh and sigmoid (that kernel inlines its own code for those: inlining both would add
+#: about 2 s to its compile time for a path most models never take)
+_other_gate_grads = called(_gate_grads.py_func)
+
+
 @kernel
 def _forward_kernel(b0, b1, xw, U, Ug, rmask, use_rmask, mask, use_mask, h0, c0,
                     act, ract, fast, coef, fused, go_backwards, zero_output, keep_cache,
@@ -452,7 +458,7 @@ def _backward_fused_kernel(b0, b1, R, window, gates, xh, cprev, actc, VT, dmask,
                 for j in range(H):
                     dci[j] = dct[j] * g[H + j]
                 continue
-            _gate_grads(d, g, ac, cp, dh, dc, carry, i, H, act, ract, dht, da)
+            _other_gate_grads(d, g, ac, cp, dh, dc, carry, i, H, act, ract, dht, da)
         input_and_state_grads(dzw, w, R, VT, dd, dxv, dh, live, n, dmask, use_dmask,
                               dmask, False, b0)
         w = next_window_slot(w, window, sw, dzw, acc, part, k0, R, n, dxw, dx, b0, s, T,
