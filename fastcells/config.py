@@ -166,6 +166,10 @@ CUDA_REDUCE_ROWS = _env_int("FASTCELLS_CUDA_REDUCE_ROWS", 256)
 MAX_PENDING_CACHES = _env_int("FASTCELLS_MAX_PENDING_CACHES", 64)
 #: ... and at most this many bytes together.
 MAX_PENDING_CACHE_BYTES = _env_int("FASTCELLS_MAX_PENDING_CACHE_BYTES", 4 << 30)
+#: On the JAX backend, run the kernels as an XLA FFI target that reads and writes XLA's
+#: buffers in place (fastcells/bridge/_xla_ffi.py) rather than in a ``jax.pure_callback``,
+#: which copies every operand and result. ``FASTCELLS_JAX_FFI=0`` uses the callback.
+JAX_FFI = os.environ.get("FASTCELLS_JAX_FFI", "1") != "0"
 
 # --- equivalence bounds against the built-in layers (used by tests and `fastcells bench`) ---
 TOL_OUTPUT_F32 = 1e-5      # absolute, outputs and states vs the built-in layer

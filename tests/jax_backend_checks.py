@@ -228,6 +228,45 @@ def fit_case(name):
                                atol=1e-4)
 
 
+def ffi_case():
+    """A jitted training step runs the kernels as the XLA FFI target, and leaves no kept
+    cache behind."""
+    from fastcells.bridge import _xla_ffi
+    assert config.JAX_FFI and _xla_ffi.available()
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((3, 5, 2)), jnp.float32)
+    layer = fastcells.LSTM(4, engine="cpu")
+    layer.build(x.shape)
+    tv = [v.value for v in layer.trainable_variables]
+    ntv = [v.value for v in layer.non_trainable_variables]
+
+    def loss(tv, x):
+        out, _ = layer.stateless_call(tv, ntv, x, training=True)
+        return jnp.sum(out ** 2)
+
+    step = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    hlo = step.lower(tv, x).as_text()
+    assert _xla_ffi.TARGET in hlo and "callback" not in hlo.lower(), "not the FFI target"
+    jax.block_until_ready(step(tv, x))
+    assert len(bridge.pending) == 0 and not jax_bridge._views
+
+
+def pure_callback_case():
+    """With ``config.JAX_FFI`` off the kernels run in ``jax.pure_callback``: the same
+    outputs and gradients."""
+    from fastcells.bridge import _xla_ffi
+
+    def no_ffi(*args):
+        raise AssertionError("the FFI target was used with config.JAX_FFI off")
+
+    config.JAX_FFI, saved = False, _xla_ffi.call
+    _xla_ffi.call = no_ffi
+    try:
+        layer_case("lstm", "mask_zero_output")
+        layer_case("gru", "state_in_out")
+    finally:
+        config.JAX_FFI, _xla_ffi.call = True, saved
+
+
 def fallback_case():
     """What the bridge cannot run falls back to the built-in layer with one warning (auto)
     and raises with engine='cpu'."""
@@ -258,6 +297,8 @@ def cases():
     for name in ("LSTM", "GRU"):
         yield f"fit/{name}", lambda n=name: fit_case(n)
     yield "bridge/evicted_cache", evicted_cache_case
+    yield "bridge/ffi", ffi_case
+    yield "bridge/pure_callback", pure_callback_case
     yield "bridge/supports", fallback_case
 
 

@@ -107,6 +107,10 @@ class CacheStore:
     def __len__(self):
         return len(self._items)
 
+    def __contains__(self, token):
+        with self._lock:
+            return int(token) in self._items
+
 
 #: The caches of forward passes whose backward has not run yet.
 pending = CacheStore()
@@ -178,11 +182,15 @@ class HostCall:
             ops.release_cache(fwd.cache)
         return fwd.outputs, list(fwd.states), token
 
-    def backward(self, arrays, token, upstream):
-        """The gradients of the ``n_diff`` differentiable arrays, in their order."""
+    def backward(self, arrays, token, upstream, found=None):
+        """The gradients of the ``n_diff`` differentiable arrays, in their order.
+        ``found(cache)``, when given, is applied to a cache popped from the store before
+        the backward uses it."""
         count(self.cell + "_backward")
         token = int(token)
         cache = pending.pop(token) if token != NO_TOKEN else None
+        if cache is not None and found is not None:
+            found(cache)
         if cache is None:
             args, kw = self._split(arrays)
             cache = ops.rebuild_cache(self.cell, None, *args, **kw)

@@ -25,12 +25,16 @@ Example::
     import fastcells, keras
     layer = fastcells.LSTM(32, return_sequences=True)     # runs the CPU kernels under jit
 """
+import threading
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from . import HostCall
+from .. import config
+from .._recurrence import Cache
+from . import NO_TOKEN, HostCall, _xla_ffi, pending
 
 
 def _platform(a):
@@ -132,9 +136,20 @@ def _recurrence(host, diff, extras):
                               [np.asarray(a) for a in arrays[n_in + 1:]])
         return tuple(np.asarray(g, s.dtype) for g, s in zip(grads, grad_specs))
 
-    def call_forward(diff_args, extra_args, keep):
-        return jax.pure_callback(lambda *a: forward(*a, keep=keep), out_specs + [token_spec],
+    if config.JAX_FFI and _xla_ffi.available():
+        def call_forward(diff_args, extra_args, keep):
+            return _xla_ffi.call(_entry(host, "forward", keep), out_specs + [token_spec],
                                  *diff_args, *extra_args)
+
+        def call_backward(*operands):
+            return _xla_ffi.call(_entry(host, "backward"), grad_specs, *operands)
+    else:
+        def call_forward(diff_args, extra_args, keep):
+            return jax.pure_callback(lambda *a: forward(*a, keep=keep),
+                                     out_specs + [token_spec], *diff_args, *extra_args)
+
+        def call_backward(*operands):
+            return jax.pure_callback(backward, grad_specs, *operands)
 
     @jax.custom_vjp
     def rnn(diff_args, extra_args):
@@ -148,8 +163,59 @@ def _recurrence(host, diff, extras):
         diff_args, extra_args, token = residuals
         ups = [jnp.zeros(s.shape, s.dtype) if g is None else g
                for g, s in zip(cotangents, out_specs)]
-        grads = jax.pure_callback(backward, grad_specs, *diff_args, *extra_args, token, *ups)
+        grads = call_backward(*diff_args, *extra_args, token, *ups)
         return tuple(grads), tuple(None for _ in extra_args)
 
     rnn.defvjp(rnn_fwd, rnn_bwd)
     return rnn(diff, extras)
+
+
+# --- the kernels as an XLA FFI target -----------------------------------------------------
+
+_entries = {}           # (what the host call computes, "forward"/"backward", keep) -> entry
+_views = {}             # token -> the operand views its forward's cache was made over
+_lock = threading.Lock()
+
+
+def _entry(host, kind, keep=False):
+    """The FFI entry running ``host``'s forward (keeping its cache when ``keep``) or
+    backward: one per kind of call, shared by every trace of it."""
+    key = (host.cell, host.nstates, host.has_bias, tuple(host.extra_names), host.training,
+           host.return_sequences, repr(sorted(host.options.items())), kind, keep)
+    with _lock:
+        number = _entries.get(key)
+        if number is None:
+            fn = _ffi_forward if kind == "forward" else _ffi_backward
+            number = _entries[key] = _xla_ffi.add(
+                lambda inputs, outputs: fn(host, keep, inputs, outputs))
+    return number
+
+
+def _ffi_forward(host, keep, inputs, outputs):
+    """Outputs, final states and the cache's token written into XLA's result buffers. The
+    kept cache views this call's operands: its backward rebinds it to its own."""
+    result, states, token = host.forward(list(inputs), keep)
+    for out, value in zip(outputs, [result, *states]):
+        np.copyto(out, value)
+    outputs[-1][()] = token
+    if token != NO_TOKEN:
+        with _lock:
+            for old in [t for t in _views if t not in pending]:     # evicted caches
+                del _views[old]
+            _views[token] = list(inputs)
+
+
+def _ffi_backward(host, keep, inputs, outputs):
+    n_in = host.n_in
+    arrays, token = list(inputs[:n_in]), int(inputs[n_in])
+    with _lock:
+        old = _views.pop(token, None)
+    if old is None:             # no cache kept, or it is gone: the backward recomputes it
+        token = NO_TOKEN
+
+    def found(cache):
+        _xla_ffi.rebind(cache, old, arrays, Cache.__slots__)
+
+    grads = host.backward(arrays, token, list(inputs[n_in + 1:]), found=found)
+    for out, value in zip(outputs, grads):
+        np.copyto(out, value)
