@@ -74,7 +74,7 @@ class _FastRNN:
     def supports_jit(self):
         """Whether Keras may compile a model holding this layer (``jit_compile``).
 
-        On JAX the kernels run inside ``jax.jit`` (a ``pure_callback``) and on torch inside
+        On JAX the kernels run inside ``jax.jit`` (an XLA FFI target) and on torch inside
         ``torch.compile`` (a custom op), so the whole step compiles. TensorFlow's XLA cannot
         hold them (they are Python ops): a model compiled with an explicit
         ``jit_compile=True`` runs the built-in recurrence there, compiled by XLA, with one

@@ -1,8 +1,10 @@
-"""JAX bridge: ``jax.pure_callback`` around the CPU kernels, ``jax.custom_vjp`` for the
-backward pass.
+"""JAX bridge: the CPU kernels as an XLA FFI target (``_xla_ffi``), ``jax.custom_vjp`` for
+the backward pass.
 
 Keras on the JAX backend runs layers eagerly and under ``jax.jit`` (``model.fit``,
-``predict``); a ``pure_callback`` runs the kernels on host arrays in both. The function has
+``predict``); the FFI target runs the kernels on XLA's own host buffers in both, and a
+``jax.pure_callback`` (which copies operands and results) where ``config.JAX_FFI`` is off
+or this JAX cannot register the target. The function has
 two forward rules: the plain one (no gradient asked) keeps no cache; the one that
 ``jax.grad`` uses keeps its cache in ``fastcells.bridge.pending`` and returns an integer
 token, a residual of the backward rule, which pops the cache by it (or recomputes the
