@@ -12,9 +12,9 @@ forward when it is gone: an evicted cache, or XLA running the backward twice). T
 are inputs without a gradient.
 
 Under a Keras distribution that shards the batch (``keras.distribution.DataParallel``, or a
-``ModelParallel`` with a batch dimension) the callback runs inside ``jax.shard_map``: each
+``ModelParallel`` with a batch dimension) the kernels run inside ``jax.shard_map``: each
 device runs the kernels on its shard of the batch, with the weights replicated, and the
-weight gradients are summed over the devices by ``shard_map``'s own transpose. A callback
+weight gradients are summed over the devices by ``shard_map``'s own transpose. A call
 over the whole sharded batch would have to gather it on one device, which XLA's sharding
 propagation refuses.
 
