@@ -411,6 +411,10 @@ def _save_views(args, report):
     from fastcells import bench
     from fastcells.bench import markdown
 
+    if args.json and args.markdown:
+        # the tables of the saved file (its times rounded to 4 digits), which is what
+        # ``report`` writes from it later
+        report = markdown.load_json(args.json)
     if args.plot:
         problem = bench.save_plot(args.plot, report)
         print(f"plot: {problem}" if problem else f"saved {args.plot}")

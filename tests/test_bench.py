@@ -820,6 +820,21 @@ def test_the_docs_tables_are_those_of_the_committed_run():
                                                       "summary")
 
 
+def test_bench_writes_the_tables_of_the_json_it_saves(tmp_path):
+    """`bench --json F --markdown M` writes into M the tables that `report F` writes: those
+    of the times as saved (4 digits), which the docs test compares with."""
+    import argparse
+
+    from fastcells.bench import markdown
+    report = _small_report()
+    report.layers[1].times = [0.026350965]     # 0.02635 once saved: another last digit
+    path, md = tmp_path / "run.json", tmp_path / "perf.md"
+    bench.save_json(path, report)
+    cli._save_views(argparse.Namespace(json=str(path), markdown=[str(md)], plot=None), report)
+    assert markdown.block_in(str(md)) == markdown.markdown(markdown.load_json(path))
+    assert markdown.markdown(markdown.load_json(path)) != markdown.markdown(report)
+
+
 def test_report_command(tmp_path, capsys):
     bench.save_json(tmp_path / "run.json", _small_report())
     assert cli.main(["report", str(tmp_path / "run.json")]) == 0
