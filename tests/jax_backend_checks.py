@@ -229,10 +229,10 @@ def fit_case(name):
 
 
 def ffi_case():
-    """A jitted training step runs the kernels as the XLA FFI target, and leaves no kept
-    cache behind."""
+    """A jitted training step runs the kernels as the XLA FFI target (where this JAX can
+    register it), and leaves no kept cache behind."""
     from fastcells.bridge import _xla_ffi
-    assert config.JAX_FFI and _xla_ffi.available()
+    assert config.JAX_FFI
     x = jnp.asarray(np.random.default_rng(4).standard_normal((3, 5, 2)), jnp.float32)
     layer = fastcells.LSTM(4, engine="cpu")
     layer.build(x.shape)
@@ -245,7 +245,10 @@ def ffi_case():
 
     step = jax.jit(jax.grad(loss, argnums=(0, 1)))
     hlo = step.lower(tv, x).as_text()
-    assert _xla_ffi.TARGET in hlo and "callback" not in hlo.lower(), "not the FFI target"
+    if _xla_ffi.available():
+        assert _xla_ffi.TARGET in hlo and "callback" not in hlo.lower(), "not the FFI target"
+    else:                       # a JAX without jax.ffi: the callback instead
+        assert _xla_ffi.TARGET not in hlo and "callback" in hlo.lower()
     jax.block_until_ready(step(tv, x))
     assert len(bridge.pending) == 0 and not jax_bridge._views
 
