@@ -208,6 +208,8 @@ def _ffi_forward(host, keep, inputs, outputs):
 
 
 def _ffi_backward(host, keep, inputs, outputs):
+    """The gradients written into XLA's result buffers, from the forward's cache rebound to
+    this call's operands (or from a recomputed forward when no cache is kept)."""
     n_in = host.n_in
     arrays, token = list(inputs[:n_in]), int(inputs[n_in])
     with _lock:
