@@ -1,8 +1,9 @@
 """Host functions as XLA FFI targets on the CPU: the kernels read XLA's buffers in place.
 
 ``jax.pure_callback`` copies every operand into a new host array and every result into a
-new XLA buffer. At the IMDB shape (x and dx 8 MB each) those copies, and the page faults of
-the fresh allocations behind them, cost 3-7 ms of a 30 ms training step. An FFI target hands
+new XLA buffer; at the IMDB shape (x and dx 8 MB each) those copies, and the page faults of
+the fresh allocations behind them, are a large part of a training step
+(docs/performance.md, "Across Keras backends"). An FFI target hands
 the handler XLA's own buffers: operands are read where they lie and results are written
 straight into the buffers XLA allocated for them.
 
