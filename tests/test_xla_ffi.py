@@ -129,7 +129,7 @@ def test_a_kept_cache_reads_the_backward_operands_not_the_forward_ones(cell, rng
         a[...] = np.nan if a.dtype.kind == "f" else 0
     ups = [rng.standard_normal(o.shape).astype(f32) for o in outs[:-1]]
     grads = [np.empty(a.shape, a.dtype) for a in kept[:host.n_diff]]
-    jax_bridge._ffi_backward(host, True, _readonly(kept) + [token] + ups, grads)
+    jax_bridge._ffi_backward(host, _readonly(kept) + [token] + ups, grads)
     assert int(token) not in bridge.pending and int(token) not in jax_bridge._views
 
     fwd = ops.CELLS[cell].forward(*kept[:3], kept[3], *kept[4:4 + len(states)],

@@ -187,9 +187,13 @@ def _entry(host, kind, keep=False):
     with _lock:
         number = _entries.get(key)
         if number is None:
-            fn = _ffi_forward if kind == "forward" else _ffi_backward
-            number = _entries[key] = _xla_ffi.add(
-                lambda inputs, outputs: fn(host, keep, inputs, outputs))
+            if kind == "forward":
+                def fn(inputs, outputs):
+                    _ffi_forward(host, keep, inputs, outputs)
+            else:
+                def fn(inputs, outputs):
+                    _ffi_backward(host, inputs, outputs)
+            number = _entries[key] = _xla_ffi.add(fn)
     return number
 
 
@@ -207,7 +211,7 @@ def _ffi_forward(host, keep, inputs, outputs):
             _views[token] = list(inputs)
 
 
-def _ffi_backward(host, keep, inputs, outputs):
+def _ffi_backward(host, inputs, outputs):
     """The gradients written into XLA's result buffers, from the forward's cache rebound to
     this call's operands (or from a recomputed forward when no cache is kept)."""
     n_in = host.n_in
