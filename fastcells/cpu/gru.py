@@ -16,6 +16,7 @@ from ._common import (add_rows, add_window_product, copy_row, copy_rows, dx_wind
                       pending_carry, stage_buffer, staged_inputs, step_inputs, step_projection,
                       store_backward_block, store_final, store_output, take_pending, window_row)
 from ._gemm import pack, pack_stack, packed_dot, strip_columns
+from ._borrow import borrowed, keep_alive
 from ._jit import kernel
 from ._fpstate import flush_denormals, restore
 from ._parallel import run_block_parallel
@@ -43,20 +44,26 @@ def _forward_kernel(b0, b1, T, xw, x, t_off, stage, Wb, dmask, use_dmask, from_x
     # cache: gates [T, B, 3H] (z, r, hh); hprev [T, B, H];
     #        aux [T, B, H] = a_h (reset_after) or q (reset_after=False)
     fpmode = flush_denormals()
+    # the arguments, held by the caller, without reference counts (see _borrow)
+    xw, x, Wb, dmask, U, Ug = (borrowed(xw), borrowed(x), borrowed(Wb), borrowed(dmask),
+                               borrowed(U), borrowed(Ug))
+    brec, rmask, mask, coef = borrowed(brec), borrowed(rmask), borrowed(mask), borrowed(coef)
+    y, gates, hprev, aux = borrowed(y), borrowed(gates), borrowed(hprev), borrowed(aux)
     n = b1 - b0
     H = h0.shape[1]
     full = y.shape[0] == T
     dt = y.dtype
-    h = h0[b0:b1].copy()
-    out = out0[b0:b1].copy()
+    # the arrays the kernel allocates, its loops using borrowed views of them (see
+    # _borrow): kept alive to the end by keep_alive
+    own = (h0[b0:b1].copy(), out0[b0:b1].copy(), np.empty((n, G * H), dt),
+           np.empty((n, G * H), dt), np.empty((n, G * H), dt))
+    own_h = (np.empty((n, H), dt), np.empty((n, H), dt), np.empty((n, H), dt))
+    xst_own = stage_buffer(x, n, T, stage, True)
+    h, out, xs, rec = borrowed(own[0]), borrowed(own[1]), borrowed(own[2]), borrowed(own[3])
+    g_scratch, hr = borrowed(own[4]), borrowed(own_h[0])
+    zk, q = borrowed(own_h[1]), borrowed(own_h[2])
+    xst = borrowed(xst_own)
     res = out if use_mask else h    # the output rows
-    xs = np.empty((n, G * H), dt)
-    rec = np.empty((n, G * H), dt)
-    hr = np.empty((n, H), dt)
-    zk = np.empty((n, H), dt)
-    q = np.empty((n, H), dt)
-    g_scratch = np.empty((n, G * H), dt)
-    xst = stage_buffer(x, n, T, stage, True)
     ca, cs, co = coef[0], coef[1], coef[2]
     for s in range(T):
         t = T - 1 - s if go_backwards else s
@@ -136,6 +143,9 @@ def _forward_kernel(b0, b1, T, xw, x, t_off, stage, Wb, dmask, use_dmask, from_x
                 copy_row(aux[t, b0 + i], q[i])
         store_output(y, s, b0, b1, res, full)
     store_final(y, res, full, b0, b1, h_out, h)
+    keep_alive(own)
+    keep_alive(own_h)
+    keep_alive(xst_own)
     restore(fpmode)
 
 
@@ -298,9 +308,11 @@ def _backward_fused_kernel(b0, b1, R, window, gates, hprev, aux, x, t_off, stage
     # dx: [B, Tx, D] out;  acc_in: [nblocks, D + 1, 3H], acc_rec: [nblocks, H + 1, 3H]
     #     in/out, each block's share of [dW; db_in] and [dU; db_rec]
     fpmode = flush_denormals()
+    # the arguments, held by the caller, without reference counts (see _borrow)
+    gates, hprev, aux, x = borrowed(gates), borrowed(hprev), borrowed(aux), borrowed(x)
+    dmask, WT, UT, mask = borrowed(dmask), borrowed(WT), borrowed(UT), borrowed(mask)
+    dy, dx, acc_in, acc_rec = borrowed(dy), borrowed(dx), borrowed(acc_in), borrowed(acc_rec)
     n = b1 - b0
-    dh = dh_in[b0:b1].copy()
-    carry = carry_io[b0:b1].copy()
     T = gates.shape[0]
     H = dh_in.shape[1]
     D = dx.shape[2]
@@ -308,21 +320,24 @@ def _backward_fused_kernel(b0, b1, R, window, gates, hprev, aux, x, t_off, stage
     dt = gates.dtype
     k0 = b0 // R
     nb = (n + R - 1) // R
-    dhz = np.empty((n, H), dt)
     # gate gradients of a window, input side (daz, dar, dah) and recurrent side (daz, dar,
     # da_h); columns: whole strips (read in place, _gemm.strip_view)
-    dzw = np.zeros((nb, window * R, strip_columns(GH, gates)), dt)
-    drw = np.zeros(dzw.shape, dt)
-    sxw = np.zeros((nb, window * R, D + 1), dt)
-    shw = np.zeros((nb, window * R, H + 1), dt)
-    xst = stage_buffer(x, n, T, stage, False)
-    ddx = np.empty((R, D), dt)
-    ddh = np.empty((R, H), dt)
-    dxw = np.empty((n, window, D), dt)
+    GS = strip_columns(GH, gates)
+    # the arrays the kernel allocates, its loops using borrowed views of them (see
+    # _borrow): kept alive to the end by keep_alive
+    own = (dh_in[b0:b1].copy(), carry_io[b0:b1].copy(), np.empty((n, H), dt),
+           np.zeros((nb, window * R, GS), dt), np.zeros((nb, window * R, GS), dt),
+           np.zeros((nb, window * R, D + 1), dt), np.zeros((nb, window * R, H + 1), dt))
+    own_rest = (stage_buffer(x, n, T, stage, False), np.empty((R, D), dt),
+                np.empty((R, H), dt), np.empty((n, window, D), dt),
+                np.empty((D + 1, GH), dt), np.empty((H + 1, GH), dt))
+    live_own = np.empty(n, np.bool_)
+    dh, carry, dhz, dzw = borrowed(own[0]), borrowed(own[1]), borrowed(own[2]), borrowed(own[3])
+    drw, sxw, shw = borrowed(own[4]), borrowed(own[5]), borrowed(own[6])
+    xst, ddx, ddh, dxw = (borrowed(own_rest[0]), borrowed(own_rest[1]), borrowed(own_rest[2]),
+                          borrowed(own_rest[3]))
+    part_in, part_rec, live = borrowed(own_rest[4]), borrowed(own_rest[5]), borrowed(live_own)
     dxv = dx_window(dxw)
-    part_in = np.empty((D + 1, GH), dt)
-    part_rec = np.empty((H + 1, GH), dt)
-    live = np.empty(n, np.bool_)
     w = 0
     standard = act == TANH and ract == SIGMOID
     for s in range(T - 1, -1, -1):
@@ -387,6 +402,9 @@ def _backward_fused_kernel(b0, b1, R, window, gates, hprev, aux, x, t_off, stage
                          go_backwards)
             w = 0
     store_backward_block(b0, b1, dh0, dh, carry_io, carry)
+    keep_alive(own)
+    keep_alive(own_rest)
+    keep_alive(live_own)
     restore(fpmode)
 
 

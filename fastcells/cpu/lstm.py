@@ -27,6 +27,7 @@ from ._common import (copy_row, copy_rows, forward_outputs, initial_output, inpu
                       stage_buffer, staged_inputs, store_backward_block, store_final, store_output,
                       take_pending, window_buffers, window_row)
 from ._gemm import pack, pack_stack, packed_dot
+from ._borrow import borrowed, keep_alive
 from ._jit import called, kernel
 from ._fpstate import flush_denormals, restore
 from ._parallel import run_batch_parallel, run_block_parallel
@@ -170,21 +171,25 @@ def _forward_kernel(b0, b1, xw, U, Ug, rmask, use_rmask, mask, use_mask, h0, c0,
     # cache (keep_cache): gates [T, B, 4H] post-activation; hprev, cprev [T, B, H] the
     #   states entering step t; actc [T, B, H] = act(c_t)
     fpmode = flush_denormals()
+    # the arguments, held by the caller, without reference counts (see _borrow)
+    xw, U, Ug, rmask = borrowed(xw), borrowed(U), borrowed(Ug), borrowed(rmask)
+    mask, coef, y, gates = borrowed(mask), borrowed(coef), borrowed(y), borrowed(gates)
+    hprev, cprev, actc = borrowed(hprev), borrowed(cprev), borrowed(actc)
     n = b1 - b0
     T = xw.shape[0]
     H = h0.shape[1]
     GH = G * H
     full = y.shape[0] == T
     dt = xw.dtype
-    h = h0[b0:b1].copy()
-    c = c0[b0:b1].copy()
-    out = out0[b0:b1].copy()
+    # the arrays the kernel allocates, its loops using borrowed views of them (see
+    # _borrow): kept alive to the end by keep_alive
+    own = (h0[b0:b1].copy(), c0[b0:b1].copy(), out0[b0:b1].copy(), np.empty((n, GH), dt),
+           np.empty((n, H), dt), np.empty((n, H), dt), np.empty((n, GH), dt),
+           np.empty((n, H), dt))
+    h, c, out, z = borrowed(own[0]), borrowed(own[1]), borrowed(own[2]), borrowed(own[3])
+    hr, zk, g_scratch, a_scratch = (borrowed(own[4]), borrowed(own[5]), borrowed(own[6]),
+                                    borrowed(own[7]))
     res = out if use_mask else h    # the output rows (see _cell_update)
-    z = np.empty((n, GH), dt)
-    hr = np.empty((n, H), dt)
-    zk = np.empty((n, H), dt)
-    g_scratch = np.empty((n, GH), dt)
-    a_scratch = np.empty((n, H), dt)
     for s in range(T):
         t = T - 1 - s if go_backwards else s
         # recurrent projection z = (h * r_k) @ U_k for every gate k
@@ -214,6 +219,7 @@ def _forward_kernel(b0, b1, xw, U, Ug, rmask, use_rmask, mask, use_mask, h0, c0,
                   coef, act, ract, fast, zero_output, full)
     store_final(y, res, full, b0, b1, h_out, h)
     copy_rows(c_out[b0:b1], c)
+    keep_alive(own)
     restore(fpmode)
 
 
@@ -233,19 +239,23 @@ def _backward_kernel(b0, b1, gates, cprev, actc, UT, UgT, rmask, use_rmask, mask
     # dz:    [T, B, 4H] out: gradient of the gate pre-activations
     # dh0, dc0: [B, H] out: gradients of the initial states
     fpmode = flush_denormals()
+    # the arguments, held by the caller, without reference counts (see _borrow)
+    gates, cprev, actc, UT = borrowed(gates), borrowed(cprev), borrowed(actc), borrowed(UT)
+    UgT, rmask, mask, dy = borrowed(UgT), borrowed(rmask), borrowed(mask), borrowed(dy)
+    dz = borrowed(dz)
     n = b1 - b0
-    dh = dh_in[b0:b1].copy()
-    carry = carry_io[b0:b1].copy()
     T = gates.shape[0]
     H = dh_in.shape[1]
     dt = gates.dtype
-    dc = dc_in[b0:b1].copy()
-    dhn = np.empty((n, H), dt)
-    dk = np.empty((n, H), dt)
-    zk = np.empty((n, H), dt)
-    dht = np.empty(H, dt)
-    da = np.empty(H, dt)
-    live = np.empty(n, np.bool_)
+    # the arrays the kernel allocates, its loops using borrowed views of them (see
+    # _borrow): kept alive to the end by keep_alive
+    own = (dh_in[b0:b1].copy(), carry_io[b0:b1].copy(), dc_in[b0:b1].copy(),
+           np.empty((n, H), dt), np.empty((n, H), dt), np.empty((n, H), dt))
+    own_rows = (np.empty(H, dt), np.empty(H, dt))
+    live_own = np.empty(n, np.bool_)
+    dh, carry, dc = borrowed(own[0]), borrowed(own[1]), borrowed(own[2])
+    dhn, dk, zk = borrowed(own[3]), borrowed(own[4]), borrowed(own[5])
+    dht, da, live = borrowed(own_rows[0]), borrowed(own_rows[1]), borrowed(live_own)
     for s in range(T - 1, -1, -1):
         t = output_grad_step(carry, dy, s, T, b0, b1, go_backwards)
         dzt = dz[t]
@@ -275,6 +285,9 @@ def _backward_kernel(b0, b1, gates, cprev, actc, UT, UgT, rmask, use_rmask, mask
                 dh[i] = dhn[i]
     copy_rows(dc0[b0:b1], dc)
     store_backward_block(b0, b1, dh0, dh, carry_io, carry)
+    keep_alive(own)
+    keep_alive(own_rows)
+    keep_alive(live_own)
     restore(fpmode)
 
 
@@ -352,6 +365,10 @@ def _forward_fused_kernel(b0, b1, x, t_off, T, stage, V, dmask, use_dmask, mask,
     # cache (keep_cache): gates [T, B, 4H]; xh [T, B, F] the rows s_t; cprev, actc [T, B, H]
     # other arguments as in _forward_kernel
     fpmode = flush_denormals()
+    # the arguments, held by the caller, without reference counts (see _borrow)
+    x, V, dmask, mask = borrowed(x), borrowed(V), borrowed(dmask), borrowed(mask)
+    coef, y, gates, xh = borrowed(coef), borrowed(y), borrowed(gates), borrowed(xh)
+    cprev, actc = borrowed(cprev), borrowed(actc)
     n = b1 - b0
     D = x.shape[2]
     H = h0.shape[1]
@@ -359,15 +376,15 @@ def _forward_fused_kernel(b0, b1, x, t_off, T, stage, V, dmask, use_dmask, mask,
     F = D + H + 1
     full = y.shape[0] == T
     dt = y.dtype
-    h = h0[b0:b1].copy()
-    c = c0[b0:b1].copy()
-    out = out0[b0:b1].copy()
+    # the arrays the kernel allocates, its loops using borrowed views of them (see
+    # _borrow): kept alive to the end by keep_alive
+    own = (h0[b0:b1].copy(), c0[b0:b1].copy(), out0[b0:b1].copy(), np.empty((n, GH), dt),
+           np.empty((n, F), dt), np.empty((n, GH), dt), np.empty((n, H), dt))
+    xs_own = stage_buffer(x, n, T, stage, False)
+    h, c, out, z = borrowed(own[0]), borrowed(own[1]), borrowed(own[2]), borrowed(own[3])
+    s_scratch, g_scratch, a_scratch = borrowed(own[4]), borrowed(own[5]), borrowed(own[6])
+    xs = borrowed(xs_own)
     res = out if use_mask else h    # the output rows (see _cell_update)
-    z = np.empty((n, GH), dt)
-    s_scratch = np.empty((n, F), dt)
-    g_scratch = np.empty((n, GH), dt)
-    a_scratch = np.empty((n, H), dt)
-    xs = stage_buffer(x, n, T, stage, False)
     for s in range(T):
         t = T - 1 - s if go_backwards else s
         if keep_cache:
@@ -386,6 +403,8 @@ def _forward_fused_kernel(b0, b1, x, t_off, T, stage, V, dmask, use_dmask, mask,
                   coef, act, ract, fast, zero_output, full)
     store_final(y, res, full, b0, b1, h_out, h)
     copy_rows(c_out[b0:b1], c)
+    keep_alive(own)
+    keep_alive(xs_own)
     restore(fpmode)
 
 
@@ -402,23 +421,30 @@ def _backward_fused_kernel(b0, b1, R, window, gates, xh, cprev, actc, VT, dmask,
     # acc:   [nblocks, F, 4H] in/out: each block's share of [dW; dU; db]
     # other arguments as in _backward_kernel
     fpmode = flush_denormals()
+    # the arguments, held by the caller, without reference counts (see _borrow)
+    gates, xh, cprev, actc = borrowed(gates), borrowed(xh), borrowed(cprev), borrowed(actc)
+    VT, dmask, mask, dy = borrowed(VT), borrowed(dmask), borrowed(mask), borrowed(dy)
+    dx, acc = borrowed(dx), borrowed(acc)
     n = b1 - b0
-    dh = dh_in[b0:b1].copy()
-    carry = carry_io[b0:b1].copy()
     T = gates.shape[0]
     H = dh_in.shape[1]
     D = dx.shape[2]
     GH = G * H
     dt = gates.dtype
     k0 = b0 // R
-    dc = dc_in[b0:b1].copy()
+    # the arrays the kernel allocates, its loops using borrowed views of them (see
+    # _borrow): kept alive to the end by keep_alive
+    own = (dh_in[b0:b1].copy(), carry_io[b0:b1].copy(), dc_in[b0:b1].copy())
+    own_rows = (np.empty(H, dt), np.empty(H, dt), np.empty(H, dt))
+    live_own = np.empty(n, np.bool_)
+    dh, carry, dc = borrowed(own[0]), borrowed(own[1]), borrowed(own[2])
+    da, dht, dct = borrowed(own_rows[0]), borrowed(own_rows[1]), borrowed(own_rows[2])
+    live = borrowed(live_own)
     # the in-step product reads the first GH columns of dzw, its K being that of the packed VT
-    dzw, sw, dd, dxw, dxv, part = window_buffers(n, R, window, D, H, GH, gates)
-    da = np.empty(H, dt)
-    live = np.empty(n, np.bool_)
+    windows = window_buffers(n, R, window, D, H, GH, gates)
+    dzw, sw, dd = borrowed(windows[0]), borrowed(windows[1]), borrowed(windows[2])
+    dxw, dxv, part = borrowed(windows[3]), borrowed(windows[4]), borrowed(windows[5])
     standard = act == TANH and ract == SIGMOID
-    dht = np.empty(H, dt)
-    dct = np.empty(H, dt)
     w = 0
     for s in range(T - 1, -1, -1):
         t = output_grad_step(carry, dy, s, T, b0, b1, go_backwards)
@@ -465,6 +491,10 @@ def _backward_fused_kernel(b0, b1, R, window, gates, xh, cprev, actc, VT, dmask,
                              t_off, go_backwards)
     copy_rows(dc0[b0:b1], dc)
     store_backward_block(b0, b1, dh0, dh, carry_io, carry)
+    keep_alive(own)
+    keep_alive(own_rows)
+    keep_alive(live_own)
+    keep_alive(windows)
     restore(fpmode)
 
 

@@ -13,6 +13,7 @@ from ._common import (copy_row, copy_rows, forward_outputs, initial_output, inpu
                       store_backward_block, store_final, store_output, take_pending,
                       window_buffers, window_row)
 from ._gemm import pack, packed_dot
+from ._borrow import borrowed, keep_alive
 from ._jit import kernel
 from ._fpstate import flush_denormals, restore
 from ._parallel import run_block_parallel
@@ -33,18 +34,21 @@ def _forward_kernel(b0, b1, T, xw, x, t_off, stage, Wb, dmask, use_dmask, from_x
     # y:     [T, B, H] or [1, B, H];  h_out: [B, H]
     # cache: hs [T, B, H] = act(pre) of the step; hprev [T, B, H] the state entering step t
     fpmode = flush_denormals()
+    # the arguments, held by the caller, without reference counts (see _borrow)
+    xw, x, Wb, dmask, U, rmask = (borrowed(xw), borrowed(x), borrowed(Wb), borrowed(dmask),
+                                  borrowed(U), borrowed(rmask))
+    mask, y, hs, hprev = borrowed(mask), borrowed(y), borrowed(hs), borrowed(hprev)
     n = b1 - b0
     H = h0.shape[1]
     full = y.shape[0] == T
     dt = y.dtype
-    xs = np.empty((n, H), dt)
-    h = h0[b0:b1].copy()
-    hr = np.empty((n, H), dt)
-    z = np.empty((n, H), dt)
-    out = out0[b0:b1].copy()
+    # the arrays the kernel allocates, its loops using borrowed views of them (see
+    # _borrow): kept alive to the end by keep_alive
+    own = (np.empty((n, H), dt), h0[b0:b1].copy(), np.empty((n, H), dt), np.empty((n, H), dt),
+           out0[b0:b1].copy(), np.empty((n, H), dt), stage_buffer(x, n, T, stage, True))
+    xs, h, hr, z = borrowed(own[0]), borrowed(own[1]), borrowed(own[2]), borrowed(own[3])
+    out, g_scratch, xst = borrowed(own[4]), borrowed(own[5]), borrowed(own[6])
     res = out if use_mask else h    # the output rows
-    g_scratch = np.empty((n, H), dt)
-    xst = stage_buffer(x, n, T, stage, True)
     for s in range(T):
         t = T - 1 - s if go_backwards else s
         if use_rmask:
@@ -90,6 +94,7 @@ def _forward_kernel(b0, b1, T, xw, x, t_off, stage, Wb, dmask, use_dmask, from_x
                 hf[k] = gf[k]
         store_output(y, s, b0, b1, res, full)
     store_final(y, res, full, b0, b1, h_out, h)
+    keep_alive(own)
     restore(fpmode)
 
 
@@ -143,16 +148,23 @@ def _backward_fused_kernel(b0, b1, R, window, hs, hprev, x, t_off, stage, dmask,
     # dx:   [B, Tx, D] out;  acc: [nblocks, D + H + 1, H] in/out, each block's share of
     #       [dW; dU; db];  other arguments as in _backward_kernel
     fpmode = flush_denormals()
+    # the arguments, held by the caller, without reference counts (see _borrow)
+    hs, hprev, x, dmask, VT, rmask = (borrowed(hs), borrowed(hprev), borrowed(x),
+                                      borrowed(dmask), borrowed(VT), borrowed(rmask))
+    mask, dy, dx, acc = borrowed(mask), borrowed(dy), borrowed(dx), borrowed(acc)
     n = b1 - b0
-    dh = dh_in[b0:b1].copy()
-    carry = carry_io[b0:b1].copy()
     T = hs.shape[0]
     H = dh_in.shape[1]
     D = dx.shape[2]
     k0 = b0 // R
-    dzw, sw, dd, dxw, dxv, part = window_buffers(n, R, window, D, H, H, hs)
-    live = np.empty(n, np.bool_)
-    xst = stage_buffer(x, n, T, stage, False)
+    # the arrays the kernel allocates, its loops using borrowed views of them (see
+    # _borrow): kept alive to the end by keep_alive
+    own = (dh_in[b0:b1].copy(), carry_io[b0:b1].copy(), np.empty(n, np.bool_),
+           stage_buffer(x, n, T, stage, False))
+    dh, carry, live, xst = borrowed(own[0]), borrowed(own[1]), borrowed(own[2]), borrowed(own[3])
+    windows = window_buffers(n, R, window, D, H, H, hs)
+    dzw, sw, dd = borrowed(windows[0]), borrowed(windows[1]), borrowed(windows[2])
+    dxw, dxv, part = borrowed(windows[3]), borrowed(windows[4]), borrowed(windows[5])
     w = 0
     for s in range(T - 1, -1, -1):
         t = output_grad_step(carry, dy, s, T, b0, b1, go_backwards)
@@ -177,6 +189,8 @@ def _backward_fused_kernel(b0, b1, R, window, hs, hprev, x, t_off, stage, dmask,
         w = next_window_slot(w, window, sw, dzw, acc, part, k0, R, n, dxw, dx, b0, s, T,
                              t_off, go_backwards)
     store_backward_block(b0, b1, dh0, dh, carry_io, carry)
+    keep_alive(own)
+    keep_alive(windows)
     restore(fpmode)
 
 
