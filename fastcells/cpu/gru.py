@@ -178,19 +178,24 @@ def _backward_kernel(b0, b1, gates, hprev, aux, UT, UgT, rmask, use_rmask, mask,
     # dy: [T, B, H] or [1, B, H];  dh_in: [B, H]
     # dz: [T, B, 3H] out;  dah_rec: [T, B, H] out (reset_after);  dh0: [B, H] out
     fpmode = flush_denormals()
+    # the arguments, held by the caller, without reference counts (see _borrow)
+    gates, hprev, aux, UT = borrowed(gates), borrowed(hprev), borrowed(aux), borrowed(UT)
+    UgT, rmask, mask, dy = borrowed(UgT), borrowed(rmask), borrowed(mask), borrowed(dy)
+    dz, dah_rec = borrowed(dz), borrowed(dah_rec)
     n = b1 - b0
-    dh = dh_in[b0:b1].copy()
-    carry = carry_io[b0:b1].copy()
     T = gates.shape[0]
     H = dh_in.shape[1]
     dt = gates.dtype
-    dhz = np.empty((n, H), dt)           # dh * z, the direct path to h_{t-1}
-    drec = np.zeros((n, G * H), dt)      # daz, dar, da_h (recurrent side)
-    dq = np.empty((n, H), dt)
-    dhn = np.empty((n, H), dt)
-    zk = np.empty((n, H), dt)
-    dk = np.empty((n, H), dt)
-    live = np.empty(n, np.bool_)
+    # the arrays the kernel allocates, its loops using borrowed views of them (see
+    # _borrow): kept alive to the end by keep_alive; dhz = dh * z, the direct path to
+    # h_{t-1}; drec = (daz, dar, da_h), the recurrent side
+    own = (dh_in[b0:b1].copy(), carry_io[b0:b1].copy(), np.empty((n, H), dt),
+           np.zeros((n, G * H), dt), np.empty((n, H), dt), np.empty((n, H), dt),
+           np.empty((n, H), dt), np.empty((n, H), dt))
+    live_own = np.empty(n, np.bool_)
+    dh, carry, dhz, drec = borrowed(own[0]), borrowed(own[1]), borrowed(own[2]), borrowed(own[3])
+    dq, dhn, zk, dk = borrowed(own[4]), borrowed(own[5]), borrowed(own[6]), borrowed(own[7])
+    live = borrowed(live_own)
     for s in range(T - 1, -1, -1):
         t = output_grad_step(carry, dy, s, T, b0, b1, go_backwards)
         dzt = dz[t]
@@ -254,6 +259,8 @@ def _backward_kernel(b0, b1, gates, hprev, aux, UT, UgT, rmask, use_rmask, mask,
             if live[i]:
                 dh[i] = dhn[i]
     store_backward_block(b0, b1, dh0, dh, carry_io, carry)
+    keep_alive(own)
+    keep_alive(live_own)
     restore(fpmode)
 
 
