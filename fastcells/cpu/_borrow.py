@@ -17,22 +17,40 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 
+def _without_owner(context, builder, typ, value):
+    """The array ``value`` of type ``typ`` with no memory owner."""
+    src = context.make_array(typ)(context, builder, value)
+    out = context.make_array(typ)(context, builder)
+    for field in ("data", "shape", "strides", "itemsize", "nitems"):
+        setattr(out, field, getattr(src, field))
+    out.meminfo = cgutils.get_null_value(out.meminfo.type)
+    out.parent = cgutils.get_null_value(out.parent.type)
+    return out._getvalue()
+
+
 @intrinsic
-def borrowed(typingctx, a):
-    """``a`` without a memory owner (see the module docstring)."""
-    if not isinstance(a, types.Array):
+def borrowed(typingctx, arrays):
+    """``arrays`` (an array, or a tuple of arrays) without their memory owner (see the
+    module docstring)::
+
+        x, y = borrowed((x, y))
+    """
+    if isinstance(arrays, types.Array):
+        def codegen(context, builder, signature, args):
+            return _without_owner(context, builder, signature.args[0], args[0])
+        return arrays(arrays), codegen
+    if not (isinstance(arrays, types.BaseTuple)
+            and all(isinstance(t, types.Array) for t in arrays.types)):
         return None
 
     def codegen(context, builder, signature, args):
-        src = context.make_array(signature.args[0])(context, builder, args[0])
-        out = context.make_array(signature.return_type)(context, builder)
-        for field in ("data", "shape", "strides", "itemsize", "nitems"):
-            setattr(out, field, getattr(src, field))
-        out.meminfo = cgutils.get_null_value(out.meminfo.type)
-        out.parent = cgutils.get_null_value(out.parent.type)
-        return out._getvalue()
+        tup = args[0]
+        for i, typ in enumerate(signature.args[0].types):
+            item = _without_owner(context, builder, typ, builder.extract_value(tup, i))
+            tup = builder.insert_value(tup, item, i)
+        return tup
 
-    return a(a), codegen
+    return arrays(arrays), codegen
 
 
 @intrinsic

@@ -45,10 +45,8 @@ def _forward_kernel(b0, b1, T, xw, x, t_off, stage, Wb, dmask, use_dmask, from_x
     #        aux [T, B, H] = a_h (reset_after) or q (reset_after=False)
     fpmode = flush_denormals()
     # the arguments, held by the caller, without reference counts (see _borrow)
-    xw, x, Wb, dmask, U, Ug = (borrowed(xw), borrowed(x), borrowed(Wb), borrowed(dmask),
-                               borrowed(U), borrowed(Ug))
-    brec, rmask, mask, coef = borrowed(brec), borrowed(rmask), borrowed(mask), borrowed(coef)
-    y, gates, hprev, aux = borrowed(y), borrowed(gates), borrowed(hprev), borrowed(aux)
+    xw, x, Wb, dmask, U, Ug, brec, rmask, mask, coef, y, gates, hprev, aux = borrowed(
+        (xw, x, Wb, dmask, U, Ug, brec, rmask, mask, coef, y, gates, hprev, aux))
     n = b1 - b0
     H = h0.shape[1]
     full = y.shape[0] == T
@@ -56,13 +54,9 @@ def _forward_kernel(b0, b1, T, xw, x, t_off, stage, Wb, dmask, use_dmask, from_x
     # the arrays the kernel allocates, its loops using borrowed views of them (see
     # _borrow): kept alive to the end by keep_alive
     own = (h0[b0:b1].copy(), out0[b0:b1].copy(), np.empty((n, G * H), dt),
-           np.empty((n, G * H), dt), np.empty((n, G * H), dt))
-    own_h = (np.empty((n, H), dt), np.empty((n, H), dt), np.empty((n, H), dt))
-    xst_own = stage_buffer(x, n, T, stage, True)
-    h, out, xs, rec = borrowed(own[0]), borrowed(own[1]), borrowed(own[2]), borrowed(own[3])
-    g_scratch, hr = borrowed(own[4]), borrowed(own_h[0])
-    zk, q = borrowed(own_h[1]), borrowed(own_h[2])
-    xst = borrowed(xst_own)
+           np.empty((n, G * H), dt), np.empty((n, G * H), dt), np.empty((n, H), dt),
+           np.empty((n, H), dt), np.empty((n, H), dt), stage_buffer(x, n, T, stage, True))
+    h, out, xs, rec, g_scratch, hr, zk, q, xst = borrowed(own)
     res = out if use_mask else h    # the output rows
     ca, cs, co = coef[0], coef[1], coef[2]
     for s in range(T):
@@ -144,8 +138,6 @@ def _forward_kernel(b0, b1, T, xw, x, t_off, stage, Wb, dmask, use_dmask, from_x
         store_output(y, s, b0, b1, res, full)
     store_final(y, res, full, b0, b1, h_out, h)
     keep_alive(own)
-    keep_alive(own_h)
-    keep_alive(xst_own)
     restore(fpmode)
 
 
@@ -179,9 +171,8 @@ def _backward_kernel(b0, b1, gates, hprev, aux, UT, UgT, rmask, use_rmask, mask,
     # dz: [T, B, 3H] out;  dah_rec: [T, B, H] out (reset_after);  dh0: [B, H] out
     fpmode = flush_denormals()
     # the arguments, held by the caller, without reference counts (see _borrow)
-    gates, hprev, aux, UT = borrowed(gates), borrowed(hprev), borrowed(aux), borrowed(UT)
-    UgT, rmask, mask, dy = borrowed(UgT), borrowed(rmask), borrowed(mask), borrowed(dy)
-    dz, dah_rec = borrowed(dz), borrowed(dah_rec)
+    gates, hprev, aux, UT, UgT, rmask, mask, dy, dz, dah_rec = borrowed(
+        (gates, hprev, aux, UT, UgT, rmask, mask, dy, dz, dah_rec))
     n = b1 - b0
     T = gates.shape[0]
     H = dh_in.shape[1]
@@ -191,11 +182,8 @@ def _backward_kernel(b0, b1, gates, hprev, aux, UT, UgT, rmask, use_rmask, mask,
     # h_{t-1}; drec = (daz, dar, da_h), the recurrent side
     own = (dh_in[b0:b1].copy(), carry_io[b0:b1].copy(), np.empty((n, H), dt),
            np.zeros((n, G * H), dt), np.empty((n, H), dt), np.empty((n, H), dt),
-           np.empty((n, H), dt), np.empty((n, H), dt))
-    live_own = np.empty(n, np.bool_)
-    dh, carry, dhz, drec = borrowed(own[0]), borrowed(own[1]), borrowed(own[2]), borrowed(own[3])
-    dq, dhn, zk, dk = borrowed(own[4]), borrowed(own[5]), borrowed(own[6]), borrowed(own[7])
-    live = borrowed(live_own)
+           np.empty((n, H), dt), np.empty((n, H), dt), np.empty(n, np.bool_))
+    dh, carry, dhz, drec, dq, dhn, zk, dk, live = borrowed(own)
     for s in range(T - 1, -1, -1):
         t = output_grad_step(carry, dy, s, T, b0, b1, go_backwards)
         dzt = dz[t]
@@ -260,7 +248,6 @@ def _backward_kernel(b0, b1, gates, hprev, aux, UT, UgT, rmask, use_rmask, mask,
                 dh[i] = dhn[i]
     store_backward_block(b0, b1, dh0, dh, carry_io, carry)
     keep_alive(own)
-    keep_alive(live_own)
     restore(fpmode)
 
 
@@ -316,9 +303,8 @@ def _backward_fused_kernel(b0, b1, R, window, gates, hprev, aux, x, t_off, stage
     #     in/out, each block's share of [dW; db_in] and [dU; db_rec]
     fpmode = flush_denormals()
     # the arguments, held by the caller, without reference counts (see _borrow)
-    gates, hprev, aux, x = borrowed(gates), borrowed(hprev), borrowed(aux), borrowed(x)
-    dmask, WT, UT, mask = borrowed(dmask), borrowed(WT), borrowed(UT), borrowed(mask)
-    dy, dx, acc_in, acc_rec = borrowed(dy), borrowed(dx), borrowed(acc_in), borrowed(acc_rec)
+    gates, hprev, aux, x, dmask, WT, UT, mask, dy, dx, acc_in, acc_rec = borrowed(
+        (gates, hprev, aux, x, dmask, WT, UT, mask, dy, dx, acc_in, acc_rec))
     n = b1 - b0
     T = gates.shape[0]
     H = dh_in.shape[1]
@@ -334,16 +320,12 @@ def _backward_fused_kernel(b0, b1, R, window, gates, hprev, aux, x, t_off, stage
     # _borrow): kept alive to the end by keep_alive
     own = (dh_in[b0:b1].copy(), carry_io[b0:b1].copy(), np.empty((n, H), dt),
            np.zeros((nb, window * R, GS), dt), np.zeros((nb, window * R, GS), dt),
-           np.zeros((nb, window * R, D + 1), dt), np.zeros((nb, window * R, H + 1), dt))
-    own_rest = (stage_buffer(x, n, T, stage, False), np.empty((R, D), dt),
-                np.empty((R, H), dt), np.empty((n, window, D), dt),
-                np.empty((D + 1, GH), dt), np.empty((H + 1, GH), dt))
-    live_own = np.empty(n, np.bool_)
-    dh, carry, dhz, dzw = borrowed(own[0]), borrowed(own[1]), borrowed(own[2]), borrowed(own[3])
-    drw, sxw, shw = borrowed(own[4]), borrowed(own[5]), borrowed(own[6])
-    xst, ddx, ddh, dxw = (borrowed(own_rest[0]), borrowed(own_rest[1]), borrowed(own_rest[2]),
-                          borrowed(own_rest[3]))
-    part_in, part_rec, live = borrowed(own_rest[4]), borrowed(own_rest[5]), borrowed(live_own)
+           np.zeros((nb, window * R, D + 1), dt), np.zeros((nb, window * R, H + 1), dt),
+           stage_buffer(x, n, T, stage, False), np.empty((R, D), dt), np.empty((R, H), dt),
+           np.empty((n, window, D), dt), np.empty((D + 1, GH), dt), np.empty((H + 1, GH), dt),
+           np.empty(n, np.bool_))
+    (dh, carry, dhz, dzw, drw, sxw, shw, xst, ddx, ddh, dxw, part_in, part_rec,
+     live) = borrowed(own)
     dxv = dx_window(dxw)
     w = 0
     standard = act == TANH and ract == SIGMOID
@@ -410,8 +392,6 @@ def _backward_fused_kernel(b0, b1, R, window, gates, hprev, aux, x, t_off, stage
             w = 0
     store_backward_block(b0, b1, dh0, dh, carry_io, carry)
     keep_alive(own)
-    keep_alive(own_rest)
-    keep_alive(live_own)
     restore(fpmode)
 
 

@@ -172,9 +172,8 @@ def _forward_kernel(b0, b1, xw, U, Ug, rmask, use_rmask, mask, use_mask, h0, c0,
     #   states entering step t; actc [T, B, H] = act(c_t)
     fpmode = flush_denormals()
     # the arguments, held by the caller, without reference counts (see _borrow)
-    xw, U, Ug, rmask = borrowed(xw), borrowed(U), borrowed(Ug), borrowed(rmask)
-    mask, coef, y, gates = borrowed(mask), borrowed(coef), borrowed(y), borrowed(gates)
-    hprev, cprev, actc = borrowed(hprev), borrowed(cprev), borrowed(actc)
+    xw, U, Ug, rmask, mask, coef, y, gates, hprev, cprev, actc = borrowed(
+        (xw, U, Ug, rmask, mask, coef, y, gates, hprev, cprev, actc))
     n = b1 - b0
     T = xw.shape[0]
     H = h0.shape[1]
@@ -186,9 +185,7 @@ def _forward_kernel(b0, b1, xw, U, Ug, rmask, use_rmask, mask, use_mask, h0, c0,
     own = (h0[b0:b1].copy(), c0[b0:b1].copy(), out0[b0:b1].copy(), np.empty((n, GH), dt),
            np.empty((n, H), dt), np.empty((n, H), dt), np.empty((n, GH), dt),
            np.empty((n, H), dt))
-    h, c, out, z = borrowed(own[0]), borrowed(own[1]), borrowed(own[2]), borrowed(own[3])
-    hr, zk, g_scratch, a_scratch = (borrowed(own[4]), borrowed(own[5]), borrowed(own[6]),
-                                    borrowed(own[7]))
+    h, c, out, z, hr, zk, g_scratch, a_scratch = borrowed(own)
     res = out if use_mask else h    # the output rows (see _cell_update)
     for s in range(T):
         t = T - 1 - s if go_backwards else s
@@ -240,9 +237,8 @@ def _backward_kernel(b0, b1, gates, cprev, actc, UT, UgT, rmask, use_rmask, mask
     # dh0, dc0: [B, H] out: gradients of the initial states
     fpmode = flush_denormals()
     # the arguments, held by the caller, without reference counts (see _borrow)
-    gates, cprev, actc, UT = borrowed(gates), borrowed(cprev), borrowed(actc), borrowed(UT)
-    UgT, rmask, mask, dy = borrowed(UgT), borrowed(rmask), borrowed(mask), borrowed(dy)
-    dz = borrowed(dz)
+    gates, cprev, actc, UT, UgT, rmask, mask, dy, dz = borrowed(
+        (gates, cprev, actc, UT, UgT, rmask, mask, dy, dz))
     n = b1 - b0
     T = gates.shape[0]
     H = dh_in.shape[1]
@@ -250,12 +246,9 @@ def _backward_kernel(b0, b1, gates, cprev, actc, UT, UgT, rmask, use_rmask, mask
     # the arrays the kernel allocates, its loops using borrowed views of them (see
     # _borrow): kept alive to the end by keep_alive
     own = (dh_in[b0:b1].copy(), carry_io[b0:b1].copy(), dc_in[b0:b1].copy(),
-           np.empty((n, H), dt), np.empty((n, H), dt), np.empty((n, H), dt))
-    own_rows = (np.empty(H, dt), np.empty(H, dt))
-    live_own = np.empty(n, np.bool_)
-    dh, carry, dc = borrowed(own[0]), borrowed(own[1]), borrowed(own[2])
-    dhn, dk, zk = borrowed(own[3]), borrowed(own[4]), borrowed(own[5])
-    dht, da, live = borrowed(own_rows[0]), borrowed(own_rows[1]), borrowed(live_own)
+           np.empty((n, H), dt), np.empty((n, H), dt), np.empty((n, H), dt), np.empty(H, dt),
+           np.empty(H, dt), np.empty(n, np.bool_))
+    dh, carry, dc, dhn, dk, zk, dht, da, live = borrowed(own)
     for s in range(T - 1, -1, -1):
         t = output_grad_step(carry, dy, s, T, b0, b1, go_backwards)
         dzt = dz[t]
@@ -286,8 +279,6 @@ def _backward_kernel(b0, b1, gates, cprev, actc, UT, UgT, rmask, use_rmask, mask
     copy_rows(dc0[b0:b1], dc)
     store_backward_block(b0, b1, dh0, dh, carry_io, carry)
     keep_alive(own)
-    keep_alive(own_rows)
-    keep_alive(live_own)
     restore(fpmode)
 
 
@@ -366,9 +357,8 @@ def _forward_fused_kernel(b0, b1, x, t_off, T, stage, V, dmask, use_dmask, mask,
     # other arguments as in _forward_kernel
     fpmode = flush_denormals()
     # the arguments, held by the caller, without reference counts (see _borrow)
-    x, V, dmask, mask = borrowed(x), borrowed(V), borrowed(dmask), borrowed(mask)
-    coef, y, gates, xh = borrowed(coef), borrowed(y), borrowed(gates), borrowed(xh)
-    cprev, actc = borrowed(cprev), borrowed(actc)
+    x, V, dmask, mask, coef, y, gates, xh, cprev, actc = borrowed(
+        (x, V, dmask, mask, coef, y, gates, xh, cprev, actc))
     n = b1 - b0
     D = x.shape[2]
     H = h0.shape[1]
@@ -379,11 +369,9 @@ def _forward_fused_kernel(b0, b1, x, t_off, T, stage, V, dmask, use_dmask, mask,
     # the arrays the kernel allocates, its loops using borrowed views of them (see
     # _borrow): kept alive to the end by keep_alive
     own = (h0[b0:b1].copy(), c0[b0:b1].copy(), out0[b0:b1].copy(), np.empty((n, GH), dt),
-           np.empty((n, F), dt), np.empty((n, GH), dt), np.empty((n, H), dt))
-    xs_own = stage_buffer(x, n, T, stage, False)
-    h, c, out, z = borrowed(own[0]), borrowed(own[1]), borrowed(own[2]), borrowed(own[3])
-    s_scratch, g_scratch, a_scratch = borrowed(own[4]), borrowed(own[5]), borrowed(own[6])
-    xs = borrowed(xs_own)
+           np.empty((n, F), dt), np.empty((n, GH), dt), np.empty((n, H), dt),
+           stage_buffer(x, n, T, stage, False))
+    h, c, out, z, s_scratch, g_scratch, a_scratch, xs = borrowed(own)
     res = out if use_mask else h    # the output rows (see _cell_update)
     for s in range(T):
         t = T - 1 - s if go_backwards else s
@@ -404,7 +392,6 @@ def _forward_fused_kernel(b0, b1, x, t_off, T, stage, V, dmask, use_dmask, mask,
     store_final(y, res, full, b0, b1, h_out, h)
     copy_rows(c_out[b0:b1], c)
     keep_alive(own)
-    keep_alive(xs_own)
     restore(fpmode)
 
 
@@ -422,9 +409,8 @@ def _backward_fused_kernel(b0, b1, R, window, gates, xh, cprev, actc, VT, dmask,
     # other arguments as in _backward_kernel
     fpmode = flush_denormals()
     # the arguments, held by the caller, without reference counts (see _borrow)
-    gates, xh, cprev, actc = borrowed(gates), borrowed(xh), borrowed(cprev), borrowed(actc)
-    VT, dmask, mask, dy = borrowed(VT), borrowed(dmask), borrowed(mask), borrowed(dy)
-    dx, acc = borrowed(dx), borrowed(acc)
+    gates, xh, cprev, actc, VT, dmask, mask, dy, dx, acc = borrowed(
+        (gates, xh, cprev, actc, VT, dmask, mask, dy, dx, acc))
     n = b1 - b0
     T = gates.shape[0]
     H = dh_in.shape[1]
@@ -434,16 +420,12 @@ def _backward_fused_kernel(b0, b1, R, window, gates, xh, cprev, actc, VT, dmask,
     k0 = b0 // R
     # the arrays the kernel allocates, its loops using borrowed views of them (see
     # _borrow): kept alive to the end by keep_alive
-    own = (dh_in[b0:b1].copy(), carry_io[b0:b1].copy(), dc_in[b0:b1].copy())
-    own_rows = (np.empty(H, dt), np.empty(H, dt), np.empty(H, dt))
-    live_own = np.empty(n, np.bool_)
-    dh, carry, dc = borrowed(own[0]), borrowed(own[1]), borrowed(own[2])
-    da, dht, dct = borrowed(own_rows[0]), borrowed(own_rows[1]), borrowed(own_rows[2])
-    live = borrowed(live_own)
+    own = (dh_in[b0:b1].copy(), carry_io[b0:b1].copy(), dc_in[b0:b1].copy(), np.empty(H, dt),
+           np.empty(H, dt), np.empty(H, dt), np.empty(n, np.bool_))
+    dh, carry, dc, da, dht, dct, live = borrowed(own)
     # the in-step product reads the first GH columns of dzw, its K being that of the packed VT
     windows = window_buffers(n, R, window, D, H, GH, gates)
-    dzw, sw, dd = borrowed(windows[0]), borrowed(windows[1]), borrowed(windows[2])
-    dxw, dxv, part = borrowed(windows[3]), borrowed(windows[4]), borrowed(windows[5])
+    dzw, sw, dd, dxw, dxv, part = borrowed(windows)
     standard = act == TANH and ract == SIGMOID
     w = 0
     for s in range(T - 1, -1, -1):
@@ -492,8 +474,6 @@ def _backward_fused_kernel(b0, b1, R, window, gates, xh, cprev, actc, VT, dmask,
     copy_rows(dc0[b0:b1], dc)
     store_backward_block(b0, b1, dh0, dh, carry_io, carry)
     keep_alive(own)
-    keep_alive(own_rows)
-    keep_alive(live_own)
     keep_alive(windows)
     restore(fpmode)
 

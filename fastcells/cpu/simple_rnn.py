@@ -35,9 +35,8 @@ def _forward_kernel(b0, b1, T, xw, x, t_off, stage, Wb, dmask, use_dmask, from_x
     # cache: hs [T, B, H] = act(pre) of the step; hprev [T, B, H] the state entering step t
     fpmode = flush_denormals()
     # the arguments, held by the caller, without reference counts (see _borrow)
-    xw, x, Wb, dmask, U, rmask = (borrowed(xw), borrowed(x), borrowed(Wb), borrowed(dmask),
-                                  borrowed(U), borrowed(rmask))
-    mask, y, hs, hprev = borrowed(mask), borrowed(y), borrowed(hs), borrowed(hprev)
+    xw, x, Wb, dmask, U, rmask, mask, y, hs, hprev = borrowed(
+        (xw, x, Wb, dmask, U, rmask, mask, y, hs, hprev))
     n = b1 - b0
     H = h0.shape[1]
     full = y.shape[0] == T
@@ -46,8 +45,7 @@ def _forward_kernel(b0, b1, T, xw, x, t_off, stage, Wb, dmask, use_dmask, from_x
     # _borrow): kept alive to the end by keep_alive
     own = (np.empty((n, H), dt), h0[b0:b1].copy(), np.empty((n, H), dt), np.empty((n, H), dt),
            out0[b0:b1].copy(), np.empty((n, H), dt), stage_buffer(x, n, T, stage, True))
-    xs, h, hr, z = borrowed(own[0]), borrowed(own[1]), borrowed(own[2]), borrowed(own[3])
-    out, g_scratch, xst = borrowed(own[4]), borrowed(own[5]), borrowed(own[6])
+    xs, h, hr, z, out, g_scratch, xst = borrowed(own)
     res = out if use_mask else h    # the output rows
     for s in range(T):
         t = T - 1 - s if go_backwards else s
@@ -149,9 +147,8 @@ def _backward_fused_kernel(b0, b1, R, window, hs, hprev, x, t_off, stage, dmask,
     #       [dW; dU; db];  other arguments as in _backward_kernel
     fpmode = flush_denormals()
     # the arguments, held by the caller, without reference counts (see _borrow)
-    hs, hprev, x, dmask, VT, rmask = (borrowed(hs), borrowed(hprev), borrowed(x),
-                                      borrowed(dmask), borrowed(VT), borrowed(rmask))
-    mask, dy, dx, acc = borrowed(mask), borrowed(dy), borrowed(dx), borrowed(acc)
+    hs, hprev, x, dmask, VT, rmask, mask, dy, dx, acc = borrowed(
+        (hs, hprev, x, dmask, VT, rmask, mask, dy, dx, acc))
     n = b1 - b0
     T = hs.shape[0]
     H = dh_in.shape[1]
@@ -161,10 +158,9 @@ def _backward_fused_kernel(b0, b1, R, window, hs, hprev, x, t_off, stage, dmask,
     # _borrow): kept alive to the end by keep_alive
     own = (dh_in[b0:b1].copy(), carry_io[b0:b1].copy(), np.empty(n, np.bool_),
            stage_buffer(x, n, T, stage, False))
-    dh, carry, live, xst = borrowed(own[0]), borrowed(own[1]), borrowed(own[2]), borrowed(own[3])
+    dh, carry, live, xst = borrowed(own)
     windows = window_buffers(n, R, window, D, H, H, hs)
-    dzw, sw, dd = borrowed(windows[0]), borrowed(windows[1]), borrowed(windows[2])
-    dxw, dxv, part = borrowed(windows[3]), borrowed(windows[4]), borrowed(windows[5])
+    dzw, sw, dd, dxw, dxv, part = borrowed(windows)
     w = 0
     for s in range(T - 1, -1, -1):
         t = output_grad_step(carry, dy, s, T, b0, b1, go_backwards)
