@@ -51,8 +51,7 @@ def _forward_kernel(b0, b1, T, xw, x, t_off, stage, Wb, dmask, use_dmask, from_x
     H = h0.shape[1]
     full = y.shape[0] == T
     dt = y.dtype
-    # the arrays the kernel allocates, its loops using borrowed views of them (see
-    # _borrow): kept alive to the end by keep_alive
+    # the kernel's own arrays, borrowed for its loops and kept alive to its end (_borrow)
     own = (h0[b0:b1].copy(), out0[b0:b1].copy(), np.empty((n, G * H), dt),
            np.empty((n, G * H), dt), np.empty((n, G * H), dt), np.empty((n, H), dt),
            np.empty((n, H), dt), np.empty((n, H), dt), stage_buffer(x, n, T, stage, True))
@@ -177,9 +176,8 @@ def _backward_kernel(b0, b1, gates, hprev, aux, UT, UgT, rmask, use_rmask, mask,
     T = gates.shape[0]
     H = dh_in.shape[1]
     dt = gates.dtype
-    # the arrays the kernel allocates, its loops using borrowed views of them (see
-    # _borrow): kept alive to the end by keep_alive; dhz = dh * z, the direct path to
-    # h_{t-1}; drec = (daz, dar, da_h), the recurrent side
+    # the kernel's own arrays, borrowed for its loops and kept alive to its end (_borrow);
+    # dhz = dh * z, the direct path to h_{t-1}; drec = (daz, dar, da_h), the recurrent side
     own = (dh_in[b0:b1].copy(), carry_io[b0:b1].copy(), np.empty((n, H), dt),
            np.zeros((n, G * H), dt), np.empty((n, H), dt), np.empty((n, H), dt),
            np.empty((n, H), dt), np.empty((n, H), dt), np.empty(n, np.bool_))
@@ -316,8 +314,7 @@ def _backward_fused_kernel(b0, b1, R, window, gates, hprev, aux, x, t_off, stage
     # gate gradients of a window, input side (daz, dar, dah) and recurrent side (daz, dar,
     # da_h); columns: whole strips (read in place, _gemm.strip_view)
     GS = strip_columns(GH, gates)
-    # the arrays the kernel allocates, its loops using borrowed views of them (see
-    # _borrow): kept alive to the end by keep_alive
+    # the kernel's own arrays, borrowed for its loops and kept alive to its end (_borrow)
     own = (dh_in[b0:b1].copy(), carry_io[b0:b1].copy(), np.empty((n, H), dt),
            np.zeros((nb, window * R, GS), dt), np.zeros((nb, window * R, GS), dt),
            np.zeros((nb, window * R, D + 1), dt), np.zeros((nb, window * R, H + 1), dt),

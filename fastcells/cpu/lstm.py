@@ -180,8 +180,7 @@ def _forward_kernel(b0, b1, xw, U, Ug, rmask, use_rmask, mask, use_mask, h0, c0,
     GH = G * H
     full = y.shape[0] == T
     dt = xw.dtype
-    # the arrays the kernel allocates, its loops using borrowed views of them (see
-    # _borrow): kept alive to the end by keep_alive
+    # the kernel's own arrays, borrowed for its loops and kept alive to its end (_borrow)
     own = (h0[b0:b1].copy(), c0[b0:b1].copy(), out0[b0:b1].copy(), np.empty((n, GH), dt),
            np.empty((n, H), dt), np.empty((n, H), dt), np.empty((n, GH), dt),
            np.empty((n, H), dt))
@@ -243,8 +242,7 @@ def _backward_kernel(b0, b1, gates, cprev, actc, UT, UgT, rmask, use_rmask, mask
     T = gates.shape[0]
     H = dh_in.shape[1]
     dt = gates.dtype
-    # the arrays the kernel allocates, its loops using borrowed views of them (see
-    # _borrow): kept alive to the end by keep_alive
+    # the kernel's own arrays, borrowed for its loops and kept alive to its end (_borrow)
     own = (dh_in[b0:b1].copy(), carry_io[b0:b1].copy(), dc_in[b0:b1].copy(),
            np.empty((n, H), dt), np.empty((n, H), dt), np.empty((n, H), dt), np.empty(H, dt),
            np.empty(H, dt), np.empty(n, np.bool_))
@@ -366,8 +364,7 @@ def _forward_fused_kernel(b0, b1, x, t_off, T, stage, V, dmask, use_dmask, mask,
     F = D + H + 1
     full = y.shape[0] == T
     dt = y.dtype
-    # the arrays the kernel allocates, its loops using borrowed views of them (see
-    # _borrow): kept alive to the end by keep_alive
+    # the kernel's own arrays, borrowed for its loops and kept alive to its end (_borrow)
     own = (h0[b0:b1].copy(), c0[b0:b1].copy(), out0[b0:b1].copy(), np.empty((n, GH), dt),
            np.empty((n, F), dt), np.empty((n, GH), dt), np.empty((n, H), dt),
            stage_buffer(x, n, T, stage, False))
@@ -418,8 +415,7 @@ def _backward_fused_kernel(b0, b1, R, window, gates, xh, cprev, actc, VT, dmask,
     GH = G * H
     dt = gates.dtype
     k0 = b0 // R
-    # the arrays the kernel allocates, its loops using borrowed views of them (see
-    # _borrow): kept alive to the end by keep_alive
+    # the kernel's own arrays, borrowed for its loops and kept alive to its end (_borrow)
     own = (dh_in[b0:b1].copy(), carry_io[b0:b1].copy(), dc_in[b0:b1].copy(), np.empty(H, dt),
            np.empty(H, dt), np.empty(H, dt), np.empty(n, np.bool_))
     dh, carry, dc, da, dht, dct, live = borrowed(own)

@@ -41,8 +41,7 @@ def _forward_kernel(b0, b1, T, xw, x, t_off, stage, Wb, dmask, use_dmask, from_x
     H = h0.shape[1]
     full = y.shape[0] == T
     dt = y.dtype
-    # the arrays the kernel allocates, its loops using borrowed views of them (see
-    # _borrow): kept alive to the end by keep_alive
+    # the kernel's own arrays, borrowed for its loops and kept alive to its end (_borrow)
     own = (np.empty((n, H), dt), h0[b0:b1].copy(), np.empty((n, H), dt), np.empty((n, H), dt),
            out0[b0:b1].copy(), np.empty((n, H), dt), stage_buffer(x, n, T, stage, True))
     xs, h, hr, z, out, g_scratch, xst = borrowed(own)
@@ -154,8 +153,7 @@ def _backward_fused_kernel(b0, b1, R, window, hs, hprev, x, t_off, stage, dmask,
     H = dh_in.shape[1]
     D = dx.shape[2]
     k0 = b0 // R
-    # the arrays the kernel allocates, its loops using borrowed views of them (see
-    # _borrow): kept alive to the end by keep_alive
+    # the kernel's own arrays, borrowed for its loops and kept alive to its end (_borrow)
     own = (dh_in[b0:b1].copy(), carry_io[b0:b1].copy(), np.empty(n, np.bool_),
            stage_buffer(x, n, T, stage, False))
     dh, carry, live, xst = borrowed(own)
