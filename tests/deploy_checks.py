@@ -1,5 +1,7 @@
 """Models with fastcells layers under a compiler or a distribution, against the built-in
-layers: the same loss history, with the kernels running.
+layers: the same gradients in a training step (measured by their size: the step of
+``fastcells.bench.equivalence.gradient_probe`` leaves them in the weights) and the same loss
+history, with the kernels running.
 
 The Keras backend, the number of host devices and TensorFlow's logical devices are fixed
 when a process starts, so these checks run in processes of their own
@@ -40,12 +42,13 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import fastcells  # noqa: E402
-from fastcells import bridge  # noqa: E402
+from fastcells import bridge, config  # noqa: E402
+from fastcells.bench import equivalence  # noqa: E402
 from helpers import run_backend_checks  # noqa: E402
 
 #: relative difference of the loss histories (float32, a few Adam steps)
 TOL_LOSS = 1e-4
-worst = {"loss_history": 0.0}
+worst = {"loss_history": 0.0, "step_gradients": 0.0}
 
 B, T, D = 16, 12, 5
 
@@ -64,10 +67,9 @@ def stacked(module, name):
                              keras.layers.Dense(1)])
 
 
-def histories(name, fit, build=stacked, fit_ref=None):
-    """The loss histories of the built-in and the fastcells model, from the same weights,
-    trained by ``fit_ref(model)`` (default ``fit``) and ``fit(model)``; asserts the kernels
-    ran in the fastcells one."""
+def _trained(name, fit, build, fit_ref):
+    """``fit_ref(model)`` (default ``fit``) and ``fit(model)`` of the built-in and the
+    fastcells model, from the same weights; asserts the kernels ran in the fastcells one."""
     out, initial = [], None
     for module, train in ((keras.layers, fit_ref or fit), (fastcells, fit)):
         keras.utils.set_random_seed(11)
@@ -77,11 +79,17 @@ def histories(name, fit, build=stacked, fit_ref=None):
         else:
             model.set_weights(initial)
         bridge.kernel_calls.clear()
-        out.append(np.asarray(train(model), dtype="float64"))
+        out.append((train(model), model.get_weights()))
     cell = {"LSTM": "lstm", "GRU": "gru", "SimpleRNN": "simple_rnn"}[name]
     assert bridge.kernel_calls[cell + "_forward"] > 0, dict(bridge.kernel_calls)
     assert bridge.kernel_calls[cell + "_backward"] > 0, dict(bridge.kernel_calls)
-    ref, fc = out
+    return out
+
+
+def histories(name, fit, build=stacked, fit_ref=None):
+    """The loss histories of the built-in and the fastcells model trained by ``fit``."""
+    (ref, _), (fc, _) = _trained(name, fit, build, fit_ref)
+    ref, fc = np.asarray(ref, "float64"), np.asarray(fc, "float64")
     err = float(np.max(np.abs(fc - ref) / np.abs(ref)))
     worst["loss_history"] = max(worst["loss_history"], err)
     assert err <= TOL_LOSS, (ref, fc, err)
@@ -89,21 +97,46 @@ def histories(name, fit, build=stacked, fit_ref=None):
     return ref, fc
 
 
-def fit_compiled(model, jit_compile=True):
-    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse", jit_compile=jit_compile)
+def step_gradients(name, fit, build=stacked, fit_ref=None):
+    """The gradients of one step of ``fit(model, probe=True)`` (the whole data in one
+    batch, under the route being checked), every weight's, against the built-in model's,
+    within the gradient bound relative to their size."""
+    def probe(train):
+        return lambda model: train(model, probe=True)
+
+    ref, fc = _trained(name, probe(fit), build, probe(fit_ref) if fit_ref else None)
+    (loss_error, grad_error) = equivalence.compare_fit_step(
+        (fc[0][0], fc[1]), (ref[0][0], ref[1]))
+    worst["step_gradients"] = max(worst["step_gradients"], grad_error)
+    assert loss_error <= config.TOL_OUTPUT_F32, loss_error
+    assert grad_error <= config.TOL_GRAD_F32, grad_error
+    assert all(np.abs(g).max() > 0 for g in fc[1]), "a weight had no gradient"
+
+
+def fit_compiled(model, jit_compile=True, probe=False):
+    """Adam for three epochs of two batches, or with ``probe`` one step of
+    :func:`~fastcells.bench.equivalence.gradient_probe` over the whole data."""
+    optimizer = equivalence.gradient_probe() if probe else keras.optimizers.Adam(1e-2)
+    model.compile(optimizer=optimizer, loss="mse", jit_compile=jit_compile)
     assert model.jit_compile is jit_compile, (model.jit_compile, jit_compile)
     x, y = data()
-    return model.fit(x, y, batch_size=B, epochs=3, shuffle=False, verbose=0).history["loss"]
+    batch, epochs = (len(x), 1) if probe else (B, 3)
+    return model.fit(x, y, batch_size=batch, epochs=epochs, shuffle=False,
+                     verbose=0).history["loss"]
 
 
 def jit_case(name):
+    step_gradients(name, fit_compiled)
     histories(name, fit_compiled)
 
 
 def torch_compile_case(name):
     # the reference runs eagerly: torch.compile of the built-in layer's loop takes minutes
-    # and gives the same history
-    histories(name, fit_compiled, fit_ref=lambda m: fit_compiled(m, jit_compile=False))
+    # and gives the same results
+    def eager(m, probe=False):
+        return fit_compiled(m, jit_compile=False, probe=probe)
+    step_gradients(name, fit_compiled, fit_ref=eager)
+    histories(name, fit_compiled, fit_ref=eager)
 
 
 def data_parallel_case(name):
@@ -115,6 +148,7 @@ def data_parallel_case(name):
     try:
         from fastcells.bridge import jax as jax_bridge
         assert jax_bridge._batch_sharding() is not None     # the kernels run per shard
+        step_gradients(name, fit_compiled)
         histories(name, fit_compiled)
     finally:
         keras.distribution.set_distribution(None)
@@ -134,13 +168,16 @@ def mirrored_case(name):
         with strategy.scope():
             return stacked(module, name)
 
-    def fit(model):
+    def fit(model, probe=False):
         with strategy.scope():
-            model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
+            optimizer = equivalence.gradient_probe() if probe else keras.optimizers.Adam(1e-2)
+            model.compile(optimizer=optimizer, loss="mse")
         x, y = data()
-        return model.fit(x, y, batch_size=B, epochs=3, shuffle=False,
+        batch, epochs = (len(x), 1) if probe else (B, 3)
+        return model.fit(x, y, batch_size=batch, epochs=epochs, shuffle=False,
                          verbose=0).history["loss"]
 
+    step_gradients(name, fit, build)
     histories(name, fit, build)
 
 

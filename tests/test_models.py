@@ -7,6 +7,7 @@ import pytest
 import tensorflow as tf
 
 import fastcells
+from fastcells import config
 from helpers import FAIL_ON_FALLBACK
 
 pytestmark = FAIL_ON_FALLBACK       # a fallback would compare Keras with Keras
@@ -29,6 +30,32 @@ def synthetic_tokens(seed=0, n=4 * B):
     x = rng.integers(1, VOCAB, (n, T)).astype("int32")
     y = (x[:, :5].mean(1) > VOCAB / 2).astype("float32")
     return x, y
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU", "SimpleRNN"])
+def test_a_fit_step_has_the_builtin_gradients(cell):
+    """The gradients of a ``model.fit`` step of the IMDB-style model, every weight's
+    (Embedding, recurrent layer, Dense), equal the built-in model's, measured by their size
+    (fastcells.bench.equivalence.gradient_probe: the step leaves the gradients in the
+    weights), as the loss histories below cannot: Adam's first steps barely depend on it."""
+    from fastcells.bench import equivalence
+    x, y = synthetic_tokens()
+    steps = []
+    for module in (keras.layers, fastcells):
+        model = imdb_model(module, cell)
+        if steps:
+            model.set_weights(ref_weights)
+        else:
+            ref_weights = model.get_weights()
+        model.compile(optimizer=equivalence.gradient_probe(), loss="binary_crossentropy")
+        h = model.fit(x, y, batch_size=len(x), epochs=1, shuffle=False, verbose=0)
+        steps.append((h.history["loss"][0], model.get_weights()))
+        if module is fastcells:
+            assert model.layers[1].last_engine == "cpu"
+    loss_error, grad_error = equivalence.compare_fit_step(steps[1], steps[0])
+    assert loss_error <= config.TOL_OUTPUT_F32
+    assert grad_error <= config.TOL_GRAD_F32, grad_error
+    assert all(np.abs(g).max() > 0 for g in steps[1][1])          # every weight had one
 
 
 @pytest.mark.parametrize("cell", ["LSTM", "GRU", "SimpleRNN"])

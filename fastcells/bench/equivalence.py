@@ -1,5 +1,5 @@
-"""Equivalence: the errors of an engine against the built-in layer (outputs, gradients, a
-``model.fit`` step) and the bounds they must meet."""
+"""Equivalence: the errors of an engine against the built-in layer (outputs, gradients, the
+gradients of a ``model.fit`` step) and the bounds they must meet."""
 import math
 
 import numpy as np
@@ -85,33 +85,100 @@ def tolerances(engine, dtype="float32"):
     return config.TOL_OUTPUT_F32, config.TOL_GRAD_F32
 
 
+class _ProbeFactory:
+    """Builds the :func:`gradient_probe` class once, on first use (Keras is imported then)."""
+    cls = None
+
+    @classmethod
+    def get(cls):
+        if cls.cls is None:
+            import keras
+
+            class GradientProbe(keras.optimizers.Optimizer):
+                """One step sets every trainable variable to its gradient."""
+
+                def __init__(self, name="gradient_probe", **kwargs):
+                    super().__init__(learning_rate=1.0, name=name, **kwargs)
+
+                def update_step(self, gradient, variable, learning_rate):
+                    # zeros + gradient: a sparse gradient (an Embedding's) becomes dense,
+                    # its repeated rows summed
+                    dense = keras.ops.add(keras.ops.zeros(variable.shape, variable.dtype),
+                                          keras.ops.cast(gradient, variable.dtype))
+                    self.assign(variable, dense)
+
+            cls.cls = GradientProbe
+        return cls.cls
+
+
+def gradient_probe():
+    """A Keras optimizer whose step sets every trainable variable to its gradient.
+
+    One ``train_on_batch`` with it leaves the step's gradients in the model's weights, as
+    Keras's own train step computed them (under ``jit_compile``, a distribution strategy or
+    ``torch.compile`` alike). Comparing those weights with a built-in model's compares the
+    gradients themselves, which the weights after an Adam step cannot show: Adam's first
+    update is about ``learning_rate * sign(gradient)`` whatever the gradient's size.
+
+    Example::
+
+        model.compile(optimizer=gradient_probe(), loss="mse")
+        loss, grads = fit_step(model, x, y)
+    """
+    return _ProbeFactory.get()()
+
+
 def fit_step(model, x, y):
     """One ``model.train_on_batch(x, y)`` from the model's current weights: ``(loss, the
-    weights after the step)``."""
+    weights after the step)``. With the model compiled with :func:`gradient_probe`, those
+    weights are the step's gradients; the model's weights are put back afterwards."""
+    before = model.get_weights()
     loss = float(np.asarray(model.train_on_batch(x, y)))
-    return loss, [np.asarray(w) for w in model.get_weights()]
+    after = [np.array(w) for w in model.get_weights()]
+    model.set_weights(before)
+    return loss, after
+
+
+def gradient_step(model, x, y):
+    """:func:`fit_step` with :func:`gradient_probe`: ``(loss, gradients)`` of one
+    ``model.train_on_batch(x, y)`` of a compiled model, which is then compiled again with
+    its own optimizer and loss, its weights unchanged.
+
+    Example::
+
+        loss, grads = gradient_step(model, x, y)
+        loss_ref, grads_ref = gradient_step(builtin_model, x, y)
+    """
+    optimizer, loss = model.optimizer, model.loss
+    model.compile(optimizer=gradient_probe(), loss=loss)
+    try:
+        return fit_step(model, x, y)
+    finally:
+        model.compile(optimizer=optimizer, loss=loss)
 
 
 def compare_fit_step(step, reference):
-    """``(loss_error, weight_error)`` of a :func:`fit_step` against the built-in model's
+    """``(loss_error, gradient_error)`` of a :func:`fit_step` against the built-in model's
     from the same weights: the absolute difference of the losses, and the largest
-    :func:`relative_error` of the weights after the step (NaN anywhere gives NaN)."""
+    :func:`relative_error` over the weights after the step (the gradients, with
+    :func:`gradient_probe`; NaN anywhere gives NaN)."""
     (loss, weights), (loss_ref, weights_ref) = step, reference
     if len(weights) != len(weights_ref):
         raise AssertionError(f"{len(weights)} weights after the step, the built-in model has "
                              f"{len(weights_ref)}")
     loss_error = abs(loss - loss_ref) if math.isfinite(loss - loss_ref) else float("nan")
-    weight_error = 0.0
+    step_grad_error = 0.0
     for w, r in zip(weights, weights_ref):
-        weight_error = worst_of(weight_error, relative_error(w, r))
-    return loss_error, weight_error
+        step_grad_error = worst_of(step_grad_error, relative_error(w, r))
+    return loss_error, step_grad_error
 
 
 def check_equivalence(engine, max_error, grad_error, dtype="float32", loss_error=None,
-                      weight_error=None):
+                      step_grad_error=None):
     """None when the errors are within :func:`tolerances`, else a message saying what is off.
-    The loss of a training step (``loss_error``) has the outputs' bound, the weights after
-    it (``weight_error``, relative as the gradients) the gradients' bound."""
+    The loss of a training step (``loss_error``) has the outputs' bound, its gradients
+    (``step_grad_error``: the weights after a :func:`gradient_probe` step) the gradients'
+    bound."""
     out_tol, grad_tol = tolerances(engine, dtype)
     problems = []
     if max_error is not None and not max_error <= out_tol:   # NaN fails too
@@ -120,9 +187,9 @@ def check_equivalence(engine, max_error, grad_error, dtype="float32", loss_error
     if loss_error is not None and not loss_error <= out_tol:
         problems.append(f"the loss of a training step differs from the built-in model's by "
                         f"{loss_error:.3g} (bound {out_tol:g})")
-    if weight_error is not None and not weight_error <= grad_tol:
-        problems.append(f"the weights after a training step differ from the built-in "
-                        f"model's by {weight_error:.3g} of their norm (bound {grad_tol:g})")
+    if step_grad_error is not None and not step_grad_error <= grad_tol:
+        problems.append(f"the gradients of a training step differ from the built-in "
+                        f"model's by {step_grad_error:.3g} of their norm (bound {grad_tol:g})")
     if grad_error is not None and not grad_error <= grad_tol:
         problems.append(f"gradients differ from the built-in layer's by {grad_error:.3g} of "
                         f"their norm (bound {grad_tol:g}; the larger of the Frobenius and "

@@ -64,7 +64,7 @@ class FitResult:
     times: list = dataclasses.field(default_factory=list)
     max_error: float = None       # predictions before training vs the built-in layer's
     loss_error: float = None      # the first train_on_batch's loss vs the built-in model's
-    weight_error: float = None    # the weights after it vs the built-in model's (relative)
+    grad_error: float = None      # its gradients vs the built-in model's (relative)
     status: str = "ok"
     baseline_median: float = None
     speedup_range: tuple = None
@@ -199,12 +199,12 @@ def write_report(report, stream):
         stream.write(f"\nmodel.fit · IMDB-style model (Embedding(10000, 32) -> RNN(32) -> "
                      f"Dense(1)), train_on_batch, B={r0.batch} T={r0.time}\n")
         header = ["cell", "engine", "ms/batch", "vs keras", "middle half", "max|err|",
-                  "loss err", "weights err", "n", ""]
+                  "loss err", "grad err", "n", ""]
         table = [[CELL_NAMES[r.cell], r.engine, _fmt(r.ms_per_batch, ".1f"),
                   _fmt(r.speedup, ".2f") + ("x" if r.speedup else ""),
                   _fmt_range(r.speedup_range),
                   _fmt_error(r.max_error), _fmt_error(r.loss_error),
-                  _fmt_error(r.weight_error), len(r.times) or "-", _status_note(r.status)]
+                  _fmt_error(r.grad_error), len(r.times) or "-", _status_note(r.status)]
                  for r in report.fit]
         _table(header, table, stream)
     if report.cold:
