@@ -20,8 +20,29 @@ from fastcells import bridge, ops  # noqa: E402
 from fastcells.bridge import _xla_ffi  # noqa: E402
 from fastcells.bridge import jax as jax_bridge  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not _xla_ffi.available(),
-                                reason="this JAX cannot register an FFI target")
+# Only a JAX without the FFI API skips; where it has one, the target must register, and a
+# failure to do so fails test_the_target_registers_where_jax_has_ffi.
+pytestmark = pytest.mark.skipif(not _xla_ffi.supported(),
+                                reason=f"JAX {jax.__version__} has no jax.ffi")
+
+
+def test_the_target_registers_where_jax_has_ffi():
+    assert _xla_ffi.available(), f"the FFI target did not register: {_xla_ffi.failure}"
+    assert _xla_ffi.failure is None
+
+
+def test_a_failed_registration_is_said_and_kept(monkeypatch, caplog):
+    """Where registering raises, the bridge falls back to the callback, and says why."""
+    def refuse(*args, **kwargs):
+        raise RuntimeError("planted")
+
+    monkeypatch.setattr(_xla_ffi, "_registered", None)
+    monkeypatch.setattr(_xla_ffi, "failure", None)
+    monkeypatch.setattr(jax.ffi, "register_ffi_target", refuse)
+    with caplog.at_level("WARNING", logger="fastcells"):
+        assert _xla_ffi.available() is False
+    assert _xla_ffi.failure == "RuntimeError: planted"
+    assert "RuntimeError: planted" in caplog.text and "pure_callback" in caplog.text
 
 
 def test_an_entry_reads_its_operands_and_fills_its_results_under_jit():

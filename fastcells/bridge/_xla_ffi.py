@@ -23,6 +23,7 @@ backward pass) must copy it or rebind it to a later call's operands (:func:`rebi
 """
 import ctypes
 import itertools
+import logging
 import threading
 
 import numpy as np
@@ -151,21 +152,42 @@ def _handle(frame_ptr):
 
 _handler = _c.CFUNCTYPE(_c.c_void_p, _c.POINTER(_CallFrame))(_handle)
 _registered = None
+#: Why the target could not be registered on a JAX that has ``jax.ffi`` (None otherwise).
+failure = None
+
+
+def supported():
+    """True when this JAX has the FFI API the target needs (``jax.ffi`` with
+    ``register_ffi_target``, ``pycapsule`` and ``ffi_call``); False on an older JAX, where
+    the bridge uses ``jax.pure_callback``."""
+    try:
+        import jax.ffi as ffi
+    except ImportError:
+        return False
+    return all(hasattr(ffi, n) for n in ("register_ffi_target", "pycapsule", "ffi_call"))
 
 
 def available():
-    """True when the FFI target is registered (done on first use); False where this JAX
-    cannot register it, and the bridge uses ``jax.pure_callback`` instead."""
-    global _registered
+    """True when the FFI target is registered (done on first use). False on a JAX without
+    the FFI API (:func:`supported`), and where registering it failed: then the error is
+    kept in :data:`failure` and logged once on the "fastcells" logger, and the bridge uses
+    ``jax.pure_callback``."""
+    global _registered, failure
     with _lock:
         if _registered is None:
-            try:
-                import jax
-                jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(_handler),
-                                            platform="cpu", api_version=1)
-                _registered = True
-            except Exception:                   # an older JAX, or no jax.ffi
-                _registered = False
+            _registered = False
+            if supported():
+                try:
+                    import jax
+                    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(_handler),
+                                                platform="cpu", api_version=1)
+                    _registered = True
+                except Exception as exc:        # noqa: BLE001  (said, and kept in failure)
+                    failure = f"{type(exc).__name__}: {exc}"
+                    logging.getLogger("fastcells").warning(
+                        "fastcells: the XLA FFI target could not be registered (%s); the "
+                        "JAX bridge runs the kernels in jax.pure_callback, which copies "
+                        "every operand and result", failure)
         return _registered
 
 
