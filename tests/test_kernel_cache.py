@@ -108,3 +108,46 @@ def test_warmup_rejects_bad_arguments():
     assert warmup.jobs_for(["simple_rnn", "lstm"], ["float32"]) == [
         ("lstm", "float32", "fused"), ("lstm", "float32", "unfused"),
         ("simple_rnn", "float32", "fused"), ("simple_rnn", "float32", "unfused")]
+
+
+TANH_SCRIPT = """
+import numpy as np
+from fastcells.cpu import _rates
+x = np.linspace(-3, 3, 37).astype(np.float32)
+out = np.empty_like(x)
+_rates._repeat_tanh(x, out, 1)          # a small kernel that inlines _math.fast_tanh
+d = _rates._repeat_tanh.dispatcher
+print("STATS", sum(d.stats.cache_hits.values()), sum(d.stats.cache_misses.values()),
+      d.stats.cache_path)
+"""
+
+
+@pytest.mark.early
+def test_an_edit_to_an_inlined_module_invalidates_the_cached_kernels(tmp_path):
+    """Numba stamps a cached kernel with its own file only; a kernel that inlines
+    ``_math.py`` must be compiled again when ``_math.py`` changes, not loaded from the
+    cache (fastcells/cpu/_cache.py). A copy of the package, with its own cache, is edited
+    between runs."""
+    import shutil
+
+    import fastcells
+    pkg = tmp_path / "pkg"
+    shutil.copytree(os.path.dirname(fastcells.__file__), pkg / "fastcells",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=str(pkg),
+               FASTCELLS_KERNELS_ONLY="1")
+
+    def run():
+        out = subprocess.run([sys.executable, "-c", TANH_SCRIPT], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        hits, misses, path = out.stdout.split("STATS ")[1].split()
+        assert path.startswith(str(tmp_path / "cache")), path     # the copy's own cache
+        return int(hits), int(misses)
+
+    assert run() == (0, 1)                          # compiled and cached
+    assert run() == (1, 0)                          # loaded from the cache
+    with open(pkg / "fastcells" / "_math.py", "a") as f:
+        f.write("\n# an edit\n")
+    assert run() == (0, 1)                          # compiled again
+    assert run() == (1, 0)

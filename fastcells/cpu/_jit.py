@@ -22,6 +22,9 @@ from numba.core import event
 from numba.core.errors import TypingError
 
 from .. import config
+from . import _cache
+
+_cache.install()          # before any kernel is defined: the cache keyed by all its sources
 
 
 _log = logging.getLogger("fastcells")
