@@ -31,7 +31,11 @@ setup(
         "cuda": ["numba-cuda>=0.10"],
         "test": ["tensorflow-cpu>=2.16", "pytest>=7", "pytest-benchmark>=4", "hypothesis>=6",
                  "pytest-xdist>=3.5",      # the suite runs on two workers (README)
-                 "numba-cuda>=0.10"],      # the CUDA kernels run under its simulator
+                 "numba-cuda>=0.10",       # the CUDA kernels run under its simulator
+                 # NVVM, libdevice and ptxas: every CUDA kernel is compiled for real GPU
+                 # targets in the tests (no GPU needed)
+                 "nvidia-nvvm", "nvidia-cuda-nvcc",
+                 "jax>=0.4.30"],           # the JAX backend tests
         "plot": ["matplotlib"],
     },
     entry_points={"console_scripts": ["fastcells=fastcells.__main__:main"]},

@@ -8,12 +8,14 @@ CUDA toolkit's NVVM and libdevice are installed (a GPU and its driver are not ne
    (cooperative launches included) and the numba types of its arguments;
 2. ``python tests/ptx_compile.py RECORD`` (two worker processes with the simulator off)
    rebuilds each kernel from its module (``fastcells_variant`` names the factory and its
-   compile-time key), compiles it with ``numba.cuda.compile_ptx`` for compute capability
-   9.0 (the H100), and, where the toolkit has ``ptxas``, assembles the PTX and reports the
-   registers and any spills.
+   compile-time key), types and lowers it once, has NVVM emit PTX for each compute
+   capability of :data:`CCS` (8.0, the A100; 9.0, the H100), and, where the toolkit has
+   ``ptxas``, assembles each PTX and reports the registers and any spills.
 
 Exit status 0: all compiled; 1: some failed (listed); 77: no NVVM or libdevice found.
-The CUDA toolkit is looked up in ``$CUDA_HOME``, ``$CUDA_PATH`` and ``/usr/local/cuda*``.
+The CUDA toolkit is looked up in ``$CUDA_HOME``, ``$CUDA_PATH``, the NVIDIA wheels
+installed in this Python (``nvidia-nvvm`` and ``nvidia-cuda-nvcc``, which ``.[test]``
+installs) and ``/usr/local/cuda*``.
 """
 import contextlib
 import glob
@@ -22,7 +24,9 @@ import pickle
 import sys
 
 NO_NVVM = 77
-CC = (9, 0)
+#: The compute capabilities every kernel is compiled for (the last one also types it).
+CCS = ((8, 0), (9, 0))
+CC = CCS[-1]
 
 
 # --------------------------------------------------------------------------- recording
@@ -72,6 +76,7 @@ def recording():
 def _toolkit():
     """(libnvvm.so, libdevice.10.bc) of the first CUDA toolkit found, or None."""
     roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    roots += _wheel_roots()
     roots += sorted(glob.glob("/usr/local/cuda*"), reverse=True)
     for root in filter(None, roots):
         nvvm = (glob.glob(os.path.join(root, "nvvm", "lib64", "libnvvm.so*"))
@@ -80,6 +85,20 @@ def _toolkit():
         if nvvm and libdevice:
             return root, sorted(nvvm)[0], libdevice[0]
     return None
+
+
+def _wheel_roots():
+    """The toolkit folders of NVIDIA's Python wheels (``nvidia/cu13`` for CUDA 13,
+    ``nvidia/cuda_nvcc`` for CUDA 12), newest first."""
+    import importlib.util
+    spec = importlib.util.find_spec("nvidia")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    roots = []
+    for base in spec.submodule_search_locations:
+        roots += sorted(glob.glob(os.path.join(base, "cu[0-9]*")), reverse=True)
+        roots += [os.path.join(base, "cuda_nvcc")]
+    return [r for r in roots if os.path.isdir(r)]
 
 
 def _offline_numba(root, libnvvm, libdevice):
@@ -107,35 +126,60 @@ def _rebuild(key):
     return getattr(mod, key[2])
 
 
-def _compile(record):
-    """``(error, registers, spilled bytes)`` of ``record`` (key, signature): error is ''
-    when NVVM compiled it and ptxas (where the toolkit has it) assembled it for sm_90."""
+def _ptx(pyfunc, sig):
+    """The PTX of the kernel ``pyfunc`` for each of :data:`CCS`: typed and lowered once,
+    then emitted by NVVM for each compute capability."""
+    from numba import cuda
+    try:
+        from numba.cuda.compiler import _compile_pyfunc_with_fixup as build
+    except ImportError:                 # another numba-cuda: one full compile per target
+        return [cuda.compile_ptx(pyfunc, sig, cc=cc)[0] for cc in CCS]
+    lib, _ = build(pyfunc, sig, device=False, abi="numba", cc=CC)
+    return [lib.get_asm_str(cc=cc) for cc in CCS]
+
+
+def _assemble(ptxas, ptx, cc):
+    """``(error, registers, spilled bytes)`` of assembling ``ptx`` for ``sm_<cc>``."""
     import re
     import subprocess
     import tempfile
-    from numba import cuda
-    key, sig = record
-    try:
-        ptx, _ = cuda.compile_ptx(_rebuild(key).py_func, sig, cc=CC)
-        assert ".entry" in ptx, "no kernel entry in the PTX"
-    except Exception as e:      # report every kernel, not the first failure only
-        return f"{key} {sig}: {type(e).__name__}: {str(e)[:2000]}", None, None
-    ptxas = os.path.join(os.environ["CUDA_HOME"], "bin", "ptxas")
-    if not os.path.exists(ptxas):
-        return "", None, None
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
         # -c: relocatable code (the grid barrier calls into cudadevrt, linked at load time)
-        run = subprocess.run([ptxas, f"-arch=sm_{CC[0]}{CC[1]}", "-c", "-v", src, "-o",
+        run = subprocess.run([ptxas, f"-arch=sm_{cc[0]}{cc[1]}", "-c", "-v", src, "-o",
                               os.path.join(d, "k.o")], capture_output=True, text=True)
     if run.returncode:
-        return f"{key} {sig}: ptxas: {run.stderr[-2000:]}", None, None
+        return f"ptxas sm_{cc[0]}{cc[1]}: {run.stderr[-2000:]}", None, None
     regs = [int(r) for r in re.findall(r"Used (\d+) registers", run.stderr)]
     spills = [int(a) + int(b) for a, b in
               re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", run.stderr)]
     return "", max(regs, default=0), sum(spills)
+
+
+def _compile(record):
+    """``(error, registers, spilled bytes)`` of ``record`` (key, signature): error is ''
+    when NVVM compiled it for every target of :data:`CCS` and ptxas (where the toolkit has
+    it) assembled each; registers and spills are the largest over the targets."""
+    key, sig = record
+    try:
+        ptxes = _ptx(_rebuild(key).py_func, sig)
+        assert all(".entry" in ptx for ptx in ptxes), "no kernel entry in the PTX"
+        targets = [p.split(".target", 1)[1].split()[0] for p in ptxes]
+        assert targets == [f"sm_{a}{b}" for a, b in CCS], targets
+    except Exception as e:      # report every kernel, not the first failure only
+        return f"{key} {sig}: {type(e).__name__}: {str(e)[:2000]}", None, None
+    ptxas = os.path.join(os.environ["CUDA_HOME"], "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        return "", None, None
+    regs = spill = 0
+    for ptx, cc in zip(ptxes, CCS):
+        err, r, s = _assemble(ptxas, ptx, cc)
+        if err:
+            return f"{key} {sig}: {err}", None, None
+        regs, spill = max(regs, r), max(spill, s)
+    return "", regs, spill
 
 
 def _init_worker(found):
@@ -157,8 +201,9 @@ def main(path, workers=2):
     failed = [err for err, _, _ in results if err]
     for f in failed:
         print("FAILED", f)
+    targets = ", ".join(f"sm_{a}{b}" for a, b in CCS)
     print(f"{len(records) - len(failed)} of {len(records)} kernels compiled to PTX "
-          f"(sm_{CC[0]}{CC[1]}) with {found[1]}")
+          f"({targets}) with {found[1]}")
     assembled = [(rec, regs, spill) for rec, (err, regs, spill) in zip(records, results)
                  if regs is not None]
     if not assembled:
