@@ -844,3 +844,31 @@ def test_report_command(tmp_path, capsys):
     assert "<!-- end tables -->" in md.read_text()
     assert cli.main(["report", str(tmp_path / "missing.json")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- the machine
+def _cpuinfo_file(tmp_path, vendor, family, model, flags):
+    path = tmp_path / "cpuinfo"
+    path.write_text(f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: {family}\n"
+                    f"model\t\t: {model}\nmodel name\t: Some CPU\nflags\t\t: {flags}\n\n"
+                    f"processor\t: 1\nvendor_id\t: other\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("vendor,family,model,flags,core,isa", [
+    ("AuthenticAMD", 25, 1, "fma avx avx2", "Zen 3", "AVX2 + FMA"),
+    ("AuthenticAMD", 25, 17, "fma avx avx2 avx512f", "Zen 4", "AVX-512"),
+    ("AuthenticAMD", 26, 2, "fma avx avx2 avx512f", "Zen 5", "AVX-512"),
+    ("GenuineIntel", 6, 143, "avx2 avx512f amx_tile", None, "AVX-512 + AMX"),
+    ("GenuineIntel", 6, 60, "avx", None, "AVX"),
+])
+def test_the_report_names_the_cpu_by_family_model_core_and_isa(tmp_path, vendor, family,
+                                                                model, flags, core, isa):
+    from fastcells.bench import machine
+    fields = machine._cpuinfo(_cpuinfo_file(tmp_path, vendor, family, model, flags))
+    ident = machine.cpu_identity(fields)
+    assert ident == dict(vendor=vendor, family=family, model=model, core=core, isa=isa)
+    text = machine.describe_cpu(dict(cpu="Some CPU", cpu_identity=ident))
+    assert text.startswith(f"Some CPU (family {family} model {model}, ") and isa in text
+    assert (core in text) if core else "Zen" not in text
+    assert machine.describe_cpu(dict(cpu="Some CPU")) == "Some CPU"   # an older JSON

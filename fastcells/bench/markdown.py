@@ -12,6 +12,7 @@ import json
 import math
 
 from .engines import BASELINE, ordered_engines
+from .machine import describe_cpu
 from .report import ColdResult, FitResult, Report, Result, _fmt, _fmt_range
 from .workloads import CELL_NAMES, CELLS, SHAPES, workload_floor
 
@@ -65,7 +66,7 @@ def _machine(report):
     worker = m.get("torch_worker") or {}
     torch = (f"; torch in a worker process of its own, {worker.get('torch_threads')} threads"
              if worker else "")
-    return (f"Measured on {m.get('cpu', '?')}, {m.get('cores', '?')} cores, "
+    return (f"Measured on {describe_cpu(m)}, {m.get('cores', '?')} cores, "
             f"{str(m.get('date', '?'))[:10]}; {s.get('dtype', '?')}, Keras backend "
             f"{s.get('backend', '?')}, fastcells threads "
             f"{m.get('fastcells', {}).get('num_threads', '?')}{torch}; {versions}.")
@@ -204,7 +205,7 @@ def summary(report):
     if fit:
         rows.append(["IMDB model `train_on_batch`"] + [_x(fit.get(c)) if c in fit else ""
                                                        for c in cells])
-    lines = [f"One `python -m fastcells bench --heavy` run on {m.get('cpu', '?')}, "
+    lines = [f"One `python -m fastcells bench --heavy` run on {describe_cpu(m)}, "
              f"{m.get('cores', '?')} cores, {report.settings.get('dtype', '?')}, Keras "
              f"backend {report.settings.get('backend', '?')}:", ""]
     return "\n".join(lines + _table(header, rows)) + "\n"

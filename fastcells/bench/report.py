@@ -6,6 +6,7 @@ import math
 import numpy as np
 
 from .engines import BASELINE, ordered_engines
+from .machine import describe_cpu
 from .timing import median as _median
 from .workloads import CELL_NAMES, MODE_NAMES, SHAPES, workload_floor
 
@@ -224,7 +225,7 @@ def write_report(report, stream):
     if m:
         v = m.get("versions", {})
         dtype = report.settings.get("dtype")
-        stream.write(f"\nmachine: {m.get('cpu')}, {m.get('cores')} cores; "
+        stream.write(f"\nmachine: {describe_cpu(m)}, {m.get('cores')} cores; "
                      + (f"{dtype}; " if dtype else "")
                      + f"fastcells threads {m.get('fastcells', {}).get('num_threads')}; "
                      + ", ".join(f"{k} {val}" for k, val in v.items() if val) + "\n")
@@ -321,7 +322,7 @@ def save_plot(path, report):
     axes[1].set_ylabel("speed-up over keras")
     axes[1].set_xticks(xs)
     axes[1].set_xticklabels(labels, fontsize="small")
-    cpu = report.machine.get("cpu", "")
+    cpu = describe_cpu(report.machine)
     axes[0].set_title(f"fastcells benchmark, {cpu}, {report.machine.get('cores', '?')} cores")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
