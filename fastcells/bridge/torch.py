@@ -12,7 +12,9 @@ once and gives its memory back to the ops' workspace; a second backward through 
 graph (``retain_graph=True``), or the backward of an inference-mode call (which keeps no
 cache), recomputes the forward from the saved inputs: slower, never wrong. The inputs are
 saved with ``ctx.save_for_backward``, so modifying one in place between the forward and the
-backward raises torch's usual error instead of giving a wrong gradient.
+backward raises torch's usual error instead of giving a wrong gradient; the initial states
+are saved as copies (a few rows each), since a stateful layer assigns its state variables
+in place after every forward, before the backward of that call.
 
 The layers use this module through ``fastcells.bridge.get("torch")``; it can also be used
 directly.
@@ -166,7 +168,7 @@ class _RNNFunction(torch.autograd.Function):
         fwd = spec.forward(x, W, U, b, states, mask, dmask, rmask)
         ctx.spec = spec
         ctx.cache = fwd.cache           # None for an inference-mode call
-        ctx.save_for_backward(mask, dmask, rmask, x, W, U, b, *states)
+        ctx.save_for_backward(mask, dmask, rmask, x, W, U, b, *(s.clone() for s in states))
         return (spec.to_torch(fwd.outputs), *(spec.to_torch(s) for s in fwd.states))
 
     @staticmethod
@@ -273,7 +275,11 @@ def _setup_context(ctx, inputs, output):
     spec, arrays, _ = inputs
     ctx.spec = spec
     ctx.n = len(arrays)
-    ctx.save_for_backward(*arrays, output[-1])
+    host = _host(spec)
+    first = 3 + host.has_bias                   # the initial states, saved as copies
+    saved = list(arrays)
+    saved[first:first + host.nstates] = [s.clone() for s in saved[first:first + host.nstates]]
+    ctx.save_for_backward(*saved, output[-1])
 
 
 def _backward(ctx, grads):
