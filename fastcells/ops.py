@@ -48,12 +48,15 @@ bias (None when there is no bias) and states, a tuple of [B, H] for the initial 
 
 # --------------------------------------------------------------------------- engines
 def cuda_available():
-    """True when numba.cuda finds a GPU (or the CUDA simulator is enabled)."""
+    """True when numba.cuda finds a GPU (or the CUDA simulator is enabled); False where
+    numba-cuda is not installed or finds no usable GPU (``cuda.is_available()`` says so for
+    a missing or broken driver). Any other error, such as a broken numba-cuda install, is
+    raised rather than taken for "no GPU"."""
     try:
         from numba import cuda
-        return bool(cuda.is_available())
-    except Exception:  # numba-cuda missing or broken driver: no GPU for us
+    except ImportError:
         return False
+    return bool(cuda.is_available())
 
 
 def _resolve_engine(engine, x=None):

@@ -1,18 +1,39 @@
 import ctypes.util
+import importlib.util
 import os
+import subprocess
 import sys
 
 
-def _has_gpu():
+def _has_gpu_driver():
     """An NVIDIA driver is installed (device nodes or the driver library)."""
     return os.path.exists("/dev/nvidiactl") or ctypes.util.find_library("cuda") is not None
 
 
-# Without a GPU the CUDA kernels run under Numba's CUDA simulator. This must happen before
-# anything imports numba.cuda (numba reads the variable once); set NUMBA_ENABLE_CUDASIM=0
-# to keep it off, =1 to force it on a GPU machine.
-if not _has_gpu():
-    os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+def _gpu_usable():
+    """numba-cuda finds a GPU it can use (asked in a process of its own: numba reads
+    NUMBA_ENABLE_CUDASIM once, when numba.cuda is first imported)."""
+    probe = "import sys; from numba import cuda; sys.exit(0 if cuda.is_available() else 1)"
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
+    try:
+        return subprocess.run([sys.executable, "-c", probe], env=env, timeout=120,
+                              capture_output=True).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
+#: ``FASTCELLS_TEST_CUDA=0`` opts out of the CUDA tests (they then skip, and the skips are
+#: accepted as opted out). Otherwise, where numba-cuda is installed, the CUDA tests run on a
+#: GPU where numba-cuda can use one, else under Numba's CUDA simulator; with neither they
+#: fail (tests/test_suite.py), never skip unseen.
+CUDA_OPTED_OUT = os.environ.get("FASTCELLS_TEST_CUDA", "1") == "0"
+
+# The simulator must be chosen before anything imports numba.cuda (numba reads the variable
+# once); NUMBA_ENABLE_CUDASIM set by hand (=1 to force it on a GPU machine) is kept.
+if (not CUDA_OPTED_OUT and "NUMBA_ENABLE_CUDASIM" not in os.environ
+        and importlib.util.find_spec("numba_cuda") is not None):
+    if not (_has_gpu_driver() and _gpu_usable()):
+        os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # On a GPU TensorFlow would reserve the whole device at start-up and leave the CUDA kernels
@@ -22,6 +43,8 @@ sys.path.insert(0, os.path.dirname(__file__))   # tests import reference.py dire
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+from skips import Skips  # noqa: E402
 
 
 @pytest.fixture
@@ -39,6 +62,8 @@ def rng():
 def pytest_configure(config):
     config.addinivalue_line("markers", "early: started first (works in processes of its own)")
     config.addinivalue_line("markers", "late: started last (reuses the kernel cache)")
+    if not hasattr(config, "workerinput"):          # the controller (or a run without -n)
+        config.pluginmanager.register(Skips(cuda_opted_out=CUDA_OPTED_OUT), "fastcells-skips")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -7,6 +7,22 @@ import pytest
 GATES = {"lstm": 4, "gru": 3, "simple_rnn": 1}
 NSTATES = {"lstm": 2, "gru": 1, "simple_rnn": 1}
 
+def _cuda_skip_reason():
+    from fastcells import ops
+    if ops.cuda_available():
+        return None
+    if os.environ.get("FASTCELLS_TEST_CUDA", "1") == "0":
+        return "opted out: FASTCELLS_TEST_CUDA=0"
+    return "no GPU and the CUDA simulator is off"
+
+
+#: ``@needs_cuda`` (or ``pytestmark = needs_cuda``): the CUDA tests, which run on a GPU or
+#: under the simulator (tests/conftest.py); they skip only where numba-cuda is missing or the
+#: run opted out, and tests/test_suite.py fails where numba-cuda is installed but neither
+#: runs.
+needs_cuda = pytest.mark.skipif(_cuda_skip_reason() is not None,
+                                reason=str(_cuda_skip_reason()))
+
 #: Launch tunables of the CUDA tests small enough that tiny problems take several blocks and
 #: round-robin items (the simulator runs every thread as a Python thread and spins at each
 #: barrier: GEMM tiles of 8 keep the K loop short; the GEMM test itself uses tiles of 4 by 2).
@@ -133,7 +149,8 @@ def run_backend_checks(backend, cases, argv, worst):
     pairs of ``cases`` whose names contain one of ``argv`` (all without), each after seeding
     Keras (``FASTCELLS_CHECK_SEED``, default 0), print one line per check, the worst errors
     and the failures; a fastcells fallback warning counts as a failure. Returns the exit
-    status: 1 when a check failed."""
+    status: 1 when a check failed, or when an argument of ``argv`` selects no check (a
+    misspelt or renamed selection would otherwise pass without checking anything)."""
     import time
     import traceback
     import warnings
@@ -141,7 +158,12 @@ def run_backend_checks(backend, cases, argv, worst):
     import keras
     assert keras.backend.backend() == backend, keras.backend.backend()
     warnings.filterwarnings("error", message="fastcells")   # a fallback warns: make it fail
-    selected = [(n, f) for n, f in cases() if not argv or any(a in n for a in argv)]
+    everything = list(cases())
+    selected = [(n, f) for n, f in everything if not argv or any(a in n for a in argv)]
+    unmatched = [a for a in argv if not any(a in n for n, _ in everything)]
+    if unmatched or not selected:
+        print(f"no check selected by {unmatched or argv}: no check name contains them")
+        return 1
     failed = []
     seed = int(os.environ.get("FASTCELLS_CHECK_SEED", "0"))
     for name, fn in selected:

@@ -19,10 +19,9 @@ from fastcells.cpu import _linalg as cpu_la
 from fastcells.cpu import gru as cpu_gru
 from fastcells.cpu import lstm as cpu_lstm
 from fastcells.cpu import simple_rnn as cpu_rnn
-from helpers import CUDA_SMALL_TUNABLES, make_problem, random_mask
+from helpers import CUDA_SMALL_TUNABLES, make_problem, needs_cuda, random_mask
 
-pytestmark = pytest.mark.skipif(not ops.cuda_available(),
-                                reason="no GPU and the CUDA simulator is off")
+pytestmark = needs_cuda
 
 if ops.cuda_available():
     from fastcells.cuda import _common, _linalg as la

@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 
 from fastcells import _validate, config, ops
-from helpers import CUDA_SMALL_TUNABLES, NSTATES, make_problem, random_mask
+from helpers import CUDA_SMALL_TUNABLES, NSTATES, make_problem, needs_cuda, random_mask
 
-pytestmark = pytest.mark.skipif(not ops.cuda_available(),
-                                reason="no GPU and the CUDA simulator is off")
+pytestmark = needs_cuda
 if ops.cuda_available():
     from numba import cuda
 
