@@ -161,6 +161,12 @@ CUDA_ELEMENTWISE_THREADS = _env_int("FASTCELLS_CUDA_ELEMENTWISE_THREADS", 256)
 CUDA_REDUCE_ROWS = _env_int("FASTCELLS_CUDA_REDUCE_ROWS", 256)
 
 # --- framework bridges --------------------------------------------------------------------
+#: Let ``engine="auto"`` run the CUDA kernels for inputs on a GPU. Off by default: until a
+#: GPU run has checked their results and speed, "auto" keeps the built-in implementation
+#: (cuDNN) there and says so once on the "fastcells" logger; ``engine="cuda"`` runs them
+#: whatever this says. ``FASTCELLS_AUTO_CUDA=1`` turns it on.
+AUTO_CUDA = os.environ.get("FASTCELLS_AUTO_CUDA", "0") == "1"
+
 #: Forward caches kept for their backward pass (oldest evicted first; an evicted cache is
 #: recomputed by its backward): at most this many ...
 MAX_PENDING_CACHES = _env_int("FASTCELLS_MAX_PENDING_CACHES", 64)

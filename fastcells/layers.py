@@ -16,14 +16,27 @@ Example::
         keras.layers.Dense(1, activation="sigmoid"),
     ])
 """
+import logging
 import warnings
 
 import keras
 from keras import ops as kops
 
-from . import _export, _math, bridge, ops
+from . import _export, _math, bridge, config, ops
 
 ENGINES = ("auto", "cpu", "cuda", "keras")
+
+_said_gpu = []
+
+
+def _say_gpu_keeps_builtin():
+    """One log line per process: why engine="auto" runs the built-in layer on a GPU."""
+    if not _said_gpu:
+        _said_gpu.append(True)
+        logging.getLogger("fastcells").warning(
+            "fastcells: the inputs are on a GPU, where engine='auto' runs the built-in "
+            "implementation (cuDNN): the CUDA kernels have not been verified on a GPU yet. "
+            "engine='cuda', or FASTCELLS_AUTO_CUDA=1 (config.AUTO_CUDA), runs them.")
 
 
 def _check_engine(engine):
@@ -191,6 +204,9 @@ class _FastRNN:
             reason = f"the inputs live on {where}, so engine={self.engine!r} cannot run them"
         if reason is not None:
             return self._fallback(reason, sequences, initial_state, mask, training)
+        if engine == "cuda" and self.engine == "auto" and not config.AUTO_CUDA:
+            _say_gpu_keeps_builtin()
+            return self._keras_inner_loop(sequences, initial_state, mask, training)
         self.last_engine = engine
         in_dtype = call.x.dtype
         outputs, states = mod.run(call)
@@ -251,10 +267,11 @@ class LSTM(_FastRNN, keras.layers.LSTM):
     """``keras.layers.LSTM`` running the fastcells kernels.
 
     Takes every argument of ``keras.layers.LSTM`` plus:
-        engine: "auto" (default: the CUDA kernels for inputs on a GPU, the CPU kernels
-            otherwise, the built-in implementation with one warning for configurations the
-            kernels do not cover), "cpu", "cuda" (raise for such configurations) or "keras"
-            (always the built-in implementation).
+        engine: "auto" (default: the CPU kernels for inputs on the host, the built-in
+            implementation with one warning for configurations the kernels do not cover;
+            for inputs on a GPU the built-in implementation, or the CUDA kernels with
+            ``config.AUTO_CUDA``), "cpu", "cuda" (raise for such configurations) or
+            "keras" (always the built-in implementation).
         checkpoint_steps: None (default: the forward keeps its whole cache for the
             backward) or K, to keep only the states entering every K-th step and recompute
             each chunk in the backward: the training memory of a sequence of T steps goes

@@ -20,12 +20,10 @@ from fastcells import bridge, config, ops
 from fastcells.bench import relative_error
 from fastcells.bridge import _dlpack
 from fastcells.bridge import tensorflow as tfb
-from helpers import CUDA_SMALL_TUNABLES
+from helpers import CUDA_SMALL_TUNABLES, needs_cuda
 from layer_helpers import (CELL_IDS, CELLS, TOL_GRAD, TOL_OUT, assert_same, layer_case,
                            outputs_and_grads, pair)
 
-needs_cuda = pytest.mark.skipif(not ops.cuda_available(),
-                                reason="no GPU and the CUDA simulator is off")
 
 
 # --------------------------------------------------------------------------- DLPack producer
@@ -188,9 +186,11 @@ def test_gpu_route_needs_numba_cuda_and_free_gpu_memory(monkeypatch):
 # --------------------------------------------------------------------------- layers on the route
 @pytest.fixture
 def on_gpu(monkeypatch):
-    """Every TensorFlow tensor counts as placed on a GPU; small CUDA launch tunables; an
-    empty store of forward caches."""
+    """Every TensorFlow tensor counts as placed on a GPU, where engine="auto" runs the CUDA
+    kernels (config.AUTO_CUDA); small CUDA launch tunables; an empty store of forward
+    caches."""
     monkeypatch.setattr(tfb, "_placed_on_gpu", lambda t: True)
+    monkeypatch.setattr(config, "AUTO_CUDA", True)
     monkeypatch.setattr(bridge, "pending", bridge.CacheStore())    # empty, whatever ran before
     for k, v in CUDA_SMALL_TUNABLES.items():
         monkeypatch.setattr(config, k, v)
@@ -238,6 +238,36 @@ def test_layers_on_the_gpu_route_equal_builtin(on_gpu, rng, name, kw, engine):
     del fo, fg                                  # (NumPy views of TensorFlow tensors)
     gc.collect()
     assert _dlpack.live() == base               # and all of it is released with them
+
+
+@needs_cuda
+def test_auto_keeps_the_builtin_layer_on_a_gpu_and_says_so_once(on_gpu, monkeypatch, rng,
+                                                                caplog):
+    """Until a real GPU has checked the CUDA kernels, engine="auto" runs the built-in
+    implementation for tensors on a GPU (cuDNN there), with one log line saying how to
+    opt in; engine="cuda" runs the kernels."""
+    from fastcells import layers
+    monkeypatch.setattr(config, "AUTO_CUDA", False)
+    monkeypatch.setattr(layers, "_said_gpu", [])
+    x = rng.standard_normal((3, 4, 2)).astype("float32")
+    ref = keras.layers.LSTM(4, return_sequences=True)
+    fc = fastcells.LSTM(4, return_sequences=True)
+    ro, rg, _ = outputs_and_grads(ref, x, training=True)
+    fc.build(x.shape)
+    fc.set_weights(ref.get_weights())
+    calls = dict(bridge.kernel_calls)
+    with caplog.at_level("WARNING", logger="fastcells"):
+        for _ in range(2):
+            fo, fg, _ = outputs_and_grads(fc, x, training=True)
+    assert fc.last_engine == "keras" and dict(bridge.kernel_calls) == calls
+    said = [r for r in caplog.records if "engine='auto' runs the built-in" in r.getMessage()]
+    assert len(said) == 1 and "FASTCELLS_AUTO_CUDA=1" in said[0].getMessage()
+    _assert_same(ro, rg, fo, fg)
+    cuda = fastcells.LSTM(4, return_sequences=True, engine="cuda")
+    cuda.build(x.shape)
+    cuda.set_weights(ref.get_weights())
+    outputs_and_grads(cuda, x, training=True)
+    assert cuda.last_engine == "cuda"
 
 
 @needs_cuda
