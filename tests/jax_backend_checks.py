@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 
 import fastcells  # noqa: E402
 from fastcells import bridge, config  # noqa: E402
-from fastcells.bench import relative_error, worst_of  # noqa: E402
+from fastcells.bench import equivalence, relative_error, worst_of  # noqa: E402
 from fastcells.bridge import jax as jax_bridge  # noqa: E402
 from helpers import (LAYER_CELLS, LAYER_CONFIGS, bidirectional_pair,  # noqa: E402
                      layer_arguments, random_mask, run_backend_checks)
@@ -52,7 +52,8 @@ MORE_CONFIGS = {"mask": ("lstm", "simple_rnn"), "mask_last_backwards": ("gru",),
                 "dropout_inference": ("gru",),
                 "other_activations": ("lstm", "gru_reset_before", "simple_rnn")}
 
-worst = {"out": 0.0, "grad": 0.0, "out_f64": 0.0, "grad_f64": 0.0, "fit_loss": 0.0}
+worst = {"out": 0.0, "grad": 0.0, "out_f64": 0.0, "grad_f64": 0.0, "fit_loss": 0.0,
+         "fit_grad": 0.0}
 
 
 def pair(name, units, **kw):
@@ -169,8 +170,9 @@ def bidirectional_case(name):
 
 
 def stateful_case(name):
-    """stateful=True: outputs and the states carried between calls (and after
-    reset_state) are the built-in ones."""
+    """stateful=True: outputs, the states carried between calls (and after reset_state)
+    and the gradients of a call from the carried states (``stateless_call`` takes them
+    from the non-trainable variables) are the built-in ones."""
     rng = np.random.default_rng(4)
     xs = [rng.standard_normal((3, 5, 2)).astype("float32") for _ in range(3)]
     ref, fc = pair(name, 4, stateful=True, return_sequences=True)
@@ -181,7 +183,11 @@ def stateful_case(name):
         if step == 2:
             ref.reset_state()
             fc.reset_state()
-        want, got = np.asarray(ref(x)), np.asarray(fc(x))
+        ro, rg = outputs_and_grads(ref, x)      # the states stay where they are
+        fo, fg = outputs_and_grads(fc, x)
+        compare(ro, rg, fo, fg)
+        want, got = np.asarray(ref(x)), np.asarray(fc(x))      # the states move on
+        compare([want], [], ro, [])             # the gradients' call ran from them
         assert fc.last_engine == "cpu", fc.last_engine
         compare([want] + [np.asarray(s) for s in ref.states], [],
                 [got] + [np.asarray(s) for s in fc.states], [])
@@ -201,11 +207,13 @@ def evicted_cache_case():
 
 
 def fit_case(name):
-    """The IMDB-style model trains to the same losses (model.fit runs under jax.jit)."""
+    """The IMDB-style model has the built-in gradients in a training step (their size, with
+    the gradient probe) and trains to the same losses (model.fit runs under jax.jit)."""
     rng = np.random.default_rng(3)
     x = rng.integers(1, 50, size=(32, 12)).astype("int32")
     y = (rng.random((32, 1)) < 0.5).astype("float32")
     histories, models, initial = [], [], None
+    steps = []
     for module in (keras.layers, fastcells):
         keras.utils.set_random_seed(5)
         model = keras.Sequential([keras.Input((12,), dtype="int32"),
@@ -216,10 +224,14 @@ def fit_case(name):
         else:
             model.set_weights(initial)
         model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
+        steps.append(equivalence.gradient_step(model, x, y))   # one step's gradients
         h = model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
         histories.append(np.array(h.history["loss"]))
         models.append(model)
     assert models[1].layers[1].last_engine == "cpu"
+    loss_error, grad_error = equivalence.compare_fit_step(steps[1], steps[0])
+    worst["fit_grad"] = max(worst["fit_grad"], grad_error)
+    assert loss_error <= TOL_OUT and grad_error <= TOL_GRAD, (loss_error, grad_error)
     err = float(np.abs(histories[0] - histories[1]).max())
     worst["fit_loss"] = max(worst["fit_loss"], err)
     assert err <= 1e-4, (histories, err)
@@ -229,8 +241,8 @@ def fit_case(name):
 
 
 def ffi_case():
-    """A jitted training step runs the kernels as the XLA FFI target (where this JAX can
-    register it), and leaves no kept cache behind."""
+    """A jitted training step runs the kernels as the XLA FFI target (on every JAX that has
+    ``jax.ffi``: a failed registration fails here), and leaves no kept cache behind."""
     from fastcells.bridge import _xla_ffi
     assert config.JAX_FFI
     x = jnp.asarray(np.random.default_rng(4).standard_normal((3, 5, 2)), jnp.float32)
@@ -245,7 +257,8 @@ def ffi_case():
 
     step = jax.jit(jax.grad(loss, argnums=(0, 1)))
     hlo = step.lower(tv, x).as_text()
-    if _xla_ffi.available():
+    if _xla_ffi.supported():
+        assert _xla_ffi.available(), f"the FFI target did not register: {_xla_ffi.failure}"
         assert _xla_ffi.TARGET in hlo and "callback" not in hlo.lower(), "not the FFI target"
     else:                       # a JAX without jax.ffi: the callback instead
         assert _xla_ffi.TARGET not in hlo and "callback" in hlo.lower()
@@ -293,7 +306,7 @@ def cases():
         for cell in cells:
             yield (f"layer/{cell}/{config_name}",
                    lambda c=cell, k=config_name: layer_case(c, k))
-    for cell in ("lstm", "gru_reset_before"):
+    for cell in CELLS:
         yield f"float64/{cell}", lambda c=cell: float64_case(c)
     yield "bidirectional/GRU", lambda: bidirectional_case("GRU")
     yield "stateful/LSTM", lambda: stateful_case("LSTM")

@@ -19,6 +19,8 @@ CELLS = [("LSTM", {}), ("GRU", {}), ("GRU", {"reset_after": False}), ("SimpleRNN
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("cell", range(len(CELLS)), ids=["lstm", "gru", "gru_rb", "simple_rnn"])
 def test_layer_gradients_match_finite_differences(cell, case, rng):
+    """The gradients of the inputs, every trainable weight (the bias too: [G*H], or [2, 3H]
+    for the GRU with reset_after) and the initial states, by central differences."""
     name, base = CELLS[cell]
     kw = dict(base, **CASES[case])
     B, T, D, H = 3, 5, 2, 3
@@ -29,20 +31,23 @@ def test_layer_gradients_match_finite_differences(cell, case, rng):
         states = [rng.standard_normal((B, H)) for _ in range(2 if name == "LSTM" else 1)]
     layer = getattr(fastcells, name)(H, dtype="float64", engine="cpu", **kw)
     layer.build(x.shape)
-    nstates = len(states or [])
+    weights = layer.trainable_weights          # kernel, recurrent_kernel, (bias)
+    assert len(weights) == (2 if kw.get("use_bias") is False else 3)
 
     def loss_and_grads(xv):
-        # grads: x, kernel, recurrent_kernel, (bias), initial states
+        # grads: x, each trainable weight, initial states
         _, grads, loss = outputs_and_grads(layer, xv, mask=mask, initial_state=states)
-        return loss, grads[:3] + grads[len(grads) - nstates:]
+        return loss, grads
 
     _, grads = loss_and_grads(x)
     assert layer.last_engine == "cpu"
     eps = 1e-6
 
     def fd(get, set_, shape, analytic):
-        for _ in range(6):
-            idx = tuple(rng.integers(0, n) for n in shape)
+        n = int(np.prod(shape))
+        for k in range(6):      # one entry in each sixth (C order): every row of a [2, 3H] bias
+            lo = k * n // 6
+            idx = np.unravel_index(rng.integers(lo, max((k + 1) * n // 6, lo + 1)), shape)
             old = get(idx)
             set_(idx, old + eps)
             lp, _ = loss_and_grads(x)
@@ -53,7 +58,7 @@ def test_layer_gradients_match_finite_differences(cell, case, rng):
             assert abs(num - analytic[idx]) <= 1e-6 * max(1.0, abs(num)), (idx, num, analytic[idx])
 
     fd(lambda i: x[i], lambda i, v: x.__setitem__(i, v), x.shape, grads[0])
-    for var, g in [(layer.cell.kernel, grads[1]), (layer.cell.recurrent_kernel, grads[2])]:
+    for var, g in zip(weights, grads[1:]):
         def get(i, var=var):
             return var.numpy()[i]
 
@@ -63,7 +68,8 @@ def test_layer_gradients_match_finite_differences(cell, case, rng):
             var.assign(a)
         fd(get, set_, tuple(var.shape), g)
     for k, s in enumerate(states or []):
-        fd(lambda i, s=s: s[i], lambda i, v, s=s: s.__setitem__(i, v), s.shape, grads[3 + k])
+        fd(lambda i, s=s: s[i], lambda i, v, s=s: s.__setitem__(i, v), s.shape,
+           grads[1 + len(weights) + k])
 
 
 @pytest.mark.parametrize("name", ["LSTM", "GRU", "SimpleRNN"])

@@ -7,10 +7,21 @@ import tensorflow as tf
 import fastcells
 from fastcells import bridge
 from fastcells.bench import relative_error
-from helpers import FAIL_ON_FALLBACK, random_mask
-from layer_helpers import CELL_IDS, CELLS, CONFIGS, TOL_GRAD, assert_same, layer_case, pair
+from helpers import FAIL_ON_FALLBACK, layer_arguments, random_mask
+from layer_helpers import (CELL_IDS, CELLS, CONFIGS, TOL_GRAD, assert_same, layer_case,
+                           outputs_and_grads, pair)
 
 pytestmark = FAIL_ON_FALLBACK       # a fallback would compare Keras with Keras
+
+
+def assert_same_gradients(want, got, what=""):
+    """Each gradient of ``got`` within TOL_GRAD (relative_error) of the same in ``want``."""
+    assert len(want) == len(got), (what, len(want), len(got))
+    for k, (a, b) in enumerate(zip(want, got)):
+        assert a is not None and b is not None, (what, k)
+        err = relative_error(np.asarray(b), np.asarray(a))
+        assert err <= TOL_GRAD, f"{what} gradient {k}: error relative to the norm {err:.3e}"
+
 
 @pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("cell", range(len(CELLS)), ids=CELL_IDS)
@@ -54,17 +65,30 @@ def test_kernels_really_run(rng):
 
 @pytest.mark.parametrize("name", ["LSTM", "GRU"])
 def test_dropout_training_same_seed_same_outputs_under_tf_function(name, rng):
-    """Same seed, same draws in the same order: the same masks as the built-in layer."""
+    """Same seed, same draws in the same order: the same masks as the built-in layer, so
+    the same outputs and the same gradients of the inputs and the weights."""
     x = tf.constant(rng.standard_normal((6, 10, 4)).astype("float32"))
+    w = tf.constant(rng.standard_normal((6, 10, 5)).astype("float32"))
     ref, fc = pair(name, 5, dropout=0.5, recurrent_dropout=0.5, seed=11, return_sequences=True)
     ref.build(x.shape)
     fc.build(x.shape)
     fc.set_weights(ref.get_weights())
-    run_ref = tf.function(lambda t: ref(t, training=True))
-    run_fc = tf.function(lambda t: fc(t, training=True))
-    for _ in range(3):       # successive draws stay in step
-        a, b = run_ref(x).numpy(), run_fc(x).numpy()
-        np.testing.assert_allclose(a, b, atol=1e-5)
+
+    def step(layer):
+        @tf.function
+        def run(t):
+            with tf.GradientTape() as tape:
+                tape.watch(t)
+                y = layer(t, training=True)
+                loss = tf.reduce_sum(y * w)
+            return y, tape.gradient(loss, [t] + layer.trainable_weights)
+        return run
+
+    run_ref, run_fc = step(ref), step(fc)
+    for draw in range(3):       # successive draws stay in step
+        (a, ga), (b, gb) = run_ref(x), run_fc(x)
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
+        assert_same_gradients(ga, gb, f"draw {draw}")
     assert fc.last_engine == "cpu"
 
 
@@ -96,6 +120,32 @@ def test_implementation_1_equals_builtin(name, case, rng):
     if single_mask:
         ref.cell.dropout_mask_count = fc.cell.dropout_mask_count = None
     assert_same(ref, fc, x, mask=random_mask(rng, 5, 9), training=bool(kw))
+
+
+#: GRU reset_after=False with implementation=1, in training, with a mask and initial and
+#: final states: the per-gate products without dropout, and one recurrent mask per gate (z, r
+#: and the candidate's h_{t-1} * r_h) drawn as the built-in layer draws them from the same
+#: seed, alone and with input dropout (recurrent dropout makes Keras take implementation=1
+#: whatever was asked)
+_RESET_BEFORE_IMPLEMENTATION_1 = {
+    name: dict(implementation=1, training=True, return_sequences=True, return_state=True,
+               use_mask=True, use_initial_state=True, **kw)
+    for name, kw in {"no_dropout": dict(),
+                     "recurrent_dropout": dict(recurrent_dropout=0.4, seed=7),
+                     "dropout": dict(dropout=0.3, recurrent_dropout=0.4, seed=7)}.items()}
+
+
+@pytest.mark.parametrize("config", list(_RESET_BEFORE_IMPLEMENTATION_1))
+def test_gru_reset_before_implementation_1_equals_builtin(config, rng):
+    """Outputs, final state and the gradients of the inputs, weights and initial state."""
+    name, kw, units, x, call = layer_arguments("gru_reset_before", config, rng,
+                                               configs=_RESET_BEFORE_IMPLEMENTATION_1)
+    ref, fc = pair(name, units, **kw)
+    ref.build(x.shape)
+    fc.build(x.shape)
+    assert ref.cell.implementation == fc.cell.implementation == 1
+    assert not ref.cell.reset_after and not fc.cell.reset_after
+    assert_same(ref, fc, x, **call)
 
 
 @pytest.mark.parametrize("name", ["LSTM", "GRU", "SimpleRNN"])
@@ -140,6 +190,8 @@ def test_stacked_with_time_distributed_head(cell, rng):
 
 @pytest.mark.parametrize("cell", ["LSTM", "GRU", "SimpleRNN"])
 def test_embedding_mask_zero_and_masking_layer(cell, rng):
+    """The mask of Embedding(mask_zero=True) and of Masking (any pattern): the outputs and
+    the gradients of the inputs and every weight of the built-in model."""
     tokens = rng.integers(1, 50, (5, 12))
     tokens[0, 8:] = 0
     tokens[2, :3] = 0            # left padding and holes are allowed too
@@ -151,20 +203,41 @@ def test_embedding_mask_zero_and_masking_layer(cell, rng):
             layers = [keras.Input((12, 4)), keras.layers.Masking(0.0)]
         return keras.Sequential(layers + [getattr(module, cell)(6)])
 
+    w = rng.standard_normal((5, 6)).astype("float32")
+
+    def outputs_and_grads_of(net, inputs):
+        """Outputs, and the gradients of sum(y * w) for the float inputs (not the tokens)
+        and every trainable weight (the embedding's too)."""
+        xs = tf.constant(inputs)
+        with tf.GradientTape() as tape:
+            if xs.dtype.is_floating:
+                tape.watch(xs)
+            y = net(xs)
+            loss = tf.reduce_sum(y * w)
+        targets = ([xs] if xs.dtype.is_floating else []) + net.trainable_weights
+        return y.numpy(), [tf.convert_to_tensor(g) for g in tape.gradient(loss, targets)]
+
     ref, fc = model(keras.layers, False), model(fastcells, False)
     fc.set_weights(ref.get_weights())
-    np.testing.assert_allclose(ref(tokens).numpy(), fc(tokens).numpy(), atol=1e-5)
+    (a, ga), (b, gb) = outputs_and_grads_of(ref, tokens), outputs_and_grads_of(fc, tokens)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    assert_same_gradients(ga, gb, "mask_zero")
     assert fc.layers[-1].last_engine == "cpu"
     x = rng.standard_normal((5, 12, 4)).astype("float32")
     x[tokens == 0] = 0.0
     ref, fc = model(keras.layers, True), model(fastcells, True)
     fc.set_weights(ref.get_weights())
-    np.testing.assert_allclose(ref(x).numpy(), fc(x).numpy(), atol=1e-5)
+    (a, ga), (b, gb) = outputs_and_grads_of(ref, x), outputs_and_grads_of(fc, x)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    assert_same_gradients(ga, gb, "Masking")
     assert fc.layers[-1].last_engine == "cpu"
 
 
 @pytest.mark.parametrize("cell", ["LSTM", "GRU", "SimpleRNN"])
 def test_stateful_and_reset_state(cell, rng):
+    """stateful=True: the outputs, the states carried between calls (and after
+    reset_state) and the gradients of the inputs and the weights, which run through the
+    carried states, are the built-in ones."""
     x = rng.standard_normal((3, 4, 2)).astype("float32")
     ref = getattr(keras.layers, cell)(5, stateful=True, return_sequences=True)
     fc = getattr(fastcells, cell)(5, stateful=True, return_sequences=True, engine="cpu")
@@ -175,7 +248,10 @@ def test_stateful_and_reset_state(cell, rng):
         if step == 2:
             ref.reset_state()
             fc.reset_state()
-        np.testing.assert_allclose(ref(x).numpy(), fc(x).numpy(), atol=1e-5)
+        (a,), ga, _ = outputs_and_grads(ref, x)        # one call each: the states move on
+        (b,), gb, _ = outputs_and_grads(fc, x)
+        np.testing.assert_allclose(a, b, atol=1e-5)
+        assert_same_gradients(ga, gb, f"step {step}")
         assert fc.last_engine == "cpu"
         for a, b in zip(ref.states, fc.states):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)

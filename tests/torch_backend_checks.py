@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 
 import fastcells  # noqa: E402
 from fastcells import bridge, config  # noqa: E402
-from fastcells.bench import relative_error, worst_of  # noqa: E402
+from fastcells.bench import equivalence, relative_error, worst_of  # noqa: E402
 from fastcells.bridge import torch as torch_bridge  # noqa: E402
 import reference  # noqa: E402
 from helpers import (LAYER_CELLS, LAYER_CONFIGS, bidirectional_pair,  # noqa: E402
@@ -49,7 +49,8 @@ CONFIGS = dict(LAYER_CONFIGS,
                training_no_dropout=dict(training=True, return_sequences=True, use_mask=True))
 
 worst = {"out_f32": 0.0, "grad_f32": 0.0, "out_f64": 0.0, "grad_f64": 0.0,
-         "out_f64_vs_builtin": 0.0, "grad_f64_vs_builtin": 0.0, "fit_loss": 0.0}
+         "out_f64_vs_builtin": 0.0, "grad_f64_vs_builtin": 0.0, "fit_loss": 0.0,
+         "fit_grad": 0.0}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -191,20 +192,32 @@ def long_sequence_case(cell):
 
 
 def stateful_case(name):
-    """stateful=True: the states carried between calls are the built-in ones."""
+    """stateful=True: the outputs and the states carried between calls are the built-in
+    ones, and the gradients of the inputs and weights (through the carried states, by
+    ``loss.backward()`` after the call updated them) are those of the built-in layer called
+    from the same states. The built-in reference for the gradients is a twin without
+    ``stateful`` given the carried states as initial states: Keras 3.15's own stateful LSTM
+    and GRU cannot be differentiated under torch (they update their states in place, on
+    tensors their backward saved)."""
     rng = np.random.default_rng(4)
-    xs = [torch.tensor(rng.standard_normal((3, 5, 2)).astype("float32")) for _ in range(3)]
+    xs = [rng.standard_normal((3, 5, 2)).astype("float32") for _ in range(3)]
     ref, fc = pair(name, 4, stateful=True, return_sequences=True)
-    ref.build(tuple(xs[0].shape))
-    fc.build(tuple(xs[0].shape))
+    twin = getattr(keras.layers, name)(4, return_sequences=True)
+    for layer in (ref, fc, twin):
+        layer.build(xs[0].shape)
     fc.set_weights(ref.get_weights())
+    twin.set_weights(ref.get_weights())
     for x in xs:
-        want, got = ref(x), fc(x)
-        np.testing.assert_allclose(got.detach().numpy(), want.detach().numpy(), rtol=0,
-                                   atol=TOL_OUT)
+        carried = [np.asarray(s).copy() for s in ref.states]
+        to, tg, _ = outputs_and_grads(twin, x, initial_state=carried)
+        with torch.no_grad():
+            want = ref(torch.tensor(x)).numpy()             # the states move on
+        fo, fg, _ = outputs_and_grads(fc, x)
+        compare([want], tg[:len(fg)], fo, fg, TOL_OUT, TOL_GRAD, "f32")
+        compare(to, [], fo, [], TOL_OUT, TOL_GRAD, "f32")
+        for a, b in zip(ref.states, fc.states):
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=TOL_OUT)
     assert fc.last_engine == "cpu"
-    for a, b in zip(ref.states, fc.states):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=TOL_OUT)
 
 
 def mixed_precision_case(name):
@@ -265,12 +278,14 @@ def no_grad_case(name):
 
 
 def fit_case(name):
-    """An Embedding + RNN + Dense model trains to the built-in loss history."""
+    """An Embedding + RNN + Dense model has the built-in gradients in a training step
+    (their size, with the gradient probe) and trains to the built-in loss history."""
     vocab, T, B = 200, 20, 16
     rng = np.random.default_rng(0)
     x = rng.integers(1, vocab, (4 * B, T)).astype("int32")
     y = (x[:, :5].mean(1) > vocab / 2).astype("float32")
     histories = []
+    steps = []
     for module in (keras.layers, fastcells):
         keras.utils.set_random_seed(0)
         model = keras.Sequential([
@@ -284,6 +299,7 @@ def fit_case(name):
         else:
             ref_weights = model.get_weights()
         model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="binary_crossentropy")
+        steps.append(equivalence.gradient_step(model, x, y))   # one step's gradients
         before = dict(bridge.kernel_calls)
         h = model.fit(x, y, batch_size=B, epochs=3, shuffle=False, verbose=0)
         histories.append(np.array(h.history["loss"]))
@@ -293,6 +309,9 @@ def fit_case(name):
             assert bridge.kernel_calls[key] >= before.get(key, 0) + 12, "kernels did not run"
             pr = model.predict(x, batch_size=B, verbose=0)
             assert pr.shape == (len(x), 1) and np.isfinite(pr).all()
+    loss_error, grad_error = equivalence.compare_fit_step(steps[1], steps[0])
+    worst["fit_grad"] = max(worst["fit_grad"], grad_error)
+    assert loss_error <= TOL_OUT and grad_error <= TOL_GRAD, (loss_error, grad_error)
     err = float(np.abs(histories[0] - histories[1]).max())
     worst["fit_loss"] = max(worst["fit_loss"], err)
     assert err <= 1e-4, f"loss histories differ by {err:.3e}: {histories}"
