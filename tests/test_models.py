@@ -32,6 +32,25 @@ def synthetic_tokens(seed=0, n=4 * B):
     return x, y
 
 
+def _trained_pair(cell, optimizer, batch_size, epochs):
+    """The built-in and the fastcells IMDB-style model from the same weights, each
+    compiled with ``optimizer()`` and fitted on the same tokens: ``[(loss history,
+    model), ...]``; asserts the kernels ran in the fastcells one."""
+    x, y = synthetic_tokens()
+    out = []
+    for module in (keras.layers, fastcells):
+        model = imdb_model(module, cell)
+        if out:
+            model.set_weights(initial)
+        else:
+            initial = model.get_weights()
+        model.compile(optimizer=optimizer(), loss="binary_crossentropy")
+        h = model.fit(x, y, batch_size=batch_size, epochs=epochs, shuffle=False, verbose=0)
+        out.append((np.array(h.history["loss"]), model))
+    assert out[1][1].layers[1].last_engine == "cpu"
+    return out
+
+
 @pytest.mark.parametrize("cell", ["LSTM", "GRU", "SimpleRNN"])
 def test_a_fit_step_has_the_builtin_gradients(cell):
     """The gradients of a ``model.fit`` step of the IMDB-style model, every weight's
@@ -39,46 +58,27 @@ def test_a_fit_step_has_the_builtin_gradients(cell):
     (fastcells.bench.equivalence.gradient_probe: the step leaves the gradients in the
     weights), as the loss histories below cannot: Adam's first steps barely depend on it."""
     from fastcells.bench import equivalence
-    x, y = synthetic_tokens()
-    steps = []
-    for module in (keras.layers, fastcells):
-        model = imdb_model(module, cell)
-        if steps:
-            model.set_weights(ref_weights)
-        else:
-            ref_weights = model.get_weights()
-        model.compile(optimizer=equivalence.gradient_probe(), loss="binary_crossentropy")
-        h = model.fit(x, y, batch_size=len(x), epochs=1, shuffle=False, verbose=0)
-        steps.append((h.history["loss"][0], model.get_weights()))
-        if module is fastcells:
-            assert model.layers[1].last_engine == "cpu"
-    loss_error, grad_error = equivalence.compare_fit_step(steps[1], steps[0])
+    (ref, ref_model), (fc, fc_model) = _trained_pair(cell, equivalence.gradient_probe,
+                                                     batch_size=4 * B, epochs=1)
+    grads = fc_model.get_weights()
+    loss_error, grad_error = equivalence.compare_fit_step((fc[0], grads),
+                                                          (ref[0], ref_model.get_weights()))
     assert loss_error <= config.TOL_OUTPUT_F32
     assert grad_error <= config.TOL_GRAD_F32, grad_error
-    assert all(np.abs(g).max() > 0 for g in steps[1][1])          # every weight had one
+    assert all(np.abs(g).max() > 0 for g in grads)          # every weight had one
 
 
 @pytest.mark.parametrize("cell", ["LSTM", "GRU", "SimpleRNN"])
 def test_fit_loss_history_equals_builtin(cell):
     """The IMDB-style model (Embedding, RNN, Dense) trains to the same losses."""
+    (ref, _), (fc, model) = _trained_pair(cell, lambda: keras.optimizers.Adam(1e-2),
+                                          batch_size=B, epochs=3)
     x, y = synthetic_tokens()
-    histories = []
-    for module in (keras.layers, fastcells):
-        model = imdb_model(module, cell)
-        if histories:
-            model.set_weights(ref_weights)
-        else:
-            ref_weights = model.get_weights()
-        model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="binary_crossentropy")
-        h = model.fit(x, y, batch_size=B, epochs=3, shuffle=False, verbose=0)
-        histories.append(np.array(h.history["loss"]))
-        if module is fastcells:
-            assert model.layers[1].last_engine == "cpu"
-            ev = model.evaluate(x, y, batch_size=B, verbose=0)
-            pr = model.predict(x, batch_size=B, verbose=0)
-            assert np.isfinite(ev) and pr.shape == (len(x), 1)
-    np.testing.assert_allclose(histories[0], histories[1], atol=1e-4)
-    assert histories[1][-1] < histories[1][0]          # it did learn
+    ev = model.evaluate(x, y, batch_size=B, verbose=0)
+    pr = model.predict(x, batch_size=B, verbose=0)
+    assert np.isfinite(ev) and pr.shape == (len(x), 1)
+    np.testing.assert_allclose(ref, fc, atol=1e-4)
+    assert fc[-1] < fc[0]          # it did learn
 
 
 @pytest.mark.parametrize("cell", ["LSTM", "GRU", "SimpleRNN"])
