@@ -35,7 +35,8 @@ setup(
                  # NVVM, libdevice and ptxas: every CUDA kernel is compiled for real GPU
                  # targets in the tests (no GPU needed)
                  "nvidia-nvvm", "nvidia-cuda-nvcc",
-                 "jax>=0.4.30"],           # the JAX backend tests
+                 "jax>=0.4.30",            # the JAX backend tests
+                 "ruff==0.17.6"],          # the linter .ci/run runs (ruff.toml)
         "plot": ["matplotlib"],
     },
     entry_points={"console_scripts": ["fastcells=fastcells.__main__:main"]},

@@ -60,8 +60,9 @@ def tanh32(x):
     rounding)."""
     # Clamps as min/max: LLVM makes each one vmaxps and one vminps per vector, where the
     # same clamps written as if/elif comparisons become masked compare-and-move pairs on
-    # the critical path (about 20% slower). min/max need not keep a NaN (numba-cuda lowers them to fmaxf/fminf, which
-    # drop it), so the last line gives NaN back for a NaN argument, on every target.
+    # the critical path (about 20% slower). min/max need not keep a NaN (numba-cuda lowers
+    # them to fmaxf/fminf, which drop it), so the last line gives NaN back for a NaN
+    # argument, on every target.
     x = np.float32(x)
     y = min(max(x, -_CLAMP), _CLAMP)
     s = y * y

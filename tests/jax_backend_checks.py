@@ -6,7 +6,8 @@ their own (``tests/test_jax_backend.py`` starts it); run it by hand with::
     KERAS_BACKEND=jax python tests/jax_backend_checks.py [name-substring ...]
 
 Every check compares a fastcells layer (``engine="cpu"``) with the built-in layer holding
-the same weights (float64: with the NumPy reference, tests/reference.py): outputs and states, and the gradients ``jax.grad`` takes through
+the same weights (float64: with the NumPy reference, tests/reference.py): outputs and
+states, and the gradients ``jax.grad`` takes through
 ``Layer.stateless_call`` with respect to the inputs, the initial states and each trainable
 weight, under ``jax.jit`` as ``model.fit`` runs them. The script prints one line per check
 and exits with status 1 when any check fails (77 when jax is not importable).

@@ -89,7 +89,8 @@ def allowed(nodeid, reason, cuda_opted_out=False, table=ALLOWED, conditions=COND
         return "not listed in tests/skips.py"
     if any(conditions[cond]() for cond, _ in matched):
         return None
-    return "listed for " + " or ".join(f"'{cond}'" for cond, _ in matched) + ", which is not so here"
+    listed = " or ".join(f"'{cond}'" for cond, _ in matched)
+    return f"listed for {listed}, which is not so here"
 
 
 def _reason(report):

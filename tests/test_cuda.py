@@ -525,12 +525,12 @@ def test_awkward_shapes_equal_reference(cell, shape, split, small, monkeypatch, 
 def test_every_kernel_compiles_to_ptx_for_a_gpu(monkeypatch, rng, tmp_path):
     """The simulator never types or lowers a kernel. Record the launches of the drivers and
     ops (every cell, both dtypes, every driver option, weights in shared and in global
-    memory), then compile each kernel with its argument types to PTX for an H100 with NVVM
-    in a process of its own (tests/ptx_compile.py), split-unit (cooperative) kernels
-    included; where the toolkit has ptxas, assemble them for sm_90 and require that no
-    kernel spills registers. Skipped where no CUDA toolkit with NVVM is installed, and
-    (after the PTX is checked) where it has no ptxas. The options kept are those that change the compiled
-    kernels (activations, exact or fast, weights in global memory); the others are
+    memory), then compile each kernel with its argument types to PTX for sm_80 and sm_90
+    with NVVM in a process of its own (tests/ptx_compile.py), split-unit (cooperative)
+    kernels included; assemble each with ptxas and require that no kernel spills registers.
+    NVVM and ptxas come with ``.[test]`` (NVIDIA's wheels); where they are missing this
+    skips, which tests/skips.py does not accept. The options kept are those that change the
+    compiled kernels (activations, exact or fast, weights in global memory); the others are
     run-time arguments of the same kernels."""
     import pickle
     import subprocess

@@ -37,13 +37,13 @@ def _trained_pair(cell, optimizer, batch_size, epochs):
     compiled with ``optimizer()`` and fitted on the same tokens: ``[(loss history,
     model), ...]``; asserts the kernels ran in the fastcells one."""
     x, y = synthetic_tokens()
-    out = []
+    out, initial = [], None
     for module in (keras.layers, fastcells):
         model = imdb_model(module, cell)
-        if out:
-            model.set_weights(initial)
-        else:
+        if initial is None:
             initial = model.get_weights()
+        else:
+            model.set_weights(initial)
         model.compile(optimizer=optimizer(), loss="binary_crossentropy")
         h = model.fit(x, y, batch_size=batch_size, epochs=epochs, shuffle=False, verbose=0)
         out.append((np.array(h.history["loss"]), model))
@@ -150,7 +150,8 @@ def test_bad_initial_state_and_mask():
     x = np.zeros((2, 5, 3), "float32")
     with pytest.raises(ValueError, match=r"expects 2 initial state\(s\) .* got 1"):
         layer(x, initial_state=[np.zeros((2, 4), "float32")])
-    with pytest.raises(ValueError, match=r"initial_state\[1\] must have shape .*\(2, 4\), got \(2, 5\)"):
+    with pytest.raises(ValueError,
+                       match=r"initial_state\[1\] must have shape .*\(2, 4\), got \(2, 5\)"):
         layer(x, initial_state=[np.zeros((2, 4), "float32"), np.zeros((2, 5), "float32")])
     with pytest.raises(ValueError, match=r"mask must have shape .*\(2, 5\), got \(2, 6\)"):
         layer(x, mask=np.ones((2, 6), bool))

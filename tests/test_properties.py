@@ -1,8 +1,8 @@
 """Property-based tests: random cell, shape and options, kernels against the reference.
 
 Also drawn: the activations (tanh or relu; sigmoid or hard_sigmoid for the gates), upstream
-gradients of the final states, the thread count, the batch block and window sizes of the fused kernels, fused
-or unfused paths, and chunked recomputation (checkpoint_steps).
+gradients of the final states, the thread count, the batch block and window sizes of the
+fused kernels, fused or unfused paths, and chunked recomputation (checkpoint_steps).
 
 A bounded number of examples in CI; set FASTCELLS_HYPOTHESIS_EXAMPLES for more.
 """

@@ -284,8 +284,7 @@ def fit_case(name):
     rng = np.random.default_rng(0)
     x = rng.integers(1, vocab, (4 * B, T)).astype("int32")
     y = (x[:, :5].mean(1) > vocab / 2).astype("float32")
-    histories = []
-    steps = []
+    histories, steps, ref_weights = [], [], None
     for module in (keras.layers, fastcells):
         keras.utils.set_random_seed(0)
         model = keras.Sequential([
@@ -294,10 +293,10 @@ def fit_case(name):
             getattr(module, name)(8),
             keras.layers.Dense(1, activation="sigmoid"),
         ])
-        if histories:
-            model.set_weights(ref_weights)
-        else:
+        if ref_weights is None:
             ref_weights = model.get_weights()
+        else:
+            model.set_weights(ref_weights)
         model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="binary_crossentropy")
         steps.append(equivalence.gradient_step(model, x, y))   # one step's gradients
         before = dict(bridge.kernel_calls)
@@ -440,8 +439,8 @@ def bridge_direct_case():
 
 def cases():
     for cell in CELLS:
-        for config in CONFIGS:
-            yield f"layer/{cell}/{config}", lambda c=cell, k=config: layer_case(c, k)
+        for name in CONFIGS:
+            yield f"layer/{cell}/{name}", lambda c=cell, k=name: layer_case(c, k)
     for cell in CELLS:
         yield f"float64/{cell}", lambda c=cell: float64_case(c)
         yield f"long_sequence/{cell}", lambda c=cell: long_sequence_case(c)

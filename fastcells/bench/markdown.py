@@ -148,8 +148,10 @@ def _errors(timed):
     out, grad = worst("max_error"), worst("grad_error")
     parts = [f"outputs {out}" if out else None,
              f"gradients {grad} of the gradient's norm" if grad else None]
-    return ("fastcells' worst errors against the built-in layer: " + ", ".join(p for p in parts if p)
-            + ".") if any(parts) else None
+    if not any(parts):
+        return None
+    return ("fastcells' worst errors against the built-in layer: "
+            + ", ".join(p for p in parts if p) + ".")
 
 
 def markdown(report):

@@ -432,7 +432,8 @@ def forward(xw, U, brec, rmask, mask, h0, act, ract, reset_after, go_backwards, 
     fused = coef is not None and fast
     cf = coef if fused else np.zeros((3, 2 * H), dt)
     run_block_parallel(_forward_kernel, B, config.BLOCK_ROWS, T, xw, x, t_off,
-                       config.STAGE_BYTES, Wb, dm, use_dmask, from_x, pack(U), Ug, brec, rm, use_rmask, m, use_mask, h0,
+                       config.STAGE_BYTES, Wb, dm, use_dmask, from_x, pack(U), Ug, brec, rm,
+                       use_rmask, m, use_mask, h0,
                        act, ract, fast, cf, fused, reset_after, go_backwards, zero_output,
                        keep_cache, initial_output(out0, B, H, dt), y, h, gates, hprev, aux)
     return y, h, ((gates, hprev, aux) if keep_cache else None)

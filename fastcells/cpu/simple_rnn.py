@@ -220,7 +220,8 @@ def forward(xw, U, rmask, mask, h0, act, go_backwards, zero_output, return_seque
     rm, use_rmask = optional(rmask, 2, dt)
     m, use_mask = optional(mask, 2, np.bool_)
     run_block_parallel(_forward_kernel, B, config.BLOCK_ROWS, T, xw, x, t_off,
-                       config.STAGE_BYTES, Wb, dm, use_dmask, from_x, pack(U), rm, use_rmask, m, use_mask, h0, act, fast,
+                       config.STAGE_BYTES, Wb, dm, use_dmask, from_x, pack(U), rm, use_rmask, m,
+                       use_mask, h0, act, fast,
                        go_backwards, zero_output, keep_cache, initial_output(out0, B, H, dt), y, h,
                        hs, hprev)
     return y, h, ((hs, hprev) if keep_cache else None)
