@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import skips     # tests/skips.py: the accepted skips (imports nothing of numba or fastcells)
+
 
 def _has_gpu_driver():
     """An NVIDIA driver is installed (device nodes or the driver library)."""
@@ -22,15 +24,13 @@ def _gpu_usable():
         return False
 
 
-#: ``FASTCELLS_TEST_CUDA=0`` opts out of the CUDA tests (they then skip, and the skips are
-#: accepted as opted out). Otherwise, where numba-cuda is installed, the CUDA tests run on a
-#: GPU where numba-cuda can use one, else under Numba's CUDA simulator; with neither they
-#: fail (tests/test_suite.py), never skip unseen.
-CUDA_OPTED_OUT = os.environ.get("FASTCELLS_TEST_CUDA", "1") == "0"
-
-# The simulator must be chosen before anything imports numba.cuda (numba reads the variable
-# once); NUMBA_ENABLE_CUDASIM set by hand (=1 to force it on a GPU machine) is kept.
-if (not CUDA_OPTED_OUT and "NUMBA_ENABLE_CUDASIM" not in os.environ
+# ``FASTCELLS_TEST_CUDA=0`` opts out of the CUDA tests (they then skip, and the skips are
+# accepted as opted out). Otherwise, where numba-cuda is installed, the CUDA tests run on a
+# GPU where numba-cuda can use one, else under Numba's CUDA simulator; with neither they
+# fail (tests/test_suite.py), never skip unseen. The simulator must be chosen before anything
+# imports numba.cuda (numba reads the variable once); NUMBA_ENABLE_CUDASIM set by hand (=1
+# to force it on a GPU machine) is kept.
+if (not skips.CUDA_OPTED_OUT and "NUMBA_ENABLE_CUDASIM" not in os.environ
         and importlib.util.find_spec("numba_cuda") is not None):
     if not (_has_gpu_driver() and _gpu_usable()):
         os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
@@ -43,8 +43,6 @@ sys.path.insert(0, os.path.dirname(__file__))   # tests import reference.py dire
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-
-from skips import Skips  # noqa: E402
 
 
 @pytest.fixture
@@ -63,7 +61,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "early: started first (works in processes of its own)")
     config.addinivalue_line("markers", "late: started last (reuses the kernel cache)")
     if not hasattr(config, "workerinput"):          # the controller (or a run without -n)
-        config.pluginmanager.register(Skips(cuda_opted_out=CUDA_OPTED_OUT), "fastcells-skips")
+        config.pluginmanager.register(skips.Skips(), "fastcells-skips")
 
 
 def pytest_collection_modifyitems(config, items):

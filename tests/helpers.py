@@ -7,11 +7,13 @@ import pytest
 GATES = {"lstm": 4, "gru": 3, "simple_rnn": 1}
 NSTATES = {"lstm": 2, "gru": 1, "simple_rnn": 1}
 
+
 def _cuda_skip_reason():
     from fastcells import ops
+    from skips import CUDA_OPTED_OUT
     if ops.cuda_available():
         return None
-    if os.environ.get("FASTCELLS_TEST_CUDA", "1") == "0":
+    if CUDA_OPTED_OUT:
         return "opted out: FASTCELLS_TEST_CUDA=0"
     return "no GPU and the CUDA simulator is off"
 
@@ -20,8 +22,8 @@ def _cuda_skip_reason():
 #: under the simulator (tests/conftest.py); they skip only where numba-cuda is missing or the
 #: run opted out, and tests/test_suite.py fails where numba-cuda is installed but neither
 #: runs.
-needs_cuda = pytest.mark.skipif(_cuda_skip_reason() is not None,
-                                reason=str(_cuda_skip_reason()))
+_CUDA_SKIP = _cuda_skip_reason()
+needs_cuda = pytest.mark.skipif(_CUDA_SKIP is not None, reason=str(_CUDA_SKIP))
 
 #: Launch tunables of the CUDA tests small enough that tiny problems take several blocks and
 #: round-robin items (the simulator runs every thread as a Python thread and spins at each

@@ -17,6 +17,10 @@ import os
 import pytest
 
 
+#: ``FASTCELLS_TEST_CUDA=0``: the run opts out of the CUDA tests.
+CUDA_OPTED_OUT = os.environ.get("FASTCELLS_TEST_CUDA", "1") == "0"
+
+
 def _real_gpu():
     """A GPU the CUDA kernels run on (not the simulator)."""
     if os.environ.get("NUMBA_ENABLE_CUDASIM", "0") == "1":
@@ -105,7 +109,7 @@ class Skips:
     every skip, and at the end of the run names those that :func:`allowed` refuses and
     sets the exit status to 1."""
 
-    def __init__(self, cuda_opted_out=False):
+    def __init__(self, cuda_opted_out=CUDA_OPTED_OUT):
         self.cuda_opted_out = cuda_opted_out
         self.refused = []
 

@@ -15,7 +15,7 @@ def test_the_cuda_tests_run_where_numba_cuda_is_installed():
     (tests/conftest.py chooses); they never all skip because neither was found."""
     if importlib.util.find_spec("numba_cuda") is None:
         pytest.skip("numba-cuda is not installed")
-    if os.environ.get("FASTCELLS_TEST_CUDA", "1") == "0":
+    if skips.CUDA_OPTED_OUT:
         pytest.skip("opted out: FASTCELLS_TEST_CUDA=0")
     assert ops.cuda_available(), (
         "numba-cuda is installed but runs neither on a GPU nor under its simulator "

@@ -1,5 +1,6 @@
 """Equivalence: the errors of an engine against the built-in layer (outputs, gradients, the
 gradients of a ``model.fit`` step) and the bounds they must meet."""
+import functools
 import math
 
 import numpy as np
@@ -85,30 +86,25 @@ def tolerances(engine, dtype="float32"):
     return config.TOL_OUTPUT_F32, config.TOL_GRAD_F32
 
 
-class _ProbeFactory:
-    """Builds the :func:`gradient_probe` class once, on first use (Keras is imported then)."""
-    cls = None
+@functools.lru_cache(maxsize=None)
+def _probe_class():
+    """The :func:`gradient_probe` class, made once on first use (Keras is imported then)."""
+    import keras
 
-    @classmethod
-    def get(cls):
-        if cls.cls is None:
-            import keras
+    class GradientProbe(keras.optimizers.Optimizer):
+        """One step sets every trainable variable to its gradient."""
 
-            class GradientProbe(keras.optimizers.Optimizer):
-                """One step sets every trainable variable to its gradient."""
+        def __init__(self, name="gradient_probe", **kwargs):
+            super().__init__(learning_rate=1.0, name=name, **kwargs)
 
-                def __init__(self, name="gradient_probe", **kwargs):
-                    super().__init__(learning_rate=1.0, name=name, **kwargs)
+        def update_step(self, gradient, variable, learning_rate):
+            # zeros + gradient: a sparse gradient (an Embedding's) becomes dense, its
+            # repeated rows summed
+            dense = keras.ops.add(keras.ops.zeros(variable.shape, variable.dtype),
+                                  keras.ops.cast(gradient, variable.dtype))
+            self.assign(variable, dense)
 
-                def update_step(self, gradient, variable, learning_rate):
-                    # zeros + gradient: a sparse gradient (an Embedding's) becomes dense,
-                    # its repeated rows summed
-                    dense = keras.ops.add(keras.ops.zeros(variable.shape, variable.dtype),
-                                          keras.ops.cast(gradient, variable.dtype))
-                    self.assign(variable, dense)
-
-            cls.cls = GradientProbe
-        return cls.cls
+    return GradientProbe
 
 
 def gradient_probe():
@@ -125,7 +121,7 @@ def gradient_probe():
         model.compile(optimizer=gradient_probe(), loss="mse")
         loss, grads = fit_step(model, x, y)
     """
-    return _ProbeFactory.get()()
+    return _probe_class()()
 
 
 def fit_step(model, x, y):

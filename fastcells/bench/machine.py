@@ -103,9 +103,10 @@ def machine_info():
         affinity = len(os.sched_getaffinity(0))
     except AttributeError:
         affinity = None
+    fields = _cpuinfo()
     info = dict(
         date=datetime.datetime.now().isoformat(timespec="seconds"),
-        cpu=_cpu_model(), cpu_identity=cpu_identity(), cores=os.cpu_count(),
+        cpu=_cpu_model(fields), cpu_identity=cpu_identity(fields), cores=os.cpu_count(),
         cores_usable=affinity,
         platform=platform.platform(), python=platform.python_version(),
         versions={m: _version(m) for m in _DISTRIBUTIONS},
