@@ -40,6 +40,7 @@ CONDITIONS = {
     "no torch": _missing("torch"),
     "no jax": _missing("jax"),
     "no numba-cuda": _missing("numba_cuda"),
+    "CUDA opted out": lambda: CUDA_OPTED_OUT,
 }
 
 #: ``(node id pattern, condition, why)``: a skip of a test whose node id matches the
@@ -73,6 +74,8 @@ ALLOWED = [
     ("tests/test_tf_gpu_bridge.py::*", "no numba-cuda", "the CUDA kernels need numba-cuda"),
     ("tests/test_suite.py::test_the_cuda_tests_run_where_numba_cuda_is_installed",
      "no numba-cuda", "nothing to run without numba-cuda"),
+    ("tests/test_cuda*.py::*", "CUDA opted out", "FASTCELLS_TEST_CUDA=0"),
+    ("tests/test_tf_gpu_bridge.py::*", "CUDA opted out", "FASTCELLS_TEST_CUDA=0"),
 ]
 
 
